@@ -1,0 +1,307 @@
+"""Ahead-of-time compile check of every Triton kernel specialisation; no GPU needed.
+
+``triton.compile`` of the cross-entropy kernels (fwd, bwd, scale) for sm_80 and sm_90a, each
+logits dtype, the flag constexprs the launchers can pass (fwd ``WSPG``: HAS_WEIGHT,
+HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD; bwd ``WSPT``: ..., TARGET_GRAD) and each distinct
+(BLOCK_C, num_warps) that ``cross_entropy_config`` picks for V in ``VOCABS``, with arguments
+specialised as triton's launcher does: 16-byte aligned pointers; C and the row strides (``C``)
+  16   divisible by 16 (``tt.divisibility``): aligned rows, V = 32000, 128256, 262144; compiled
+       for every config (V "-": no V of the list gets that config with aligned rows);
+  any  not divisible, V = 7, 1000, 50257: such rows cannot be read with vector loads;
+  1    C == 1 becomes a constexpr, as triton makes any int argument equal to 1 (V = 1).
+Strides are never specialised to 1.
+
+Per cubin, the wheel's ``cuobjdump -res-usage`` gives regs, spill (STACK + LOCAL bytes) and
+``+static`` shared memory (``smem``: the dynamic shared memory of the launch); its disassembler
+the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the loads of the logits
+row itself (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG that
+wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
+
+Default (660 compiles, ~2 min on 2 idle cores): every flag combination at the largest block (the
+config of the LLM vocabularies, C = 16 and any); elsewhere the representative flags (none, each
+alone, --P[GT], all), but none and all for C = any. ``--all``: every combination (1218).
+``--quick``: bf16, largest block, C = 16, none and all flags (10 compiles).
+
+  python -m fusedls.aot [--quick | --all] [--arch 80,90] [--kernel fwd,bwd,scale] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .kernels.tuning import LaunchConfig, cross_entropy_config
+
+VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # triton type -> bytes
+ARCHS = {80: "sm_80", 90: "sm_90a"}
+_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
+KERNELS = {  # short name -> (function, flag constexprs in short-form order, their letters)
+    "fwd": ("cross_entropy_fwd_kernel", _FLAGS + ("WRITE_GRAD",), "WSPG"),
+    "bwd": ("cross_entropy_bwd_kernel", _FLAGS + ("TARGET_GRAD",), "WSPT"),
+    "scale": ("cross_entropy_scale_grad_kernel", (), ""),
+}
+_T_POINTERS = {"logits_ptr", "grad_ptr", "grad_target_ptr"}  # *T, as target_ptr if PROB_TARGET
+_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
+_DIV16 = [["tt.divisibility", 16]]  # what BaseBackend.parse_attr makes of a 16-divisible arg
+_ROW_LOADS = ("tl.load(logits_row + cols", "tl.load(grad_row + cols")  # loads of the (R, C) row
+
+
+@dataclasses.dataclass
+class Row:
+    arch: int
+    kernel: str
+    dtype: str
+    flags: str  # e.g. "WS-G": the letters of the flags that are on
+    cspec: str  # "16", "any" or "1": how C and the row strides are specialised
+    vocab: str  # the V of VOCABS launched with exactly this specialisation, or "-"
+    block_c: int
+    num_warps: int
+    regs: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0  # dynamic shared memory (triton's metadata)
+    shared_static: int = 0  # cuobjdump SHARED
+    row_ld: int = 0  # bits per load of the logits row
+    ldg: int = 0  # widest LDG in the SASS, bits
+    error: str = ""
+
+    @property
+    def spill(self) -> int:
+        return self.stack + self.local
+
+
+def _flag_sets(kernel: str, every: bool) -> list[str]:
+    names, letters = KERNELS[kernel][1:]
+    combos = itertools.product((0, 1), repeat=len(names))
+    combos = [c for c in combos if kernel != "bwd" or c[2] or not c[3]]  # TARGET_GRAD needs P
+    if not every:
+        combos = [c for c in combos if sum(c) in (0, 1, len(c)) or c == (0, 0, 1, 1)]
+    return ["".join(ch if on else "-" for ch, on in zip(letters, c)) for c in combos]
+
+
+def plan(archs=(80, 90), quick=False, kernels=None, every=False) -> list[Row]:
+    """The rows to compile (see the module docstring)."""
+    rows = []
+    for arch, kernel, dtype in itertools.product(archs, kernels or KERNELS, DTYPES):
+        if quick and dtype != "bf16":
+            continue
+        variants: dict[tuple, list[str]] = {}  # (block_c, num_warps, C spec) -> vocabularies
+        for v in VOCABS:
+            cfg = cross_entropy_config(v, DTYPES[dtype])
+            variants.setdefault((cfg.block_c, cfg.num_warps, "16"), [])
+            spec = "1" if v == 1 else "16" if v % 16 == 0 else "any"
+            variants.setdefault((cfg.block_c, cfg.num_warps, spec), []).append(str(v))
+        largest = max(block for block, _, _ in variants)
+        for block, warps, spec in sorted(variants, key=lambda k: (k[0], "16 1 any".index(k[2]))):
+            if quick and (block, spec) != (largest, "16"):
+                continue
+            flags = _flag_sets(kernel, every or (block == largest and spec != "1"))
+            if quick or (spec == "any" and block != largest and not every):
+                flags = sorted({flags[0], flags[-1]})
+            vs = ",".join(variants[block, warps, spec]) or "-"
+            rows += [Row(arch, kernel, dtype, f, spec, vs, block, warps) for f in flags]
+    return rows
+
+
+def _interpreted() -> bool:  # triton imported under TRITON_INTERPRET=1 (as the CPU tests do):
+    from triton.language import standard  # its @jit tl.max, tl.sum... cannot compile in here
+
+    return not isinstance(standard.max, triton.runtime.JITFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_load_lines() -> frozenset[int]:
+    with open(importlib.util.find_spec("fusedls.kernels.cross_entropy").origin) as f:
+        return frozenset(i for i, text in enumerate(f, 1) if any(p in text for p in _ROW_LOADS))
+
+
+def _source(row: Row) -> ASTSource:
+    fn = getattr(importlib.import_module("fusedls.kernels.cross_entropy"), KERNELS[row.kernel][0])
+    constexprs = dict(zip(KERNELS[row.kernel][1], (ch != "-" for ch in row.flags)))
+    constexprs["BLOCK_C"] = row.block_c
+    if row.cspec == "1":
+        constexprs["n_cols"] = 1
+    signature, attrs = {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr or name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            prob = name == "target_ptr" and constexprs["PROB_TARGET"]
+            elem = "i64" if name == "target_ptr" else "fp32"
+            signature[name], aligned = "*" + (row.dtype if name in _T_POINTERS or prob else elem), 1
+        elif name in ("keep", "spread"):
+            signature[name], aligned = "fp32", 0
+        elif name == "n_cols" or name in _ROW_STRIDES:
+            signature[name], aligned = "i32", row.cspec != "any"
+        else:  # broadcast strides (0; 1 is not specialised here), n_rows, ignore_index
+            signature[name], aligned = "i32", name.startswith("stride")
+        if aligned:
+            attrs[(i,)] = _DIV16
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+@functools.lru_cache(maxsize=None)
+def _tool(name: str) -> str | None:  # the triton wheel's cuobjdump / nvdisasm, else PATH's
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.access(path, os.X_OK) else shutil.which(name)
+
+
+def _bits(op: str) -> int:  # width of an LDG (SASS) or ld.global (PTX) opcode
+    parts = op.split(".")
+    wide = [int(p) for p in parts if p in ("64", "128", "256")]
+    vec = [int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)] or [1]
+    size = [int(p[1:]) for p in parts if re.fullmatch(r"[bsuf]\d+|[SU](8|16)", p)] or [32]
+    return wide[0] if wide else vec[0] * size[0]
+
+
+def _inspect(row: Row, cubin: bytes, llir: str) -> None:
+    if not _tool("cuobjdump"):
+        raise RuntimeError("cuobjdump is neither in the triton wheel nor on PATH")
+    # nvdisasm -ndf prints the SASS that `cuobjdump -sass` prints, in 2/3 of the time
+    dis = [_tool("nvdisasm"), "-ndf", "-c"] if _tool("nvdisasm") else [_tool("cuobjdump"), "-sass"]
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res, sass = (run(c + [f.name]).stdout for c in ([_tool("cuobjdump"), "-res-usage"], dis))
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    row.regs, row.stack = usage.get("REG", 0), usage.get("STACK", 0)
+    row.local, row.shared_static = usage.get("LOCAL", 0), usage.get("SHARED", 0)
+    row.ldg = max((_bits(m) for m in re.findall(r"\bLDG(?:\.[\w.]+)?(?!\w)", sass)), default=0)
+    # The SASS line info cannot tell the row loads apart (ptxas tags some with neighbouring
+    # lines); the debug location of each ld.global in the LLVM IR is exact.
+    lines = dict(re.findall(r"^!(\d+) = !DILocation\(line: (\d+)", llir, re.M))
+    loads = re.findall(r"(ld\.global[\w.:]*)\s[^\n]*!dbg !(\d+)", llir)
+    row_lines = {str(n) for n in _row_load_lines()}
+    row.row_ld = max((_bits(op) for op, d in loads if lines.get(d) in row_lines), default=0)
+
+
+def _error(exc: Exception) -> str:
+    while type(exc.__cause__).__name__ == "CompilationError":  # raised in a called @jit function
+        exc = exc.__cause__
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+    at = re.match(r"at (\d+):\d+:", lines[0])  # CompilationError: "at L:C:", source lines, "^"
+    caret = next((i for i, line in enumerate(lines) if line.strip() == "^"), 0)
+    if not (at and caret):
+        return f"{type(exc).__name__}: {lines[-1]}"
+    path = importlib.util.find_spec("fusedls.kernels.cross_entropy").origin
+    with open(path) as f:
+        text = f.read()
+    start = text.find(getattr(exc, "src", None) or "\0")  # L counts from the function's def
+    line = text.count("\n", 0, start) + int(at[1])
+    where = f"{os.path.basename(path)}:{line}" if start >= 0 else lines[0]
+    return f"{where}: `{lines[caret - 1].strip()}`: {lines[-1] if caret < len(lines) - 1 else ''}"
+
+
+def compile_row(row: Row) -> Row:
+    """Compiles one specialisation and fills in its resources (or ``error``)."""
+    try:
+        target, options = GPUTarget("cuda", row.arch, 32), LaunchConfig(row.block_c, row.num_warps).launch_options()
+        compiled = triton.compile(_source(row), target=target, options=options)
+        row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        _inspect(row, compiled.asm["cubin"], compiled.asm.get("llir", ""))
+    except Exception as exc:  # a kernel that does not compile is a finding, not a crash
+        row.error = _error(exc)
+    return row
+
+
+def compile_table(archs=(80, 90), quick=False, kernels=None, every=False, jobs=0) -> list[Row]:
+    """Compiles the planned specialisations in ``jobs`` processes (default: one per core)."""
+    rows = plan(archs, quick, kernels, every)
+    jobs = jobs or min(os.cpu_count() or 1, 8)
+    fresh = _interpreted() or "fork" not in multiprocessing.get_all_start_methods()
+    if jobs <= 1 and not fresh:
+        return [compile_row(r) for r in rows]
+    if not fresh:  # import the kernels once, before forking
+        importlib.import_module("fusedls.kernels.cross_entropy")
+        _row_load_lines()
+    ctx = multiprocessing.get_context("spawn" if fresh else "fork")
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # spawned workers inherit the environment
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            return list(pool.map(compile_row, rows, chunksize=4))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+HEADER = ("arch", "kernel", "dtype", "flags", "C", "V", "BLOCK_C", "warps",
+          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG")  # fmt: skip
+
+
+def format_table(rows: list[Row]) -> str:
+    cells = [HEADER]
+    for r in rows:
+        vec = f"x{r.row_ld // (8 * DTYPES[r.dtype])}" if r.row_ld else "-"
+        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg)
+        res = ("FAILED",) + ("",) * 6 if r.error else res
+        cells.append((_arch(r.arch), r.kernel, r.dtype, r.flags or "-", r.cspec, r.vocab,
+                      r.block_c, r.num_warps, *res))  # fmt: skip
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(HEADER))]
+    fmt = lambda j, c: str(c).rjust(widths[j]) if j > 5 else str(c).ljust(widths[j])  # noqa: E731
+    return "\n".join("  ".join(fmt(j, c) for j, c in enumerate(line)).rstrip() for line in cells)
+
+
+def _arch(arch: int) -> str:
+    return ARCHS.get(arch, f"sm_{arch}")
+
+
+def _describe(r: Row) -> str:
+    return f"{_arch(r.arch)} {r.kernel} {r.dtype} {r.flags or '-'} C={r.cspec} BLOCK_C={r.block_c}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusedls.aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a small subset (10 compiles)")
+    p.add_argument("--all", action="store_true", help="every flag combination for every config")
+    p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
+    p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per core)")
+    args = p.parse_args(argv)
+    kernels = [k.strip() for k in args.kernel.split(",") if k.strip()] or None
+    if set(kernels or ()) - set(KERNELS):
+        p.error(f"unknown kernel in {kernels}; choose from {list(KERNELS)}")
+    archs = [int(a) for a in args.arch.split(",") if a.strip()]
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as tests/conftest.py sets it
+    start = time.perf_counter()
+    rows = compile_table(archs, args.quick, kernels, args.all, args.jobs)
+    print(format_table(rows))
+    failed = [r for r in rows if r.error]
+    spilled = [r for r in rows if not r.error and r.spill]
+    top = max((r for r in rows if not r.error), key=lambda r: r.regs, default=None)
+    most = f", at most {top.regs} registers ({_describe(top)})" if top else ""
+    print(f"\n{len(rows)} specialisations for {', '.join(map(_arch, archs))} compiled in "
+          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, {len(spilled)} spilled"
+          f"{most}")  # fmt: skip
+    for r in failed + spilled:
+        print(f"  {_describe(r)}: {r.error or f'spills {r.local} B local, {r.stack} B stack'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(dataclasses.asdict(r), spill=r.spill) for r in rows], f, indent=1)
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Eager (pure PyTorch) backend: the kernels' math and interface, one module per op."""

@@ -1,0 +1,74 @@
+"""Launch parameters of the Triton kernels, kept apart from the kernels themselves.
+
+Every row of the logits is swept in chunks of ``block_c`` classes. The chunk is capped so the
+per-thread working set stays in registers (``python -m fusedls.aot`` checks that no
+specialisation spills): at the cap one thread holds ``block_c / (32 * num_warps)`` elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_c: int  # classes per chunk (a power of two)
+    num_warps: int
+
+    @property
+    def maxnreg(self) -> int:
+        """Register cap: all a program may use with one program per SM. Without it ptxas
+        aims at two programs per SM and spills a few bytes at 64 registers (seen with
+        num_warps 8 and 16 on sm_90a, triton 3.6 and 3.9)."""
+        return min(255, 65536 // (32 * self.num_warps))
+
+    def launch_options(self) -> dict:
+        """Keyword arguments of a kernel launch (and of triton.compile in fusedls.aot)."""
+        return dict(num_warps=self.num_warps, maxnreg=self.maxnreg)
+
+
+# Largest chunk per element size in bytes. Tests lower it to make the chunk loop run many
+# times on small vocabularies under the interpreter.
+CROSS_ENTROPY_MAX_BLOCK = {2: 8192, 4: 4096}
+
+# (largest chunk, warps) in increasing chunk order: the first row whose chunk fits is used.
+_CROSS_ENTROPY_WARPS = ((1024, 4), (4096, 8), (8192, 16))
+
+
+def cross_entropy_config(n_cols: int, element_size: int) -> LaunchConfig:
+    """Chunk and warps for a row of ``n_cols`` classes of ``element_size``-byte logits."""
+    cap = CROSS_ENTROPY_MAX_BLOCK.get(element_size, CROSS_ENTROPY_MAX_BLOCK[4])
+    block = max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
+    warps = next(w for limit, w in _CROSS_ENTROPY_WARPS if block <= limit or limit == _CROSS_ENTROPY_WARPS[-1][0])
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
+# The forward kernel that also writes the gradient sweeps each row twice; the second sweep
+# must find the row in L2. Its programs loop over rows, and their number is capped so that the
+# rows in flight (one per program) take at most this fraction of L2: an H100 (50 MB L2, 132
+# SMs) keeps 132 rows of 128k bf16 logits (34 MB) in flight, one per SM.
+L2_FRACTION = 0.7
+MAX_PROGRAMS_PER_SM = 8
+# Programs off CUDA (the interpreter): None is one per row; tests set a small number so each
+# program loops over several rows.
+INTERPRETER_PROGRAMS: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_and_l2_bytes(device_index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
+
+
+def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) -> int:
+    """Programs for the forward kernel with the gradient: rows in flight that fit in L2, at
+    least one per SM, at most n_rows. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
+    if device.type != "cuda":
+        return min(n_rows, INTERPRETER_PROGRAMS or n_rows)
+    sms, l2_bytes = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    per_sm = int(L2_FRACTION * l2_bytes) // (sms * max(row_bytes, 1))
+    return max(1, min(n_rows, sms * max(1, min(per_sm, MAX_PROGRAMS_PER_SM))))

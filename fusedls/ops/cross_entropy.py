@@ -1,0 +1,358 @@
+"""``cross_entropy``: the public function, its autograd Function and its custom ops.
+
+Layers (one name, ``cross_entropy``, at each):
+
+* :func:`cross_entropy` checks the arguments (metadata only), turns any input shape into
+  ``(R, C)`` rows with contiguous classes, and applies :class:`CrossEntropyFunction`;
+* :class:`CrossEntropyFunction` picks the gradient strategy and does the reduction;
+* the ``fusedls::cross_entropy_*`` custom ops (opaque to ``torch.compile``) run one backend:
+  ``fusedls/kernels/cross_entropy.py`` (triton) or ``fusedls/eager/cross_entropy.py`` (eager),
+  which share one interface.
+
+Gradient strategy. When the upstream gradient of each row is known up to one factor (reduction
+``mean``/``sum``, or any reduction with ``inplace_backward``), forward writes the gradient while
+each row is still in L2 and backward only rescales it in place, skipping rows whose factor is
+exactly 1 on the device: one HBM read of the logits and one write of the gradient in all.
+Otherwise (``reduction="none"``, probability targets that require grad) forward saves the logits
+and per-row statistics, and backward reads the logits again.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.nn import _reduction
+
+from .. import _backend
+from ._checks import (
+    check_choice,
+    check_floating,
+    check_int,
+    check_same_device,
+    check_tensor,
+    check_unit_interval,
+)
+
+REDUCTIONS = ("none", "mean", "sum")
+SMOOTHING_CONVENTIONS = ("uniform", "others")
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 tensors (which run on the eager backend)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import cross_entropy as module
+    else:
+        from ..eager import cross_entropy as module
+    return module
+
+
+def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, backend: str) -> None:
+    # Free on CPU tensors and done there by the eager backend (torch raises IndexError there).
+    # On GPU the kernels turn such rows into NaN instead of syncing; FUSEDLS_CHECK_TARGETS=1
+    # asks for this (synchronising) check everywhere, for debugging.
+    if target.is_floating_point() or target.numel() == 0:
+        return
+    if not ((backend == "eager" and target.device.type == "cpu") or os.environ.get("FUSEDLS_CHECK_TARGETS") == "1"):
+        return
+    bad = ((target < 0) | (target >= n_cols)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}"
+        )
+
+
+# ---------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fusedls::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    keep: float,
+    spread: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef, grad) per row; grad is empty unless grad_scale is given."""
+    _check_target_values(target, logits.shape[1], ignore_index, backend)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
+    out = _impl(backend).cross_entropy_forward(
+        logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread
+    )
+    return (*out, grad)
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
+    row = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
+    return row, torch.empty_like(row), torch.empty_like(row), grad
+
+
+@torch.library.custom_op("fusedls::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def _cross_entropy_fwd_inplace(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    keep: float,
+    spread: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef) per row; overwrites logits with grad_scale * dl/dlogits."""
+    _check_target_values(target, logits.shape[1], ignore_index, backend)
+    return _impl(backend).cross_entropy_forward(logits, target, weight, logits, grad_scale, ignore_index, keep, spread)
+
+
+@_cross_entropy_fwd_inplace.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
+    row = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    return row, torch.empty_like(row), torch.empty_like(row)
+
+
+@torch.library.custom_op("fusedls::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    ignore_index: int,
+    keep: float,
+    spread: float,
+    target_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dlogits, dL/dtarget); the second is empty unless target_grad."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else None
+    _impl(backend).cross_entropy_backward(
+        grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread
+    )
+    return grad, grad_target if target_grad else logits.new_empty(0)
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad_loss, logits, target, weight, lse, coef, ignore_index, keep, spread, target_grad, backend):
+    grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else logits.new_empty(0)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), grad_target
+
+
+@torch.library.custom_op("fusedls::cross_entropy_scale_grad_", mutates_args=("grad",))
+def _cross_entropy_scale_grad_(grad: torch.Tensor, factor: torch.Tensor, backend: str) -> None:
+    """grad *= factor row by row (factor 0-dim or (R,), fp32)."""
+    _impl(backend).cross_entropy_scale_grad_(grad, factor)
+
+
+@_cross_entropy_scale_grad_.register_fake
+def _(grad, factor, backend):
+    return None
+
+
+# --------------------------------------------------------------------------- autograd Function
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Loss of ``(R, C)`` logits with reduction; see the module docstring for the strategy.
+
+    forward(logits, target, weight, reduction, ignore_index, keep, spread, inplace, backend, grad_enabled)
+    ``weight`` is fp32 (fp64 for fp64 logits) or None; ``keep = 1 - eps`` and ``spread = eps / C`` already carry the
+    smoothing convention. Returns the fp32 loss: 0-dim, or (R,) for ``reduction="none"``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, ignore_index, keep, spread, inplace, backend, grad_enabled):
+        n_rows = logits.shape[0]
+        prob = target.is_floating_point()
+        # needs_input_grad says True under torch.no_grad() too: the caller's grad mode decides.
+        need_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_target_grad = grad_enabled and prob and ctx.needs_input_grad[1]
+        if reduction != "mean":
+            denom = None
+        elif prob:
+            denom = float(n_rows)
+        else:  # torch's denominator: the summed weights of the rows not ignored
+            valid = target != ignore_index
+            if weight is None:
+                denom = valid.sum().to(_acc_dtype(logits))
+            else:
+                denom = (weight[target.clamp(0, logits.shape[1] - 1).long()] * valid).sum()
+        fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
+        if fused:
+            grad_scale = torch.ones((), device=logits.device, dtype=_acc_dtype(logits))
+            if denom is not None:
+                grad_scale = grad_scale / denom
+            if inplace:
+                loss, lse, coef = _cross_entropy_fwd_inplace(
+                    logits, target, weight, grad_scale, ignore_index, keep, spread, backend
+                )
+                grad = logits
+            else:
+                loss, lse, coef, grad = _cross_entropy_fwd(
+                    logits, target, weight, grad_scale, ignore_index, keep, spread, backend
+                )
+            ctx.save_for_backward(grad)
+        else:
+            loss, lse, coef, _ = _cross_entropy_fwd(logits, target, weight, None, ignore_index, keep, spread, backend)
+            if need_grad or need_target_grad:
+                ctx.save_for_backward(logits, target, weight, lse, coef)
+        ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad = fused, denom, need_grad, need_target_grad
+        ctx.args = (ignore_index, keep, spread, backend)
+        ctx.set_materialize_grads(False)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total if denom is None else total / denom
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        none = (None,) * 8
+        if grad_out is None:
+            return (None, None, *none)
+        ignore_index, keep, spread, backend = ctx.args
+        factor = grad_out.to(_acc_dtype(grad_out))
+        if ctx.fused:
+            # Reusing this gradient (backward twice with retain_graph=True) is refused by
+            # autograd's saved-tensor version check, since the rescale below is in place.
+            (grad,) = ctx.saved_tensors
+            _cross_entropy_scale_grad_(grad, factor, backend)
+            return (grad, None, *none)
+        logits, target, weight, lse, coef = ctx.saved_tensors
+        if ctx.denom is not None:
+            factor = factor / ctx.denom
+        grad, grad_target = _cross_entropy_bwd(
+            factor, logits, target, weight, lse, coef, ignore_index, keep, spread, ctx.need_target_grad, backend
+        )
+        return (
+            grad if ctx.need_grad else None,
+            grad_target if ctx.need_target_grad else None,
+            *none,
+        )
+
+
+# ---------------------------------------------------------------------------- public function
+
+
+def _rows(tensor: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """(..., C, ...) -> (R, C) with the class dimension last and contiguous."""
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    elif tensor.dim() > 2:
+        tensor = tensor.movedim(class_dim, -1)
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing, smoothing_convention):
+    check_tensor("input", input)
+    check_tensor("target", target)
+    check_floating("input", input)
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (C), (N, C) or (N, C, d1, ...), got a scalar")
+    check_int("ignore_index", ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
+    eps = check_unit_interval("label_smoothing", label_smoothing)
+    check_choice("smoothing_convention", smoothing_convention, SMOOTHING_CONVENTIONS)
+    check_same_device("input", input, target=target, weight=weight)
+    class_dim = 0 if input.dim() == 1 else 1
+    n_cols = input.shape[class_dim]
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+    else:
+        if target.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"target must hold class ids (int64 or another integer dtype) or probabilities, got {target.dtype}")
+        expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+        if target.shape != expected:
+            if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+                raise ValueError(f"input batch size {input.shape[0]} does not match target batch size {target.shape[0]}")
+            raise ValueError(
+                f"target of class ids must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        if n_cols == 0:
+            raise ValueError("input has 0 classes: no class id can be valid")
+    if weight is not None:
+        check_tensor("weight", weight)
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must have a floating-point dtype, got {weight.dtype}")
+        if weight.shape != (n_cols,):
+            raise ValueError(f"weight must have shape ({n_cols},), one entry per class, got {tuple(weight.shape)}")
+    return class_dim, n_cols, eps
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    smoothing_convention: str = "uniform",
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.cross_entropy`, with fused kernels.
+
+    Same arguments, shapes, values and gradients as torch: input ``(C)``, ``(N, C)`` or
+    ``(N, C, d1, ..., dk)``; target of class ids (``ignore_index`` may be a real class) or of
+    probabilities (input's shape, gradient w.r.t. it when it requires grad); ``weight``;
+    ``reduction`` "none"/"mean"/"sum" with torch's weighted mean; ``label_smoothing`` in [0, 1].
+
+    Extra keyword arguments:
+
+    smoothing_convention: ``"uniform"`` (torch: ``eps / C`` on every class, target included)
+        or ``"others"`` (``1 - eps`` on the target, ``eps / (C - 1)`` on every other class, as
+        hand-written ``LabelSmoothingLoss`` classes do); computed as torch's convention with
+        ``eps * C / (C - 1)``.
+    inplace_backward: write the gradient into ``input``'s storage during forward, so forward +
+        backward needs no logits-sized buffer. It destroys the logits: after the call
+        ``input`` holds gradient values, and anything else that reads it (another loss, a
+        metric, a saved activation) sees garbage; autograd raises if a saved tensor was
+        overwritten. Only (C) / (N, C) inputs whose classes are contiguous are overwritten
+        (others are copied first, and the flag then saves nothing).
+
+    Out-of-range class ids raise ValueError on CPU; on GPU they give a NaN loss and NaN
+    gradient rows without synchronising (``FUSEDLS_CHECK_TARGETS=1`` raises instead).
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    class_dim, n_cols, eps = _check_cross_entropy_args(
+        input, target, weight, ignore_index, reduction, label_smoothing, smoothing_convention
+    )
+    prob = target.is_floating_point()
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    if prob and n_cols == 0:  # nothing to compute; torch's own answer for the degenerate case
+        return torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
+    if smoothing_convention == "others":
+        eps = eps * n_cols / (n_cols - 1) if n_cols > 1 else 0.0
+    backend = _backend.resolve(input.device, input.dtype)
+    logits = _rows(input, class_dim)
+    target_rows = _rows(target, class_dim) if prob else target.reshape(-1)
+    if not prob and target_rows.dtype not in (torch.int64, torch.int32):
+        target_rows = target_rows.to(torch.int64)
+    weight_acc = weight.to(_acc_dtype(input)).contiguous() if weight is not None else None
+    loss = CrossEntropyFunction.apply(
+        logits, target_rows, weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, bool(inplace_backward), backend,
+        torch.is_grad_enabled(),
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape)
+    return loss.to(out_dtype)

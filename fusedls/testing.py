@@ -1,0 +1,99 @@
+"""What tests and benchmarks share: the per-dtype tolerance table and the float64 reference.
+
+Tolerances are those of one rounding of a value computed in fp32 (or better) to the output
+dtype, with a little room for the fp32 arithmetic before it: relative ``2**-7`` for bf16
+(8 significant bits), ``2**-10`` for fp16 (11 bits); fp32 results come from fp32 sums over
+up to a few thousand classes. The absolute part only covers values near zero (fp16 gradients
+of small probabilities are subnormal: spacing 6e-8).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.float16: dict(rtol=2**-10, atol=1e-7),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-7),
+}
+
+
+# Unit roundoff of the storage dtypes whose rounding dominates the error.
+_UNIT_ROUNDOFF = {torch.float16: 2**-11, torch.bfloat16: 2**-8}
+
+
+def tolerance(dtype: torch.dtype, roundings: int = 1) -> dict[str, float]:
+    """``rtol``/``atol`` for results of ``dtype`` compared with the float64 truth.
+
+    ``roundings=2`` for a value rounded to ``dtype`` twice: a gradient written during forward
+    and then rescaled by an upstream factor other than 1 (see fusedls/ops/cross_entropy.py).
+    """
+    tol = dict(TOLERANCES[dtype])
+    tol["rtol"] += (roundings - 1) * _UNIT_ROUNDOFF.get(dtype, 0.0)
+    return tol
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = "", roundings: int = 1
+) -> None:
+    """``actual`` against ``expected`` (float64 truth) within the tolerance of ``dtype``
+    (``actual.dtype`` by default); NaN and inf must match position by position."""
+    tol = tolerance(dtype or actual.dtype, roundings)
+    torch.testing.assert_close(
+        actual.detach().double(), expected.detach().double(), equal_nan=True, msg=msg or None, **tol
+    )
+
+
+def reference_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    upstream: torch.Tensor | None = None,
+    smoothing_convention: str = "uniform",
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """torch's ``F.cross_entropy`` in float64 on the same (already rounded) values.
+
+    Returns ``(loss, d loss/d input, d loss/d target)``: the gradients are those of
+    ``(loss * upstream).sum()`` (``upstream`` defaults to ones), the target's only when it is
+    a probability target that requires grad. ``smoothing_convention="others"`` is written out
+    as an explicit target distribution (``1 - eps`` on the target, ``eps / (C - 1)``
+    elsewhere), independently of the identity fusedls uses.
+    """
+    x = input.detach().double().requires_grad_(input.requires_grad)
+    prob = target.is_floating_point()
+    t = target.detach().double().requires_grad_(target.requires_grad) if prob else target
+    w = weight.double() if weight is not None else None
+    if smoothing_convention == "others":
+        eps = kwargs.pop("label_smoothing", 0.0)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        reduction = kwargs.pop("reduction", "mean")
+        class_dim = 0 if x.dim() == 1 else 1
+        n_cols = x.shape[class_dim]
+        valid = t != ignore_index
+        onehot = F.one_hot(t.masked_fill(~valid, 0).long(), n_cols).movedim(-1, class_dim).double()
+        dist = onehot * (1 - eps) + (1 - onehot) * (eps / (n_cols - 1) if n_cols > 1 else 0.0)
+        logp = torch.log_softmax(x, class_dim)
+        wv = w.view([-1] + [1] * (x.dim() - class_dim - 1)) if w is not None else 1.0
+        rows = -(dist * logp * wv).sum(class_dim) * valid
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            denom = valid.sum().double() if w is None else (w[t.masked_fill(~valid, 0).long()] * valid).sum()
+            # torch: NaN loss when every row is ignored, yet zero (not NaN) gradients.
+            loss = rows.sum() / denom.clamp_min(1e-300) + torch.where(denom == 0, float("nan"), 0.0)
+    else:
+        loss = F.cross_entropy(x, t, w, **kwargs)
+    up = torch.ones_like(loss) if upstream is None else upstream.double().to(loss.device).expand_as(loss)
+    grad_x = grad_t = None
+    wants = [v for v in (x, t) if isinstance(v, torch.Tensor) and v.requires_grad]
+    if wants:
+        grads = torch.autograd.grad(loss, wants, up, allow_unused=True)
+        grad_x = grads[0] if x.requires_grad else None
+        grad_t = grads[-1] if prob and t.requires_grad else None
+    return loss.detach(), grad_x, grad_t

@@ -1,0 +1,80 @@
+"""Shared fixtures.
+
+Without a GPU, the Triton kernels run on CPU tensors through the interpreter, which must be
+switched on before triton compiles anything, hence the environment set here at import. On a
+GPU machine the tests run on CUDA tensors with compiled kernels (unless TRITON_INTERPRET=1).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import fusedls  # noqa: E402
+from fusedls import _backend  # noqa: E402
+
+
+
+def _interpreter_rounds_fp32_to_bf16_like_a_gpu() -> None:
+    """Triton's interpreter truncates fp32 -> bf16; GPUs round to nearest even. Without this
+    the interpreter's bf16 results carry up to twice the rounding error the kernels really
+    have, and the tolerance table would have to hide it."""
+    if not _backend.interpreting() or _backend._triton_import_error():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = getattr(interpreter, "_convert_float", None)
+    if truncating is None or getattr(truncating, "_fusedls_rne", False):
+        return
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            bits = np.ascontiguousarray(input).view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            nan = np.isnan(np.ascontiguousarray(input).view(np.float32))
+            rounded = np.where(nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
+            return rounded.astype(np.uint16).reshape(input.shape)
+        return truncating(input, input_dtype, output_dtype, rounding_mode)
+
+    convert._fusedls_rne = True
+    interpreter._convert_float = convert
+
+
+_interpreter_rounds_fp32_to_bf16_like_a_gpu()
+
+ON_GPU = torch.cuda.is_available() and not _backend.interpreting()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+AVAILABLE = [b.name for b in fusedls.backends() if b.available]
+
+
+@pytest.fixture(params=["eager", "triton"])
+def backend(request):
+    """Every backend, each test run once per backend; unavailable ones are skipped."""
+    if request.param not in AVAILABLE:
+        pytest.skip(f"backend {request.param} unavailable: {_backend.triton_unavailable_reason()}")
+    with fusedls.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 classes, so small vocabularies run the kernels' chunk loop many times, and
+    3 programs, so each program of a persistent kernel loops over several rows."""
+    if "triton" in AVAILABLE:
+        from fusedls.kernels import tuning
+
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_MAX_BLOCK", {2: 16, 4: 16})
+        monkeypatch.setattr(tuning, "INTERPRETER_PROGRAMS", 3)
+    monkeypatch.setattr("fusedls.eager.cross_entropy._BLOCK_ELEMENTS", 64)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
