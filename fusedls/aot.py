@@ -1,28 +1,31 @@
 """Ahead-of-time compile check of every Triton kernel specialisation; no GPU needed.
 
-``triton.compile`` of the cross-entropy kernels (fwd, bwd, scale) for sm_80 and sm_90a, each
-logits dtype, the flag constexprs the launchers can pass (fwd ``WSPG``: HAS_WEIGHT,
-HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD; bwd ``WSPT``: ..., TARGET_GRAD) and each distinct
-(BLOCK_C, num_warps) that ``cross_entropy_config`` picks for V in ``VOCABS``, with arguments
-specialised as triton's launcher does: 16-byte aligned pointers; C and the row strides (``C``)
-  16   divisible by 16 (``tt.divisibility``): aligned rows, V = 32000, 128256, 262144; compiled
-       for every config (V "-": no V of the list gets that config with aligned rows);
-  any  not divisible, V = 7, 1000, 50257: such rows cannot be read with vector loads;
+``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd,
+bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd) — for each data
+dtype, the flag constexprs the launchers can pass (fwd ``WSPG``: HAS_WEIGHT, HAS_SMOOTHING,
+PROB_TARGET, WRITE_GRAD; bwd ``WSPT``: ..., TARGET_GRAD; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
+norm_fwd ``MRBD``: IS_RMS, HAS_RESIDUAL, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRBD``: IS_RMS,
+HAS_DH_NEXT, ...) and each distinct (block, num_warps) that the tuning table picks for the sizes
+``V`` (cross-entropy vocabularies ``VOCABS``, hidden sizes ``HIDDEN``), with arguments
+specialised as triton's launcher does: 16-byte aligned pointers; the row length and strides (``C``)
+  16   divisible by 16 (``tt.divisibility``): aligned rows, e.g. V = 32000, 128256, 262144;
+       compiled for every config (V "-": no listed size gets that config with aligned rows);
+  any  not divisible, e.g. V = 7, 1000, 50257: such rows cannot be read with vector loads;
   1    C == 1 becomes a constexpr, as triton makes any int argument equal to 1 (V = 1).
 Strides are never specialised to 1.
 
 Per cubin, the wheel's ``cuobjdump -res-usage`` gives regs, spill (STACK + LOCAL bytes) and
 ``+static`` shared memory (``smem``: the dynamic shared memory of the launch); its disassembler
-the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the loads of the logits
-row itself (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG that
-wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
+the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the loads of the data
+rows themselves (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG
+that wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
 
-Default (660 compiles, ~2 min on 2 idle cores): every flag combination at the largest block (the
-config of the LLM vocabularies, C = 16 and any); elsewhere the representative flags (none, each
-alone, --P[GT], all), but none and all for C = any. ``--all``: every combination (1218).
-``--quick``: bf16, largest block, C = 16, none and all flags (10 compiles).
+Default (~2-3 min on 2 idle cores): every flag combination at the largest block (the config of
+the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representative flags (none,
+each alone, all), but none and all for C = any. ``--all``: every combination everywhere.
+``--quick``: bf16, largest block, C = 16, none and all flags (22 compiles).
 
-  python -m fusedls.aot [--quick | --all] [--arch 80,90] [--kernel fwd,bwd,scale] [--json PATH]
+  python -m fusedls.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
 
 from __future__ import annotations
@@ -48,21 +51,54 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .kernels.tuning import LaunchConfig, cross_entropy_config
+from .kernels import tuning
+from .kernels.tuning import LaunchConfig, cross_entropy_config, dropout_config, dropout_norm_config
 
-VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)
+VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)  # cross-entropy rows
+HIDDEN = (768, 1000, 2048, 4096, 8192)  # dropout + add + norm rows (1000: not a multiple of 16)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # triton type -> bytes
 ARCHS = {80: "sm_80", 90: "sm_90a"}
-_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
-KERNELS = {  # short name -> (function, flag constexprs in short-form order, their letters)
-    "fwd": ("cross_entropy_fwd_kernel", _FLAGS + ("WRITE_GRAD",), "WSPG"),
-    "bwd": ("cross_entropy_bwd_kernel", _FLAGS + ("TARGET_GRAD",), "WSPT"),
-    "scale": ("cross_entropy_scale_grad_kernel", (), ""),
-}
-_T_POINTERS = {"logits_ptr", "grad_ptr", "grad_target_ptr"}  # *T, as target_ptr if PROB_TARGET
-_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _DIV16 = [["tt.divisibility", 16]]  # what BaseBackend.parse_attr makes of a 16-divisible arg
-_ROW_LOADS = ("tl.load(logits_row + cols", "tl.load(grad_row + cols")  # loads of the (R, C) row
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One Triton kernel of the table and how its launches are specialised."""
+
+    module: str  # fusedls.kernels.<module>
+    function: str
+    flags: tuple[str, ...]  # flag constexprs, in the order of their letters
+    letters: str
+    block: str  # name of the block-size constexpr
+    fp32_ptrs: frozenset[str] = frozenset()  # pointers to fp32 data; others point to the data dtype
+    i64_ptrs: frozenset[str] = frozenset()  # pointers to int64 data
+    row_loads: tuple[str, ...] = ()  # source text of the loads of the data rows ("rowld")
+    excludes: tuple[str, str] = ("", "")  # two flags that are never on together
+
+
+_CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
+_CE_FP32 = frozenset({"weight_ptr", "loss_ptr", "lse_ptr", "coef_ptr", "grad_scale_ptr", "grad_loss_ptr", "factor_ptr"})
+_CE_LOADS = ("tl.load(logits_row + cols", "tl.load(grad_row + cols")
+_NORM_FP32 = frozenset({"mean_ptr", "rstd_ptr", "dweight_ptr", "dbias_ptr"})
+_NORM_LOADS = ("tl.load(x_ptr + offsets", "tl.load(h_ptr + offsets", "tl.load(dy_ptr + offsets")
+_SEED = frozenset({"seed_ptr"})
+KERNELS = {  # short name -> Kernel
+    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD",), "WSPG", "BLOCK_C",
+                  _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS),
+    "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD",), "WSPT", "BLOCK_C",
+                  _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS),
+    "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
+                    ("tl.load(grad_row + cols",)),
+    "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK", frozenset(), _SEED,
+                      ("tl.load(x_ptr + offsets",)),
+    "norm_fwd": Kernel("dropout", "dropout_add_norm_fwd_kernel", ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"),
+                       "MRBD", "BLOCK_N", _NORM_FP32, _SEED, _NORM_LOADS, ("IS_RMS", "HAS_BIAS")),
+    "norm_bwd": Kernel("dropout", "dropout_add_norm_bwd_kernel",
+                       ("IS_RMS", "HAS_DH_NEXT", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"), "MNRBD", "BLOCK_N",
+                       _NORM_FP32, _SEED, _NORM_LOADS, ("IS_RMS", "HAS_BIAS")),
+}  # fmt: skip
+_CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
+_ROW_SIZES = {"n_cols", "n_elements"}
 
 
 @dataclasses.dataclass
@@ -90,12 +126,45 @@ class Row:
 
 
 def _flag_sets(kernel: str, every: bool) -> list[str]:
-    names, letters = KERNELS[kernel][1:]
-    combos = itertools.product((0, 1), repeat=len(names))
-    combos = [c for c in combos if kernel != "bwd" or c[2] or not c[3]]  # TARGET_GRAD needs P
+    k = KERNELS[kernel]
+    combos = itertools.product((0, 1), repeat=len(k.flags))
+    if kernel == "bwd":
+        combos = [c for c in combos if c[2] or not c[3]]  # TARGET_GRAD needs PROB_TARGET
+    if k.excludes[0]:
+        i, j = (k.flags.index(f) for f in k.excludes)
+        combos = [c for c in combos if not (c[i] and c[j])]
+    combos = list(combos)
     if not every:
-        combos = [c for c in combos if sum(c) in (0, 1, len(c)) or c == (0, 0, 1, 1)]
-    return ["".join(ch if on else "-" for ch, on in zip(letters, c)) for c in combos]
+        combos = [c for c in combos if sum(c) in (0, 1, len(c)) or c == combos[-1] or c == (0, 0, 1, 1)]
+    return ["".join(ch if on else "-" for ch, on in zip(k.letters, c)) for c in combos]
+
+
+def dropout_norm_max_n(element_size: int) -> int:
+    """Longest row the dropout + add + norm kernels take (longer ones run eagerly)."""
+    return tuning.DROPOUT_NORM_MAX_N[element_size]
+
+
+def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
+    """(block, num_warps, C spec) -> the sizes launched with it (see the module docstring)."""
+    variants: dict[tuple, list[str]] = {}
+    module = KERNELS[kernel].module
+    if module == "dropout" and kernel == "dropout":
+        cfg = dropout_config()
+        for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
+            variants[cfg.block_c, cfg.num_warps, spec] = [size]
+        return variants
+    sizes = VOCABS if module == "cross_entropy" else HIDDEN
+    for v in sizes:
+        if module == "dropout":
+            if v > dropout_norm_max_n(DTYPES[dtype]):
+                continue
+            cfg = dropout_norm_config(v)
+        else:
+            cfg = cross_entropy_config(v, DTYPES[dtype])
+        variants.setdefault((cfg.block_c, cfg.num_warps, "16"), [])
+        spec = "1" if v == 1 else "16" if v % 16 == 0 else "any"
+        variants.setdefault((cfg.block_c, cfg.num_warps, spec), []).append(str(v))
+    return variants
 
 
 def plan(archs=(80, 90), quick=False, kernels=None, every=False) -> list[Row]:
@@ -104,12 +173,7 @@ def plan(archs=(80, 90), quick=False, kernels=None, every=False) -> list[Row]:
     for arch, kernel, dtype in itertools.product(archs, kernels or KERNELS, DTYPES):
         if quick and dtype != "bf16":
             continue
-        variants: dict[tuple, list[str]] = {}  # (block_c, num_warps, C spec) -> vocabularies
-        for v in VOCABS:
-            cfg = cross_entropy_config(v, DTYPES[dtype])
-            variants.setdefault((cfg.block_c, cfg.num_warps, "16"), [])
-            spec = "1" if v == 1 else "16" if v % 16 == 0 else "any"
-            variants.setdefault((cfg.block_c, cfg.num_warps, spec), []).append(str(v))
+        variants = _variants(kernel, dtype)
         largest = max(block for block, _, _ in variants)
         for block, warps, spec in sorted(variants, key=lambda k: (k[0], "16 1 any".index(k[2]))):
             if quick and (block, spec) != (largest, "16"):
@@ -128,16 +192,21 @@ def _interpreted() -> bool:  # triton imported under TRITON_INTERPRET=1 (as the 
     return not isinstance(standard.max, triton.runtime.JITFunction)
 
 
+def _path(module: str) -> str:
+    return importlib.util.find_spec(f"fusedls.kernels.{module}").origin
+
+
 @functools.lru_cache(maxsize=None)
-def _row_load_lines() -> frozenset[int]:
-    with open(importlib.util.find_spec("fusedls.kernels.cross_entropy").origin) as f:
-        return frozenset(i for i, text in enumerate(f, 1) if any(p in text for p in _ROW_LOADS))
+def _row_load_lines(kernel: str) -> frozenset[int]:
+    with open(_path(KERNELS[kernel].module)) as f:
+        return frozenset(i for i, text in enumerate(f, 1) if any(p in text for p in KERNELS[kernel].row_loads))
 
 
 def _source(row: Row) -> ASTSource:
-    fn = getattr(importlib.import_module("fusedls.kernels.cross_entropy"), KERNELS[row.kernel][0])
-    constexprs = dict(zip(KERNELS[row.kernel][1], (ch != "-" for ch in row.flags)))
-    constexprs["BLOCK_C"] = row.block_c
+    k = KERNELS[row.kernel]
+    fn = getattr(importlib.import_module(f"fusedls.kernels.{k.module}"), k.function)
+    constexprs = dict(zip(k.flags, (ch != "-" for ch in row.flags)))
+    constexprs[k.block] = row.block_c
     if row.cspec == "1":
         constexprs["n_cols"] = 1
     signature, attrs = {}, {}
@@ -146,12 +215,12 @@ def _source(row: Row) -> ASTSource:
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            prob = name == "target_ptr" and constexprs["PROB_TARGET"]
-            elem = "i64" if name == "target_ptr" else "fp32"
-            signature[name], aligned = "*" + (row.dtype if name in _T_POINTERS or prob else elem), 1
-        elif name in ("keep", "spread"):
+            prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
+            kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
+            signature[name], aligned = "*" + kind, 1
+        elif name in ("keep", "spread", "p", "scale", "eps"):
             signature[name], aligned = "fp32", 0
-        elif name == "n_cols" or name in _ROW_STRIDES:
+        elif name in _ROW_SIZES or name in _CE_ROW_STRIDES:
             signature[name], aligned = "i32", row.cspec != "any"
         else:  # broadcast strides (0; 1 is not specialised here), n_rows, ignore_index
             signature[name], aligned = "i32", name.startswith("stride")
@@ -192,11 +261,11 @@ def _inspect(row: Row, cubin: bytes, llir: str) -> None:
     # lines); the debug location of each ld.global in the LLVM IR is exact.
     lines = dict(re.findall(r"^!(\d+) = !DILocation\(line: (\d+)", llir, re.M))
     loads = re.findall(r"(ld\.global[\w.:]*)\s[^\n]*!dbg !(\d+)", llir)
-    row_lines = {str(n) for n in _row_load_lines()}
+    row_lines = {str(n) for n in _row_load_lines(row.kernel)}
     row.row_ld = max((_bits(op) for op, d in loads if lines.get(d) in row_lines), default=0)
 
 
-def _error(exc: Exception) -> str:
+def _error(exc: Exception, module: str) -> str:
     while type(exc.__cause__).__name__ == "CompilationError":  # raised in a called @jit function
         exc = exc.__cause__
     lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
@@ -204,7 +273,7 @@ def _error(exc: Exception) -> str:
     caret = next((i for i, line in enumerate(lines) if line.strip() == "^"), 0)
     if not (at and caret):
         return f"{type(exc).__name__}: {lines[-1]}"
-    path = importlib.util.find_spec("fusedls.kernels.cross_entropy").origin
+    path = _path(module)
     with open(path) as f:
         text = f.read()
     start = text.find(getattr(exc, "src", None) or "\0")  # L counts from the function's def
@@ -221,7 +290,7 @@ def compile_row(row: Row) -> Row:
         row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
         _inspect(row, compiled.asm["cubin"], compiled.asm.get("llir", ""))
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash
-        row.error = _error(exc)
+        row.error = _error(exc, KERNELS[row.kernel].module)
     return row
 
 
@@ -233,8 +302,9 @@ def compile_table(archs=(80, 90), quick=False, kernels=None, every=False, jobs=0
     if jobs <= 1 and not fresh:
         return [compile_row(r) for r in rows]
     if not fresh:  # import the kernels once, before forking
-        importlib.import_module("fusedls.kernels.cross_entropy")
-        _row_load_lines()
+        for name, k in KERNELS.items():
+            importlib.import_module(f"fusedls.kernels.{k.module}")
+            _row_load_lines(name)
     ctx = multiprocessing.get_context("spawn" if fresh else "fork")
     saved = os.environ.pop("TRITON_INTERPRET", None)  # spawned workers inherit the environment
     try:
@@ -273,7 +343,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fusedls.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (10 compiles)")
+    p.add_argument("--quick", action="store_true", help="a small subset (22 compiles)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")

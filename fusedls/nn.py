@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .ops.cross_entropy import cross_entropy
+from .ops.dropout import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

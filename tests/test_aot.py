@@ -1,6 +1,6 @@
 """``python -m fusedls.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
 
-Only the ``--quick`` subset runs here (about 10 compiles); the full table is run by hand.
+Only the ``--quick`` subset runs here (22 compiles); the full table is run by hand.
 """
 
 import json
@@ -38,6 +38,15 @@ def test_plan_covers_the_launchers_flags_and_vocabularies():
                 assert any((r.block_c, r.num_warps, r.cspec) == (cfg.block_c, cfg.num_warps, spec)
                            and str(v) in r.vocab.split(",") for r in mine), (kernel, dtype, v)  # fmt: skip
     assert not [r for r in rows if r.kernel == "bwd" and r.flags[3] == "T" and r.flags[2] != "P"]
+    # dropout: both flags; the norms: every hidden size the kernels take, RMSNorm never with a bias
+    assert {r.flags for r in rows if r.kernel == "dropout"} == {"--", "B-", "-R", "BR"}
+    for kernel in ("norm_fwd", "norm_bwd"):
+        mine = [r for r in rows if r.kernel == kernel and r.arch == 80]
+        assert not [r for r in mine if r.flags[0] == "M" and "B" in r.flags]
+        for n in aot.HIDDEN:
+            for dtype, size in aot.DTYPES.items():
+                if n <= aot.dropout_norm_max_n(size):
+                    assert any(str(n) in r.vocab.split(",") and r.dtype == dtype for r in mine), (kernel, n, dtype)
 
 
 def test_quick_table_compiles_without_spills(quick_rows):

@@ -184,3 +184,22 @@ def test_no_grad_computes_no_gradient_and_keeps_the_logits(backend, device):
         out = fusedls.cross_entropy(x, class_ids((4,), 10, device), inplace_backward=True)
     assert torch.equal(x.detach(), before)
     assert_close(out, reference_cross_entropy(before, class_ids((4,), 10, device))[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_synchronisation_on_gpu(backend, device, reduction):
+    """Forward and backward never wait for the GPU (no .item(), no value-dependent branch):
+    CUDA's sync debug mode turns any synchronisation into an error."""
+    if device != "cuda":
+        pytest.skip("needs a CUDA device")
+    x = logits((64, 1000), torch.bfloat16, device).requires_grad_()
+    t = class_ids((64,), 1000, device)
+    w = torch.rand(1000, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fusedls.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad).all()

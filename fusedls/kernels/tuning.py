@@ -72,3 +72,44 @@ def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) ->
     sms, l2_bytes = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
     per_sm = int(L2_FRACTION * l2_bytes) // (sms * max(row_bytes, 1))
     return max(1, min(n_rows, sms * max(1, min(per_sm, MAX_PROGRAMS_PER_SM))))
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (fusedls/kernels/dropout.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elementwise dropout / dropout_add: elements per program and warps (8 elements per thread).
+DROPOUT_BLOCK = 2048
+DROPOUT_WARPS = 8
+
+
+def dropout_config() -> LaunchConfig:
+    """Block (``block_c``: elements per program) and warps of ``dropout_kernel``."""
+    return LaunchConfig(block_c=DROPOUT_BLOCK, num_warps=DROPOUT_WARPS)
+
+
+# dropout + add + norm keep a whole row in registers; longer rows run on the eager backend. Per
+# element size in bytes: fp32 LayerNorm backward (dweight and dbias partial sums in registers
+# besides the row) spills a few bytes at 8192 (16 warps, 128 registers; sm_80 and sm_90a).
+DROPOUT_NORM_MAX_N = {2: 8192, 4: 4096}
+# (largest row block, warps): the first whose block fits is used (at most 32 elements/thread).
+_DROPOUT_NORM_WARPS = ((256, 1), (512, 2), (1024, 4), (2048, 8), (8192, 16))
+# Programs of the backward kernel (each loops over rows and keeps fp32 partial sums of dweight
+# and dbias): this many per SM; off CUDA (the interpreter) DROPOUT_NORM_INTERPRETER_PROGRAMS.
+DROPOUT_NORM_PROGRAMS_PER_SM = 4
+DROPOUT_NORM_INTERPRETER_PROGRAMS = 3
+
+
+def dropout_norm_config(n_cols: int) -> LaunchConfig:
+    """Row block (``block_c``, a power of two >= n_cols) and warps of the norm kernels."""
+    block = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    warps = next((w for limit, w in _DROPOUT_NORM_WARPS if block <= limit), _DROPOUT_NORM_WARPS[-1][1])
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
+def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the norm backward kernel: a few per SM, at most one per row."""
+    if device.type != "cuda":
+        return max(1, min(n_rows, DROPOUT_NORM_INTERPRETER_PROGRAMS))
+    sms, _ = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_rows, sms * DROPOUT_NORM_PROGRAMS_PER_SM))

@@ -1,5 +1,3 @@
-"""Public functions and autograd Functions, one module per op."""
-
-from .cross_entropy import CrossEntropyFunction, cross_entropy
-
-__all__ = ["CrossEntropyFunction", "cross_entropy"]
+"""Public functions, autograd Functions and custom ops, one module per op (``cross_entropy``,
+``dropout``). The public names are exported by ``fusedls`` itself; nothing is re-exported here,
+so ``fusedls.ops.<op>`` always names the module."""
