@@ -85,3 +85,42 @@ def test_gpu_check_without_cuda_exits_2(monkeypatch, capsys):
 def test_import_fusedls_does_not_import_the_benchmark():
     code = "import sys, fusedls; assert not [m for m in sys.modules if m.startswith('fusedls.bench')]"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dropout_ops_check_and_time_every_provider(tmp_path, monkeypatch):
+    from fusedls.bench import dropout as do
+
+    monkeypatch.setattr(do, "COMPILE_BACKEND", "eager")  # dynamo without inductor's C++ build
+    names = ["dropout", "dropout_add", "dropout_add_rms_norm"]
+    tiny = dict(TINY, modes=["fwd", "bwd", "fwd+bwd"], rows=[16], cols=[64], providers=["torch*", "fusedls/eager"])
+    result = bench.run(names, out=tmp_path, **tiny)  # fusedls/triton: the interpreter is slow
+    assert result.exit_code == 0 and set(result.results) == set(names)
+    for name in names:
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+        for r in rows:
+            if r["provider"] != "copy":
+                assert r["status"] == "ok" and r["median_ms"] > 0 and "peak_bytes" in r, (name, r)
+                assert r["bytes"] == do.TRAFFIC[name][r["mode"]] * 16 * 64 * 4
+    assert {p.name for p in do.DROPOUT.providers()} >= {"torch", "torch.compile", "fusedls/eager", "fusedls/triton"}
+
+
+def test_a_wrong_dropout_result_fails_the_run(tmp_path, monkeypatch):
+    real = fusedls.dropout_add_rms_norm
+    monkeypatch.setattr(fusedls, "dropout_add_rms_norm", lambda *a, **k: tuple(t * 1.001 for t in real(*a, **k)))
+    code = bench_main(["--op", "dropout_add_rms_norm"] + TINY_ARGS[2:] + ["--out", str(tmp_path),
+                      "--providers", "torch", "fusedls/eager"])  # fmt: skip
+    assert code == 1
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "dropout_add_rms_norm.json").read_text())["rows"]}
+    assert rows["fusedls/eager"]["status"] == "MISMATCH" and rows["torch"]["status"] == "ok"
+
+
+def test_dropout_byte_model():
+    from fusedls.bench import dropout as do
+
+    n = 4096 * 2048 * 2  # bf16
+    assert do.DROPOUT.bytes(Case("fwd", "bf16", 4096, 2048)) == 2 * n
+    assert do.DROPOUT_ADD.bytes(Case("fwd", "bf16", 4096, 2048)) == 3 * n
+    assert do.DROPOUT_ADD_RMS_NORM.bytes(Case("fwd", "bf16", 4096, 2048)) == 4 * n
+    assert do.DROPOUT_ADD_RMS_NORM.bytes(Case("fwd+bwd", "bf16", 4096, 2048)) == 9 * n
+    assert do.DROPOUT.copy_bytes(Case("fwd", "bf16", 4096, 2048)) == 2 * n

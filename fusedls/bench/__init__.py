@@ -15,6 +15,9 @@ import importlib
 
 OP_MODULES = {
     "cross_entropy": "fusedls.bench.cross_entropy",
+    "dropout": "fusedls.bench.dropout",
+    "dropout_add": "fusedls.bench.dropout_add",
+    "dropout_add_rms_norm": "fusedls.bench.dropout_add_rms_norm",
 }
 
 

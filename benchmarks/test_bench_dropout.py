@@ -1,0 +1,40 @@
+"""pytest-benchmark suite, CPU: forward + backward of ``fusedls.dropout``, ``dropout_add`` and
+``dropout_add_rms_norm`` (fusedls's eager backend) against the torch compositions
+(``F.dropout``, ``residual + F.dropout(x)``, ``F.rms_norm(residual + F.dropout(x))``) eager and
+under ``torch.compile``, p = 0.1.
+
+    pytest benchmarks/test_bench_dropout.py --benchmark-only
+
+Not part of ``python -m pytest`` and never fails on speed; a test fails only if a fusedls result
+is wrong. Cases, providers, check and timed call are those of ``python -m fusedls.bench``
+(``fusedls/bench/dropout.py``): each round clears the gradients untimed (pytest-benchmark's ``setup``).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from fusedls.bench.core import Case  # noqa: E402
+from fusedls.bench.dropout import OPS  # noqa: E402
+
+CASES = [(op, Case("fwd+bwd", "fp32", 256, 2048)) for op in OPS]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1].mode}-{c[1].dtype}-{c[1].rows}x{c[1].cols}")
+def case_inputs(request):
+    op, case = request.param
+    return OPS[op], case, OPS[op].prepare(case, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager"])
+def test_dropout(benchmark, case_inputs, name):
+    bench, case, inputs = case_inputs
+    provider = {p.name: p for p in bench.providers()}[name]
+    fn = provider.build()
+    error = bench.check(fn, provider, case, inputs)  # also the warm-up: torch.compile compiles here
+    assert provider.kind != "fusedls" or error <= 1, f"{name}: error {error:.3g} of the tolerance"
+    setup, call = bench.timed_call(fn, provider, case, inputs)
+    benchmark.group = f"{bench.name} {case.mode} {case.dtype} {case.rows}x{case.cols}"
+    benchmark.extra_info.update(bytes=bench.bytes(case), error_of_tolerance=error)
+    benchmark.pedantic(call, setup=setup, rounds=15, warmup_rounds=1)
