@@ -18,6 +18,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.cross_entropy import BENCH  # noqa: E402
+from conftest import run_benchmark  # noqa: E402
 
 CASES = [Case("fwd+bwd", dtype, 256, vocab) for dtype in ("fp32", "bf16") for vocab in (32000, 50257)]
 PROVIDERS = {p.name: p for p in BENCH.providers()}
@@ -31,11 +32,4 @@ def case_inputs(request):
 @pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager", "fusedls/eager+inplace"])
 def test_cross_entropy(benchmark, case_inputs, name):
     case, inputs = case_inputs
-    provider = PROVIDERS[name]
-    fn = provider.build()
-    error = BENCH.check(fn, provider, case, inputs)  # also the warm-up: torch.compile compiles here
-    assert provider.kind != "fusedls" or error <= 1, f"{name}: error {error:.3g} of the tolerance"
-    setup, call = BENCH.timed_call(fn, provider, case, inputs)
-    benchmark.group = f"cross_entropy {case.mode} {case.dtype} {case.rows}x{case.cols}"
-    benchmark.extra_info.update(bytes=BENCH.bytes(case), error_of_tolerance=error)
-    benchmark.pedantic(call, setup=setup, rounds=15, warmup_rounds=1)
+    run_benchmark(benchmark, BENCH, PROVIDERS[name], case, inputs)

@@ -17,6 +17,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.dropout import OPS  # noqa: E402
+from conftest import run_benchmark  # noqa: E402
 
 CASES = [(op, Case("fwd+bwd", "fp32", 256, 2048)) for op in OPS]
 
@@ -30,11 +31,4 @@ def case_inputs(request):
 @pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager"])
 def test_dropout(benchmark, case_inputs, name):
     bench, case, inputs = case_inputs
-    provider = {p.name: p for p in bench.providers()}[name]
-    fn = provider.build()
-    error = bench.check(fn, provider, case, inputs)  # also the warm-up: torch.compile compiles here
-    assert provider.kind != "fusedls" or error <= 1, f"{name}: error {error:.3g} of the tolerance"
-    setup, call = bench.timed_call(fn, provider, case, inputs)
-    benchmark.group = f"{bench.name} {case.mode} {case.dtype} {case.rows}x{case.cols}"
-    benchmark.extra_info.update(bytes=bench.bytes(case), error_of_tolerance=error)
-    benchmark.pedantic(call, setup=setup, rounds=15, warmup_rounds=1)
+    run_benchmark(benchmark, bench, {p.name: p for p in bench.providers()}[name], case, inputs)
