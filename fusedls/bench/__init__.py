@@ -1,8 +1,9 @@
 """The benchmark suite: ``python -m fusedls.bench`` (or ``fusedls-bench``), and its Python API.
 
 Each op registers its cases and providers in one module of this package (an
-:class:`~fusedls.bench.core.OpBench` subclass instance named ``BENCH``), listed in
-:data:`OP_MODULES`: a new op adds its module and one line here. :func:`run` runs the sweep of
+:class:`~fusedls.bench.core.OpBench` subclass instance, ``BENCH`` unless named after a colon),
+listed in :data:`OP_MODULES`: a new op adds its module and one line here; variants of one op
+(dropout, dropout_add, ...) share a module. :func:`run` runs the sweep of
 the ops asked for and writes ``<op>.json``, ``<op>.csv`` and ``<op>.png`` under
 ``benchmarks/results/<device-slug>/``.
 
@@ -16,8 +17,8 @@ import importlib
 OP_MODULES = {
     "cross_entropy": "fusedls.bench.cross_entropy",
     "dropout": "fusedls.bench.dropout",
-    "dropout_add": "fusedls.bench.dropout_add",
-    "dropout_add_rms_norm": "fusedls.bench.dropout_add_rms_norm",
+    "dropout_add": "fusedls.bench.dropout:DROPOUT_ADD",
+    "dropout_add_rms_norm": "fusedls.bench.dropout:DROPOUT_ADD_RMS_NORM",
 }
 
 
@@ -26,7 +27,11 @@ def load_ops(names=None) -> dict:
     unknown = set(names or ()) - set(OP_MODULES)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; registered: {sorted(OP_MODULES)}")
-    return {name: importlib.import_module(OP_MODULES[name]).BENCH for name in names or OP_MODULES}
+    found = {}
+    for name in names or OP_MODULES:
+        module, _, attribute = OP_MODULES[name].partition(":")
+        found[name] = getattr(importlib.import_module(module), attribute or "BENCH")
+    return found
 
 
 from .runner import BenchRun, run  # noqa: E402
