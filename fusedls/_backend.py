@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import os
 from typing import Iterator
@@ -141,3 +142,10 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and not triton_unavailable_reason(device):
         return "triton"
     return "eager"
+
+
+def implementation(op: str, backend: str):
+    """The module implementing ``op`` on a concrete backend: ``fusedls.kernels.<op>`` (triton,
+    imported only then) or ``fusedls.eager.<op>``; both offer the same functions."""
+    package = "kernels" if backend == "triton" else "eager"
+    return importlib.import_module(f"fusedls.{package}.{op}")

@@ -46,11 +46,7 @@ def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import cross_entropy as module
-    else:
-        from ..eager import cross_entropy as module
-    return module
+    return _backend.implementation("cross_entropy", backend)
 
 
 def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, backend: str) -> None:

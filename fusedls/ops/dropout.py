@@ -36,11 +36,7 @@ __all__ = [
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import dropout as module
-    else:
-        from ..eager import dropout as module
-    return module
+    return _backend.implementation("dropout", backend)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
