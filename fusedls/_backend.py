@@ -123,25 +123,35 @@ def backends() -> list[BackendInfo]:
     ]
 
 
-def resolve(device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend ('eager' or 'triton') that runs an op on ``device``/``dtype``.
+def resolve(device: torch.device, dtype: torch.dtype, op: str | None = None, features=()) -> str:
+    """The concrete backend ('eager' or 'triton') that runs ``op`` on ``device``/``dtype``.
 
-    fp64 always runs eagerly (the kernels accumulate in fp32). ``auto`` never raises; an
-    explicitly requested backend that cannot run raises a ValueError saying why.
+    fp64 always runs eagerly (the kernels accumulate in fp32). ``features`` names the optional
+    parts of ``op`` a call uses (e.g. ``{"softcap"}``); a backend whose module lists one of them
+    in ``UNSUPPORTED`` is passed over by ``auto`` (the eager backend supports everything). ``auto``
+    never raises; an explicitly requested backend that cannot run raises a ValueError saying why.
     """
     name = requested_backend()
-    if dtype == torch.float64:
-        return "eager"
-    if name == "eager":
+    if dtype == torch.float64 or name == "eager":
         return "eager"
     if name == "triton":
         reason = triton_unavailable_reason(device)
         if reason:
             raise ValueError(f"backend 'triton' was requested but cannot run: {reason}")
+        missing = unsupported(op, "triton", features)
+        if missing:
+            raise ValueError(f"backend 'triton' was requested but does not support {sorted(missing)} of {op}")
         return "triton"
-    if device.type == "cuda" and not triton_unavailable_reason(device):
+    if device.type == "cuda" and not triton_unavailable_reason(device) and not unsupported(op, "triton", features):
         return "triton"
     return "eager"
+
+
+def unsupported(op: str | None, backend: str, features) -> frozenset:
+    """The ``features`` of ``op`` that ``backend`` does not implement (its module's UNSUPPORTED)."""
+    if op is None or not features:
+        return frozenset()
+    return frozenset(features) & getattr(implementation(op, backend), "UNSUPPORTED", frozenset())
 
 
 def implementation(op: str, backend: str):

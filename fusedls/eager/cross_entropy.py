@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
+
 _BLOCK_ELEMENTS = 1 << 20
 
 
@@ -23,9 +25,6 @@ def _row_blocks(n_rows: int, n_cols: int):
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
-
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def _class_terms(target, weight, n_cols, ignore_index, keep, acc):
@@ -69,7 +68,7 @@ def cross_entropy_forward(
     is overwritten). Ignored rows: loss, lse, coef and gradient 0."""
     n_rows, n_cols = logits.shape
     dev = logits.device
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits)
     loss = torch.empty(n_rows, dtype=acc, device=dev)
     lse = torch.empty_like(loss)
     coef = torch.empty_like(loss)
@@ -126,7 +125,7 @@ def cross_entropy_backward(
     """Writes dL/dlogits into ``grad`` (and dL/dtarget into ``grad_target`` when given);
     ``grad_loss`` is the factor of each row: 0-dim (broadcast) or (R,)."""
     n_rows, n_cols = logits.shape
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits)
     prob = target.is_floating_point()
     factor = grad_loss.to(acc).expand(n_rows)
     for rows in _row_blocks(n_rows, n_cols):

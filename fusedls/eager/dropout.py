@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
 
-def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _factor(seed: torch.Tensor, shape: torch.Size, p: float, device: torch.device, acc: torch.dtype) -> torch.Tensor:
@@ -51,7 +50,7 @@ def dropout_forward(
     out: torch.Tensor,
 ) -> None:
     """Writes ``residual + (x + bias) * m`` into ``out`` (all contiguous, x's shape; bias (N,))."""
-    out.copy_(_dropout_add(x, bias, residual, seed, p, torch.promote_types(_acc_dtype(x), out.dtype)))
+    out.copy_(_dropout_add(x, bias, residual, seed, p, torch.promote_types(acc_dtype(x), out.dtype)))
 
 
 def dropout_add_norm_forward(
@@ -69,7 +68,7 @@ def dropout_add_norm_forward(
     rstd: torch.Tensor,
 ) -> None:
     """Writes y, h (R, N) and the row statistics mean (LayerNorm only) and rstd."""
-    acc = torch.promote_types(_acc_dtype(x), h.dtype)
+    acc = torch.promote_types(acc_dtype(x), h.dtype)
     h.copy_(_dropout_add(x, None, residual, seed, p, acc))
     hf = h.to(acc)  # the rounded h, as the kernel normalises it
     if not is_rms:
@@ -100,7 +99,7 @@ def dropout_add_norm_backward(
     dbias: torch.Tensor | None,
 ) -> None:
     """Writes dx, dresidual (if given) and the (N,) sums dweight, dbias (if given)."""
-    acc = torch.promote_types(_acc_dtype(h), dweight.dtype)
+    acc = torch.promote_types(acc_dtype(h), dweight.dtype)
     n_cols = h.shape[1]
     xhat = h.to(acc)
     if not is_rms:

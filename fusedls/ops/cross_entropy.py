@@ -26,6 +26,7 @@ import torch
 from torch.nn import _reduction
 
 from .. import _backend
+from .._dtypes import acc_dtype
 from ._checks import (
     check_choice,
     check_floating,
@@ -39,10 +40,6 @@ REDUCTIONS = ("none", "mean", "sum")
 SMOOTHING_CONVENTIONS = ("uniform", "others")
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
-
-def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 tensors (which run on the eager backend)."""
-    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _impl(backend: str):
@@ -90,7 +87,7 @@ def _cross_entropy_fwd(
 
 @_cross_entropy_fwd.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
-    row = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
     return row, torch.empty_like(row), torch.empty_like(row), grad
 
@@ -113,7 +110,7 @@ def _cross_entropy_fwd_inplace(
 
 @_cross_entropy_fwd_inplace.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
-    row = logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits))
+    row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
     return row, torch.empty_like(row), torch.empty_like(row)
 
 
@@ -182,12 +179,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:  # torch's denominator: the summed weights of the rows not ignored
             valid = target != ignore_index
             if weight is None:
-                denom = valid.sum().to(_acc_dtype(logits))
+                denom = valid.sum().to(acc_dtype(logits))
             else:
                 denom = (weight[target.clamp(0, logits.shape[1] - 1).long()] * valid).sum()
         fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
         if fused:
-            grad_scale = torch.ones((), device=logits.device, dtype=_acc_dtype(logits))
+            grad_scale = torch.ones((), device=logits.device, dtype=acc_dtype(logits))
             if denom is not None:
                 grad_scale = grad_scale / denom
             if inplace:
@@ -219,7 +216,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_out is None:
             return (None, None, *none)
         ignore_index, keep, spread, backend = ctx.args
-        factor = grad_out.to(_acc_dtype(grad_out))
+        factor = grad_out.to(acc_dtype(grad_out))
         if ctx.fused:
             # Reusing this gradient (backward twice with retain_graph=True) is refused by
             # autograd's saved-tensor version check, since the rescale below is in place.
@@ -344,7 +341,7 @@ def cross_entropy(
     target_rows = _rows(target, class_dim) if prob else target.reshape(-1)
     if not prob and target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
-    weight_acc = weight.to(_acc_dtype(input)).contiguous() if weight is not None else None
+    weight_acc = weight.to(acc_dtype(input)).contiguous() if weight is not None else None
     loss = CrossEntropyFunction.apply(
         logits, target_rows, weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, bool(inplace_backward), backend,
         torch.is_grad_enabled(),

@@ -27,6 +27,7 @@ import functools
 import torch
 
 from .. import _backend
+from .._dtypes import acc_dtype
 from ._checks import check_floating, check_same_device, check_tensor, check_unit_interval
 
 __all__ = [
@@ -38,9 +39,6 @@ __all__ = [
 def _impl(backend: str):
     return _backend.implementation("dropout", backend)
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _draw_seed(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -84,7 +82,7 @@ def _(x, seed, p, backend):
 
 
 def _norm_stats(x: torch.Tensor, h_dtype: torch.dtype, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rstd = torch.empty(x.shape[0], device=x.device, dtype=_acc_dtype(h_dtype))
+    rstd = torch.empty(x.shape[0], device=x.device, dtype=acc_dtype(h_dtype))
     return rstd.new_empty(0 if is_rms else x.shape[0]), rstd
 
 
@@ -118,7 +116,7 @@ def _(x, residual, weight, bias, seed, p, eps, is_rms, h_dtype, backend):
 def _norm_grads(h, weight, x_dtype, residual_dtype, has_bias):
     dx = torch.empty(h.shape, device=h.device, dtype=x_dtype)
     dres = torch.empty(h.shape, device=h.device, dtype=residual_dtype) if residual_dtype is not None else None
-    dw = torch.empty(weight.shape, device=h.device, dtype=_acc_dtype(h.dtype))
+    dw = torch.empty(weight.shape, device=h.device, dtype=acc_dtype(h.dtype))
     return dx, dres, dw, torch.empty_like(dw) if has_bias else None
 
 
@@ -183,7 +181,7 @@ class DropoutFunction(torch.autograd.Function):
         dx = _dropout_fwd(grad.contiguous(), None, None, seed, ctx.p, ctx.x_dtype, ctx.backend)
         dbias = dres = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
-            dbias = dx.reshape(-1, dx.shape[-1]).sum(0, dtype=_acc_dtype(dx.dtype)).to(ctx.bias_dtype)
+            dbias = dx.reshape(-1, dx.shape[-1]).sum(0, dtype=acc_dtype(dx.dtype)).to(ctx.bias_dtype)
         if ctx.residual_dtype is not None and ctx.needs_input_grad[2]:
             dres = grad.to(ctx.residual_dtype)
         return dx, dbias, dres, None, None, None, None
@@ -318,7 +316,7 @@ def dropout_add(
     _check_vector("bias", bias, x.shape[-1], x)
     p = _check_p(p, training)
     if not training or p == 0.0:  # summed in fp32 and rounded once, as the kernel does
-        acc = _acc_dtype(_promote(x, bias, residual))
+        acc = acc_dtype(_promote(x, bias, residual))
         out = residual.to(acc) + x.to(acc) + (bias.to(acc) if bias is not None else 0.0)
         return out.to(_promote(x, bias, residual))
     seed = _draw_seed(x, generator)
