@@ -27,6 +27,7 @@ from torch.nn import _reduction
 
 from .. import _backend
 from .._dtypes import acc_dtype
+from ._custom_op import custom_op
 from ._checks import (
     check_choice,
     check_floating,
@@ -65,7 +66,7 @@ def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, b
 # ---------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fusedls::cross_entropy_fwd", mutates_args=())
+@custom_op("fusedls::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -92,7 +93,7 @@ def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
     return row, torch.empty_like(row), torch.empty_like(row), grad
 
 
-@torch.library.custom_op("fusedls::cross_entropy_fwd_inplace", mutates_args=("logits",))
+@custom_op("fusedls::cross_entropy_fwd_inplace", mutates_args=("logits",))
 def _cross_entropy_fwd_inplace(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -114,7 +115,7 @@ def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
     return row, torch.empty_like(row), torch.empty_like(row)
 
 
-@torch.library.custom_op("fusedls::cross_entropy_bwd", mutates_args=())
+@custom_op("fusedls::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,
@@ -143,7 +144,7 @@ def _(grad_loss, logits, target, weight, lse, coef, ignore_index, keep, spread, 
     return torch.empty_like(logits, memory_format=torch.contiguous_format), grad_target
 
 
-@torch.library.custom_op("fusedls::cross_entropy_scale_grad_", mutates_args=("grad",))
+@custom_op("fusedls::cross_entropy_scale_grad_", mutates_args=("grad",))
 def _cross_entropy_scale_grad_(grad: torch.Tensor, factor: torch.Tensor, backend: str) -> None:
     """grad *= factor row by row (factor 0-dim or (R,), fp32)."""
     _impl(backend).cross_entropy_scale_grad_(grad, factor)

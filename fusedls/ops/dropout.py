@@ -28,6 +28,7 @@ import torch
 
 from .. import _backend
 from .._dtypes import acc_dtype
+from ._custom_op import custom_op
 from ._checks import check_floating, check_same_device, check_tensor, check_unit_interval
 
 __all__ = [
@@ -49,7 +50,7 @@ def _draw_seed(like: torch.Tensor, generator: torch.Generator | None) -> torch.T
 # ---------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fusedls::dropout_fwd", mutates_args=())
+@custom_op("fusedls::dropout_fwd", mutates_args=())
 def _dropout_fwd(
     x: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -70,7 +71,7 @@ def _(x, bias, residual, seed, p, out_dtype, backend):
     return torch.empty(x.shape, device=x.device, dtype=out_dtype)
 
 
-@torch.library.custom_op("fusedls::dropout_", mutates_args=("x",))
+@custom_op("fusedls::dropout_", mutates_args=("x",))
 def _dropout_(x: torch.Tensor, seed: torch.Tensor, p: float, backend: str) -> None:
     """``x *= m`` in place (contiguous x): each element is read before it is overwritten."""
     _impl(backend).dropout_forward(x, None, None, seed, p, x)
@@ -86,7 +87,7 @@ def _norm_stats(x: torch.Tensor, h_dtype: torch.dtype, is_rms: bool) -> tuple[to
     return rstd.new_empty(0 if is_rms else x.shape[0]), rstd
 
 
-@torch.library.custom_op("fusedls::dropout_add_norm_fwd", mutates_args=())
+@custom_op("fusedls::dropout_add_norm_fwd", mutates_args=())
 def _dropout_add_norm_fwd(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -120,7 +121,7 @@ def _norm_grads(h, weight, x_dtype, residual_dtype, has_bias):
     return dx, dres, dw, torch.empty_like(dw) if has_bias else None
 
 
-@torch.library.custom_op("fusedls::dropout_add_norm_bwd", mutates_args=())
+@custom_op("fusedls::dropout_add_norm_bwd", mutates_args=())
 def _dropout_add_norm_bwd(
     dy: torch.Tensor,
     dh_next: Optional[torch.Tensor],
