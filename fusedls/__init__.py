@@ -8,7 +8,7 @@ triton nor a GPU nor a compiler.
 
 from . import nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
-from .ops.cross_entropy import cross_entropy
+from .ops.cross_entropy import CrossEntropyResult, cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "BackendInfo",
     "backends",
     "cross_entropy",
+    "CrossEntropyResult",
     "dropout",
     "dropout_add",
     "dropout_add_layer_norm",
