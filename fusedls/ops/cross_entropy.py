@@ -212,12 +212,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             denom = None
         elif prob:
             denom = float(n_rows)
-        else:  # torch's denominator: the summed weights of the rows not ignored
-            valid = target != ignore_index
-            if weight is None:
-                denom = valid.sum().to(acc_dtype(logits))
-            else:
-                denom = (weight[target.clamp(0, logits.shape[1] - 1).long()] * valid).sum()
+        else:
+            denom = mean_denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits))
         fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
         opts = (ignore_index, keep, spread, z_loss, softcap, backend)
         if fused:
@@ -236,11 +232,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ctx.save_for_backward(logits, target, weight, lse, coef)
         ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad = fused, denom, need_grad, need_target_grad
         ctx.args = (ignore_index, keep, spread, softcap, backend)
-        ctx.set_materialize_grads(False)
-        # Ignored rows have lse = 0, so z lse^2 counts the rows that are not ignored only.
-        z = _reduce(z_loss * lse * lse, reduction, denom) if want_z else lse.new_empty(0)
-        ctx.mark_non_differentiable(z, lse)
-        return _reduce(loss, reduction, denom), z, lse
+        return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -268,6 +260,24 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_target if ctx.need_target_grad else None,
             *none,
         )
+
+
+def mean_denominator(target, weight, ignore_index: int, n_cols: int, acc: torch.dtype) -> torch.Tensor:
+    """torch's denominator of a class-id mean: the summed weights of the rows not ignored."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(acc)
+    return (weight[target.clamp(0, n_cols - 1).long()] * valid).sum()
+
+
+def finish_forward(ctx, loss, lse, reduction: str, denom, z_loss: float, want_z: bool):
+    """The ``(loss, z, lse)`` outputs of a loss Function's forward: the reduced loss, the z-loss
+    term reduced alike (empty unless ``want_z``) and the per-row lse, the last two without grad."""
+    ctx.set_materialize_grads(False)
+    # Ignored rows have lse = 0, so z lse^2 counts the rows that are not ignored only.
+    z = _reduce(z_loss * lse * lse, reduction, denom) if want_z else lse.new_empty(0)
+    ctx.mark_non_differentiable(z, lse)
+    return _reduce(loss, reduction, denom), z, lse
 
 
 def _reduce(rows: torch.Tensor, reduction: str, denom) -> torch.Tensor:
