@@ -14,6 +14,12 @@ from test_cross_entropy import class_ids
 V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the last one masked
 
 
+@pytest.fixture(autouse=True)
+def small_vocab_blocks(monkeypatch):
+    """grad_weight summed in fp32 blocks of 16 classes: three blocks, the last one short."""
+    monkeypatch.setattr(lce._WeightGrad, "VOCAB_BLOCK", 16)
+
+
 def inputs(shape, dtype, device, bias=True, seed=0):
     """hidden (*shape, D), weight (V, D), bias (V,) or None; logits of a few units."""
     g = torch.Generator().manual_seed(seed)
@@ -124,6 +130,17 @@ def test_no_grad_mode(backend, device):
     assert not out.requires_grad
     ref = reference_cross_entropy_options((h @ w.T + b).double(), class_ids((5,), V, device))[0]
     close(out, ref, torch.float32, "loss")
+
+
+def test_fp32_product_fallback_off_cuda(monkeypatch):
+    # The CUDA path's mm(out_dtype=float32) raises off CUDA: the upcast fallback gives the same sum.
+    monkeypatch.setattr(lce._Dispatch, "mm_out_dtype_works", True)  # restored afterwards
+    g = torch.randn(5, V, dtype=torch.float64).to(torch.bfloat16)
+    h = torch.randn(5, D, dtype=torch.float64).to(torch.bfloat16)
+    acc = lce._WeightGrad(torch.empty(V, D, dtype=torch.bfloat16))
+    for i, block in enumerate(acc.blocks):
+        acc._add_fp32_product(block, g[:, 16 * i : 16 * i + block.shape[0]], h)
+    assert_close(acc.result(), g.double().T @ h.double())
 
 
 def test_default_chunks_even_out(monkeypatch):

@@ -17,10 +17,11 @@ L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
 
 * ``grad_hidden[chunk] = g @ W`` (one matmul, fp32 accumulation inside it, rounded once to the
   hidden dtype),
-* ``grad_weight += g.T @ h_c`` into an fp32 buffer (fp64 for fp64): on CUDA one
-  ``addmm(out_dtype=float32)`` per chunk, so cuBLAS accumulates in fp32 within the chunk and adds
-  into the fp32 buffer without rounding to bf16 in between; elsewhere ``g`` and ``h_c`` are
-  upcast to fp32 for that matmul. The buffer is rounded once to the weight dtype at the end,
+* ``grad_weight += g.T @ h_c`` summed in fp32 (fp64 for fp64) across chunks: for a bf16/fp16
+  head, in fp32 blocks of 16384 classes; on CUDA each block's product is one cuBLAS matmul with
+  an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation within the chunk, never rounded
+  to bf16) added into the block; elsewhere ``g`` and ``h_c`` are upcast to fp32 for that matmul.
+  The sum is rounded once to the weight dtype at the end, block by block (see _WeightGrad),
 * ``grad_bias += g.sum(0)`` in fp32 likewise.
 
 Label smoothing, class weights, z-loss and soft-capping are applied by the cross-entropy kernel
@@ -75,50 +76,101 @@ def _impl(backend: str):
     return _backend.implementation("cross_entropy", backend)
 
 
+class _WeightGrad:
+    """``grad_weight = sum over chunks of g.T @ h_c``, summed in fp32 (fp64 for fp64).
+
+    Weight in the accumulation dtype: one buffer, ``addmm_`` into it. Otherwise (bf16/fp16) the
+    sum lives in fp32 blocks of VOCAB_BLOCK classes: on CUDA each block's ``g.T @ h_c`` is one
+    cuBLAS matmul with an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation inside, no
+    rounding to bf16) into a reused scratch block, then added to the block; elsewhere the chunk
+    is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
+    frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+    """
+
+    VOCAB_BLOCK = 16384
+
+    def __init__(self, weight: torch.Tensor):
+        acc = acc_dtype(weight)
+        n_cols = weight.shape[0]
+        self.dtype = weight.dtype
+        if acc == weight.dtype:
+            self.whole = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            self.blocks = [self.whole[v : v + self.VOCAB_BLOCK] for v in range(0, n_cols, self.VOCAB_BLOCK)]
+        else:
+            self.whole = None
+            self.blocks = [
+                torch.zeros(min(self.VOCAB_BLOCK, n_cols - v), weight.shape[1], dtype=acc, device=weight.device)
+                for v in range(0, n_cols, self.VOCAB_BLOCK)
+            ]  # fmt: skip
+        self.scratch = None
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        exact = self.whole is not None
+        cuda = g.device.type == "cuda" and _Dispatch.mm_out_dtype_works
+        if not (exact or cuda):
+            g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
+            exact = True
+        for i, block in enumerate(self.blocks):
+            g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
+            if exact:
+                block.addmm_(g_blk.t(), h)
+            else:
+                self._add_fp32_product(block, g_blk, h)
+
+    def _add_fp32_product(self, block, g_blk, h) -> None:
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.blocks[0])
+        scratch = self.scratch[: block.shape[0]]
+        try:
+            torch.mm(g_blk.t(), h, out_dtype=scratch.dtype, out=scratch)
+        except (RuntimeError, NotImplementedError, TypeError):  # a torch without mm(out_dtype)
+            _Dispatch.mm_out_dtype_works = False
+            block.addmm_(g_blk.t().to(block.dtype), h.to(block.dtype))
+            return
+        block += scratch
+
+    def result(self) -> torch.Tensor:
+        """The sum in the weight dtype (rounded once), freeing the fp32 blocks as it goes."""
+        if self.whole is not None:
+            return self.whole
+        self.scratch = None
+        out = torch.empty(sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1],
+                          dtype=self.dtype, device=self.blocks[0].device)  # fmt: skip
+        for i in range(len(self.blocks)):
+            out[i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + self.blocks[i].shape[0]] = self.blocks[i]
+            self.blocks[i] = None
+        return out
+
+
+class _Dispatch:
+    # mm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
+    mm_out_dtype_works = True
+
+
 class _Grads:
     """The gradient buffers of one call and the per-chunk updates that fill them."""
 
     def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
-        acc = acc_dtype(weight)
         self.hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else hidden.new_empty(0)
-        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else hidden.new_empty(0)
+        self.weight = _WeightGrad(weight) if need_weight else None
+        self.bias = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=bias.device) if need_bias else None
         self.need = (need_hidden, need_weight, need_bias)
+        self.empty = hidden
 
     def add(self, rows: slice, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
         """Adds the contribution of the chunk ``rows`` whose dloss/dlogits is ``g``."""
-        need_hidden, need_weight, need_bias = self.need
-        if need_hidden:
+        if self.need[0]:
             torch.mm(g, weight, out=self.hidden[rows])
-        if need_weight:
-            _add_outer(self.weight, g, h)
-        if need_bias:
+        if self.weight is not None:
+            self.weight.add(g, h)
+        if self.bias is not None:
             self.bias += g.sum(0, dtype=self.bias.dtype)
 
-    def result(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        """(grad_hidden, grad_weight, grad_bias) with the fp32 sums rounded once to the weight dtype."""
-        grad_weight = self.weight.to(weight.dtype) if self.need[1] else self.weight
-        grad_bias = self.bias.to(bias.dtype) if self.need[2] else self.bias
+    def result(self, bias: Optional[torch.Tensor]):
+        """(grad_hidden, grad_weight, grad_bias) rounded once to their dtypes; empty when not needed."""
+        grad_weight = self.weight.result() if self.weight is not None else self.empty.new_empty(0)
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else self.empty.new_empty(0)
         return self.hidden, grad_weight, grad_bias
-
-
-class _Dispatch:
-    # addmm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
-    out_dtype_addmm_works = True
-
-
-def _add_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``acc += g.T @ h`` with ``acc`` in fp32 (fp64) and ``g``, ``h`` possibly in bf16/fp16."""
-    if g.dtype == acc.dtype:
-        acc.addmm_(g.t(), h)
-        return
-    if g.device.type == "cuda" and _Dispatch.out_dtype_addmm_works:
-        try:
-            torch.addmm(acc, g.t(), h, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            _Dispatch.out_dtype_addmm_works = False
-    acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
 
 
 def _logits_chunks(hidden, weight, bias, chunk_rows):
@@ -173,7 +225,7 @@ def _linear_cross_entropy_fwd(
         )  # fmt: skip
         if write_grad:
             grads.add(rows, logits, hidden[rows], weight)
-    return (loss, lse, coef, *grads.result(weight, bias))
+    return (loss, lse, coef, *grads.result(bias))
 
 
 def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
@@ -224,7 +276,7 @@ def _linear_cross_entropy_bwd(
             keep, spread, **opts,
         )  # fmt: skip
         grads.add(rows, logits, hidden[rows], weight)
-    return grads.result(weight, bias)
+    return grads.result(bias)
 
 
 @_linear_cross_entropy_bwd.register_fake
