@@ -218,3 +218,30 @@ def test_bad_input(override, error, message):
     args.update(override)
     with pytest.raises(error, match=message):
         fusedls.linear_cross_entropy(**args)
+
+
+def test_out_of_range_targets(backend, device):
+    h, w, b = inputs((4,), torch.float32, device)
+    t = torch.tensor([1, V, -100, 2], device=device)
+    if backend == "eager" and device == "cpu":
+        with pytest.raises(ValueError, match=f"target contains class id {V}"):
+            fusedls.linear_cross_entropy(h, w, t, b)
+        return
+    out = fusedls.linear_cross_entropy(h, w, t, b, reduction="none")  # kernels: NaN rows, no sync
+    assert out[1].isnan() and out[[0, 3]].isfinite().all() and out[2] == 0
+
+
+def test_no_host_synchronisation_on_gpu(backend, device):
+    if device != "cuda":
+        pytest.skip("needs a CUDA device")
+    h, w, b = (v.requires_grad_() for v in inputs((64,), torch.bfloat16, device))
+    t = class_ids((64,), V, device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "none"):
+            out = fusedls.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1, chunk_size=16)
+            out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(w.grad).all()
