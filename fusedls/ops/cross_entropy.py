@@ -15,6 +15,10 @@ each row is still in L2 and backward only rescales it in place, skipping rows wh
 exactly 1 on the device: one HBM read of the logits and one write of the gradient in all.
 Otherwise (``reduction="none"``, probability targets that require grad) forward saves the logits
 and per-row statistics, and backward reads the logits again.
+
+Options beyond torch (``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``; see
+:func:`cross_entropy`) are kernel flags; the ones in use are the ``features`` handed to
+``_backend.resolve`` and are passed to a backend only when used.
 """
 
 from __future__ import annotations
