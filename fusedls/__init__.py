@@ -1,6 +1,7 @@
 """fusedls: fused GPU kernels for label-smoothing cross-entropy and friends.
 
-Public surface: :func:`cross_entropy`; :func:`dropout`, :func:`dropout_add`,
+Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse; :class:`CrossEntropyResult`),
+:func:`linear_cross_entropy` (LM head + loss without the logits); :func:`dropout`, :func:`dropout_add`,
 :func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`; backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
@@ -8,8 +9,9 @@ triton nor a GPU nor a compiler.
 
 from . import nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
-from .ops.cross_entropy import cross_entropy
+from .ops.cross_entropy import CrossEntropyResult, cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
+from .ops.linear_cross_entropy import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -17,10 +19,12 @@ __all__ = [
     "BackendInfo",
     "backends",
     "cross_entropy",
+    "CrossEntropyResult",
     "dropout",
     "dropout_add",
     "dropout_add_layer_norm",
     "dropout_add_rms_norm",
+    "linear_cross_entropy",
     "nn",
     "set_backend",
     "use_backend",

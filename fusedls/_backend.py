@@ -151,7 +151,12 @@ def unsupported(op: str | None, backend: str, features) -> frozenset:
     """The ``features`` of ``op`` that ``backend`` does not implement (its module's UNSUPPORTED)."""
     if op is None or not features:
         return frozenset()
-    return frozenset(features) & getattr(implementation(op, backend), "UNSUPPORTED", frozenset())
+    return frozenset(features) & frozenset(_unsupported_names(op, backend))
+
+
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the module import
+def _unsupported_names(op: str, backend: str) -> tuple:
+    return tuple(sorted(getattr(implementation(op, backend), "UNSUPPORTED", ())))
 
 
 def implementation(op: str, backend: str):

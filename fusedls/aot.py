@@ -2,8 +2,8 @@
 
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd,
 bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd) — for each data
-dtype, the flag constexprs the launchers can pass (fwd ``WSPG``: HAS_WEIGHT, HAS_SMOOTHING,
-PROB_TARGET, WRITE_GRAD; bwd ``WSPT``: ..., TARGET_GRAD; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
+dtype, the flag constexprs the launchers can pass (fwd ``WSPGZC``: HAS_WEIGHT, HAS_SMOOTHING,
+PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRBD``: IS_RMS, HAS_RESIDUAL, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRBD``: IS_RMS,
 HAS_DH_NEXT, ...) and each distinct (block, num_warps) that the tuning table picks for the sizes
 ``V`` (cross-entropy vocabularies ``VOCABS``, hidden sizes ``HIDDEN``), with arguments
@@ -22,7 +22,9 @@ that wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
 
 Default (~2-3 min on 2 idle cores): every flag combination at the largest block (the config of
 the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representative flags (none,
-each alone, all), but none and all for C = any. ``--all``: every combination everywhere.
+each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
+with every other flag only under ``--all``; by default each option combination is compiled with
+the other flags all off and all on. ``--all``: every combination everywhere.
 ``--quick``: bf16, largest block, C = 16, none and all flags (22 compiles).
 
   python -m fusedls.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
@@ -74,6 +76,7 @@ class Kernel:
     i64_ptrs: frozenset[str] = frozenset()  # pointers to int64 data
     row_loads: tuple[str, ...] = ()  # source text of the loads of the data rows ("rowld")
     excludes: tuple[str, str] = ("", "")  # two flags that are never on together
+    options: int = 0  # the last `options` flags are options (see _flag_sets)
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -83,10 +86,10 @@ _NORM_FP32 = frozenset({"mean_ptr", "rstd_ptr", "dweight_ptr", "dbias_ptr"})
 _NORM_LOADS = ("tl.load(x_ptr + offsets", "tl.load(h_ptr + offsets", "tl.load(dy_ptr + offsets")
 _SEED = frozenset({"seed_ptr"})
 KERNELS = {  # short name -> Kernel
-    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD",), "WSPG", "BLOCK_C",
-                  _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS),
-    "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD",), "WSPT", "BLOCK_C",
-                  _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS),
+    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP"),
+                  "WSPGZC", "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=2),
+    "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
+                  "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
                     ("tl.load(grad_row + cols",)),
     "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK", frozenset(), _SEED,
@@ -125,9 +128,10 @@ class Row:
         return self.stack + self.local
 
 
-def _flag_sets(kernel: str, every: bool) -> list[str]:
+def _flag_sets(kernel: str, every: bool, all_options: bool = False) -> list[str]:
     k = KERNELS[kernel]
-    combos = itertools.product((0, 1), repeat=len(k.flags))
+    n_base = len(k.flags) - k.options
+    combos = itertools.product((0, 1), repeat=n_base)
     if kernel == "bwd":
         combos = [c for c in combos if c[2] or not c[3]]  # TARGET_GRAD needs PROB_TARGET
     if k.excludes[0]:
@@ -136,6 +140,12 @@ def _flag_sets(kernel: str, every: bool) -> list[str]:
     combos = list(combos)
     if not every:
         combos = [c for c in combos if sum(c) in (0, 1, len(c)) or c == combos[-1] or c == (0, 0, 1, 1)]
+    # Options: with every other combination under --all, else with the others all off / all on
+    # (the last entry stays the one with every flag on).
+    options = list(itertools.product((0, 1), repeat=k.options))
+    combos = [c + options[0] for c in combos] + [
+        c + o for o in options[1:] for c in (combos if all_options else [combos[0], combos[-1]])
+    ]
     return ["".join(ch if on else "-" for ch, on in zip(k.letters, c)) for c in combos]
 
 
@@ -178,7 +188,7 @@ def plan(archs=(80, 90), quick=False, kernels=None, every=False) -> list[Row]:
         for block, warps, spec in sorted(variants, key=lambda k: (k[0], "16 1 any".index(k[2]))):
             if quick and (block, spec) != (largest, "16"):
                 continue
-            flags = _flag_sets(kernel, every or (block == largest and spec != "1"))
+            flags = _flag_sets(kernel, every or (block == largest and spec != "1"), every)
             if quick or (spec == "any" and block != largest and not every):
                 flags = sorted({flags[0], flags[-1]})
             vs = ",".join(variants[block, warps, spec]) or "-"
@@ -218,7 +228,7 @@ def _source(row: Row) -> ASTSource:
             prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
             kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
             signature[name], aligned = "*" + kind, 1
-        elif name in ("keep", "spread", "p", "scale", "eps"):
+        elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap"):
             signature[name], aligned = "fp32", 0
         elif name in _ROW_SIZES or name in _CE_ROW_STRIDES:
             signature[name], aligned = "i32", row.cspec != "any"

@@ -6,8 +6,9 @@ import torch
 
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
+from .ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm"]
+__all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -53,3 +54,37 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             f"label_smoothing={self.label_smoothing}, smoothing_convention={self.smoothing_convention!r}, "
             f"inplace_backward={self.inplace_backward}"
         )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Loss of an LM head without its logits: ``forward(hidden, weight, target, bias=None)`` is
+    :func:`fusedls.linear_cross_entropy` with this module's options (``ignore_index``,
+    ``reduction``, ``label_smoothing``, ``class_weight`` (a buffer, as torch's ``weight``),
+    ``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``, ``chunk_size``). The head's
+    ``weight`` / ``bias`` stay the model's parameters and are passed in."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_z_loss: bool = False,
+        return_lse: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.options = dict(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, return_z_loss=return_z_loss, return_lse=return_lse, chunk_size=chunk_size,
+        )  # fmt: skip
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias=None):
+        return linear_cross_entropy(hidden, weight, target, bias, class_weight=self.class_weight, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

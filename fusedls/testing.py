@@ -97,3 +97,47 @@ def reference_cross_entropy(
         grad_x = grads[0] if x.requires_grad else None
         grad_t = grads[-1] if prob and t.requires_grad else None
     return loss.detach(), grad_x, grad_t
+
+
+def reference_cross_entropy_options(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch composition that defines fusedls's ``z_loss`` / ``softcap`` options.
+
+    ``reduce(F.cross_entropy(s * tanh(x / s), t, w, reduction="none", ...) + z * lse^2 * valid)``
+    with ``lse = logsumexp(s * tanh(x / s))``, ``valid`` the rows not ignored (every row for
+    probability targets) and ``mean`` dividing by torch's denominator (summed ``w_y`` of the valid
+    rows; the row count for probability targets). Computed in the dtype of ``input`` (pass float64)
+    and differentiable through it; returns ``(loss, z-loss term reduced alike, per-row lse with 0 on
+    ignored rows)``. Every row ignored: NaN mean, zero gradient, as torch.
+    """
+    class_dim = 0 if input.dim() == 1 else 1
+    x = softcap * torch.tanh(input / softcap) if softcap is not None else input
+    w = weight.to(x.dtype) if weight is not None else None
+    rows = F.cross_entropy(x, target, w, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if target.is_floating_point():
+        valid = torch.ones_like(rows, dtype=torch.bool)
+        denom = torch.tensor(float(rows.numel()), dtype=x.dtype, device=x.device)
+    else:
+        valid = target != ignore_index
+        safe = target.masked_fill(~valid, 0)
+        denom = valid.sum().to(x.dtype) if w is None else (w[safe] * valid).sum()
+    lse = torch.logsumexp(x, class_dim) * valid
+    z_rows = z_loss * lse * lse
+
+    def reduce(values):
+        if reduction == "none":
+            return values
+        if reduction == "sum":
+            return values.sum()
+        return values.sum() / denom.clamp_min(1e-300) + torch.where(denom == 0, float("nan"), 0.0)
+
+    return reduce(rows + z_rows), reduce(z_rows), lse

@@ -206,12 +206,24 @@ def test_backends_agree(small_chunks, device):
 
 
 # Random exploration locally; CI replays the same examples every run (derandomize).
-@settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+PROPERTY_SETTINGS = dict(
+    deadline=None, derandomize=bool(os.environ.get("CI")), suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+def random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed):
+    """(logits, target, weight, upstream) of one random configuration of the property tests."""
+    x = logits((n_rows, n_cols), dtype, device, seed=seed)
+    if prob:
+        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64), 1).to(dtype).to(device)
+    else:
+        t = class_ids((n_rows,), n_cols, device, ignored=ignored, seed=seed + 1)
+    w = (torch.rand(n_cols, dtype=torch.float64) + 0.1).to(dtype).to(device) if weighted else None
+    up = torch.randn(n_rows, dtype=torch.float64).to(device) if reduction == "none" else 1.0
+    return x, t, w, up
+
+
+@settings(max_examples=40, **PROPERTY_SETTINGS)
 @given(
     n_rows=st.integers(0, 9),
     n_cols=st.integers(1, 70),
@@ -231,13 +243,7 @@ def test_property_random_configurations(
 ):  # fmt: skip
     if prob and convention == "others":
         convention = "uniform"  # the convention is defined for class ids
-    x = logits((n_rows, n_cols), dtype, device, seed=seed)
-    if prob:
-        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64), 1).to(dtype).to(device)
-    else:
-        t = class_ids((n_rows,), n_cols, device, ignored=ignored, seed=seed + 1)
-    w = (torch.rand(n_cols, dtype=torch.float64) + 0.1).to(dtype).to(device) if weighted else None
-    up = torch.randn(n_rows, dtype=torch.float64).to(device) if reduction == "none" else 1.0
+    x, t, w, up = random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed)
     check(
         x, t, w, reduction=reduction, label_smoothing=label_smoothing, upstream=up, inplace=inplace,
         smoothing_convention=convention,

@@ -8,7 +8,10 @@ temporaries stay about ``_BLOCK_ELEMENTS`` elements, whatever the size of the lo
 
 Every function takes 2-D logits ``(R, C)`` with contiguous classes; ``target`` is ``(R,)``
 class ids or ``(R, C)`` probabilities; ``weight`` is fp32 ``(C,)`` or None;
-``keep = 1 - eps`` and ``spread = eps / C``.
+``keep = 1 - eps`` and ``spread = eps / C``; ``z_loss`` (z of ``z * lse^2``, 0 for none) and
+``softcap`` (s of ``s * tanh(x / s)``, None for none) are the kernels' HAS_Z_LOSS / HAS_SOFTCAP
+options. Callers pass them only when used, so a backend with the older signature still serves
+the calls that do not use them.
 """
 
 from __future__ import annotations
@@ -40,8 +43,17 @@ def _class_terms(target, weight, n_cols, ignore_index, keep, acc):
     return y, ignored, bad, target_term
 
 
-def _grad_block(x, lse, coef, y, target_term, t, weight, keep, spread, scale):
-    """dl/dx (fp32) of a block of rows; ``scale`` is the per-row factor (R_blk, 1)."""
+def _capped(x, softcap):
+    """(capped logits, tanh(x / s) or None): the cap s * tanh(x / s), never in place."""
+    if softcap is None:
+        return x, None
+    th = torch.tanh(x / softcap)
+    return softcap * th, th
+
+
+def _grad_block(x, lse, coef, y, target_term, t, weight, keep, spread, scale, th=None):
+    """dl/dx (fp32) of a block of rows; ``scale`` is the per-row factor (R_blk, 1); ``x`` are
+    the capped logits and ``th`` the tanh of the cap (chain rule ``1 - th^2``) when capping."""
     g = coef[:, None] * torch.exp(x - lse[:, None])
     if t is not None:  # probability targets
         tt = keep * t.to(x.dtype) + spread
@@ -50,6 +62,8 @@ def _grad_block(x, lse, coef, y, target_term, t, weight, keep, spread, scale):
         if spread != 0.0:
             g -= spread if weight is None else spread * weight
         g.scatter_add_(1, y[:, None], -target_term[:, None])
+    if th is not None:
+        g.mul_(1.0 - th * th)
     return g.mul_(scale)
 
 
@@ -62,10 +76,13 @@ def cross_entropy_forward(
     ignore_index: int,
     keep: float,
     spread: float,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(loss, lse, coef)`` per row (fp32, fp64 for fp64 logits); writes ``grad_scale * dl/dlogits`` into
     ``grad`` when it is given (``grad`` may be ``logits`` itself: each block is read before it
-    is overwritten). Ignored rows: loss, lse, coef and gradient 0."""
+    is overwritten). Ignored rows: loss, lse, coef and gradient 0. ``lse`` is that of the capped
+    logits; ``loss`` and ``coef`` include the z-loss ``z * lse^2`` and its ``2 z lse``."""
     n_rows, n_cols = logits.shape
     dev = logits.device
     acc = acc_dtype(logits)
@@ -74,7 +91,7 @@ def cross_entropy_forward(
     coef = torch.empty_like(loss)
     prob = target.is_floating_point()
     for rows in _row_blocks(n_rows, n_cols):
-        x = logits[rows].to(acc)
+        x, th = _capped(logits[rows].to(acc), softcap)
         blk_lse = torch.logsumexp(x, dim=1)
         if prob:
             tt = keep * target[rows].to(acc) + spread
@@ -95,6 +112,10 @@ def cross_entropy_forward(
                 wx = x.sum(1) if weight is None else x @ weight
                 blk_loss = blk_loss + spread * (w_sum * blk_lse - wx)
                 blk_coef = blk_coef + spread * w_sum
+        if z_loss != 0.0:  # z * lse^2, d/dx_c = 2 z lse p_c
+            blk_loss = blk_loss + z_loss * blk_lse * blk_lse
+            blk_coef = blk_coef + 2.0 * z_loss * blk_lse
+        if not prob:
             blk_loss = blk_loss.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
             blk_lse = blk_lse.masked_fill(ignored, 0.0)
             blk_coef = blk_coef.masked_fill(ignored, 0.0)
@@ -104,7 +125,7 @@ def cross_entropy_forward(
             if not prob:
                 scale = scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
             t = target[rows] if prob else None
-            g = _grad_block(x, blk_lse, blk_coef, y, target_term, t, weight, keep, spread, scale[:, None])
+            g = _grad_block(x, blk_lse, blk_coef, y, target_term, t, weight, keep, spread, scale[:, None], th)
             grad[rows] = g
     return loss, lse, coef
 
@@ -121,15 +142,17 @@ def cross_entropy_backward(
     ignore_index: int,
     keep: float,
     spread: float,
+    softcap: float | None = None,
 ) -> None:
     """Writes dL/dlogits into ``grad`` (and dL/dtarget into ``grad_target`` when given);
-    ``grad_loss`` is the factor of each row: 0-dim (broadcast) or (R,)."""
+    ``grad_loss`` is the factor of each row: 0-dim (broadcast) or (R,). ``grad`` may be
+    ``logits`` itself. A z-loss needs no argument here: forward put it into ``coef``."""
     n_rows, n_cols = logits.shape
     acc = acc_dtype(logits)
     prob = target.is_floating_point()
     factor = grad_loss.to(acc).expand(n_rows)
     for rows in _row_blocks(n_rows, n_cols):
-        x = logits[rows].to(acc)
+        x, th = _capped(logits[rows].to(acc), softcap)
         scale = factor[rows].clone()
         y = target_term = t = None
         if prob:
@@ -137,12 +160,13 @@ def cross_entropy_backward(
         else:
             y, ignored, bad, target_term = _class_terms(target[rows], weight, n_cols, ignore_index, keep, acc)
             scale = scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-        grad[rows] = _grad_block(x, lse[rows], coef[rows], y, target_term, t, weight, keep, spread, scale[:, None])
-        if grad_target is not None:
+        g = _grad_block(x, lse[rows], coef[rows], y, target_term, t, weight, keep, spread, scale[:, None], th)
+        if grad_target is not None:  # before grad is written: grad may alias the logits x views
             dt = lse[rows, None] - x
             if weight is not None:
                 dt = dt * weight
             grad_target[rows] = dt.mul_(keep * scale[:, None])
+        grad[rows] = g
 
 
 def cross_entropy_scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:

@@ -21,6 +21,14 @@ without ``weight``, ``W = sum_c w_c``):
                  dl/dx_c = coef * p_c - w_c t'_c,  coef = sum_c w_c t'_c
                  dl/dt_c = keep * w_c * (lse - x_c)
 
+Options (constexpr flags, off by default):
+
+  HAS_SOFTCAP (Gemma 2): every logit is first capped, x <- s * tanh(r / s) for the raw logit r,
+                 and everything above applies to the capped x; by the chain rule
+                 dl/dr_c = dl/dx_c * (1 - tanh^2(r_c / s)), formed in the same fp32 expression.
+  HAS_Z_LOSS (PaLM): l += z * lse^2 on every row that is not ignored; d(z lse^2)/dx_c = 2 z lse p_c,
+                 so the z-loss only adds 2 z lse to ``coef`` (stored: backward needs no flag for it).
+
 Each row's gradient is multiplied by the upstream factor of that row (1/D for mean, where D is
 torch's weighted denominator). A row whose class id is outside [0, C) and is not ignore_index
 gets NaN loss and NaN gradient (it never reads outside the row): that is how out-of-range
@@ -34,6 +42,18 @@ import triton
 import triton.language as tl
 
 from .tuning import cross_entropy_config, cross_entropy_programs
+
+
+@triton.jit
+def _tanh(u):
+    # tanh in fp32 without libdevice (which the interpreter lacks): cephes' tanhf polynomial
+    # near 0, where 1 - 2 / (e^2u + 1) would cancel, and that closed form (exact limits +-1 at
+    # +-inf) elsewhere. Both are within a few ulp of tanh.
+    z = u * u
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+            - 3.33332819422e-1) * z * u + u  # fmt: skip
+    closed = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return tl.where(tl.abs(u) < 0.625, poly, closed)
 
 
 @triton.jit
@@ -51,10 +71,12 @@ def _cross_entropy_grad_sweep(
     keep,  # 1 - eps
     spread,  # eps / C
     scale,  # fp32 factor of this row's gradient (upstream gradient, 1/D, or NaN to poison)
+    softcap,  # s of the logit cap s * tanh(x / s) (HAS_SOFTCAP only)
     HAS_WEIGHT: tl.constexpr,  # class weights given
     HAS_SMOOTHING: tl.constexpr,  # eps > 0
     PROB_TARGET: tl.constexpr,  # targets are probabilities, not class ids
     TARGET_GRAD: tl.constexpr,  # also write dl/dt (probability targets that require grad)
+    HAS_SOFTCAP: tl.constexpr,  # cap the logits (see the module docstring)
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     # Last chunk first: right after sweep 1 the end of the row is the likeliest still in L2
@@ -65,6 +87,9 @@ def _cross_entropy_grad_sweep(
         cols = (last - i) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = cols < n_cols
         x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            th = _tanh(x / softcap)
+            x = softcap * th
         g = coef * tl.exp(x - lse)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
@@ -86,6 +111,8 @@ def _cross_entropy_grad_sweep(
                 else:
                     g = g - spread
             g = tl.where(cols == y, g - target_term, g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - th * th)  # chain rule through the cap
         tl.store(grad_row + cols, (g * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
@@ -147,10 +174,14 @@ def cross_entropy_fwd_kernel(
     ignore_index,  # class id whose rows give no loss and no gradient
     keep,  # 1 - eps: the mass on the target class (class ids) or on t (probabilities)
     spread,  # eps / C: the mass spread on every class
+    z_loss,  # z of the z-loss z * lse^2 (HAS_Z_LOSS only)
+    softcap,  # s of the logit cap s * tanh(x / s) (HAS_SOFTCAP only)
     HAS_WEIGHT: tl.constexpr,  # class weights given
     HAS_SMOOTHING: tl.constexpr,  # eps > 0 (class ids: needs sum_c w_c x_c)
     PROB_TARGET: tl.constexpr,  # targets are probabilities, not class ids
     WRITE_GRAD: tl.constexpr,  # sweep the row a second time to write the gradient
+    HAS_Z_LOSS: tl.constexpr,  # add z * lse^2 to every row not ignored
+    HAS_SOFTCAP: tl.constexpr,  # cap the logits before everything
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     # With WRITE_GRAD the launcher caps the programs so the rows in flight fit in L2 (see
@@ -159,7 +190,8 @@ def cross_entropy_fwd_kernel(
         _cross_entropy_fwd_row(
             tl.cast(row32, tl.int64), logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr,
             loss_ptr, lse_ptr, coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, n_cols,
-            ignore_index, keep, spread, HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, BLOCK_C,
+            ignore_index, keep, spread, z_loss, softcap,
+            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_C,
         )  # fmt: skip
 
 
@@ -167,9 +199,9 @@ def cross_entropy_fwd_kernel(
 def _cross_entropy_fwd_row(
     row,  # int64 index of the row
     logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr, loss_ptr, lse_ptr,
-    coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, n_cols, ignore_index, keep, spread,
+    coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, n_cols, ignore_index, keep, spread, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One row of cross_entropy_fwd_kernel, whose docstring lists the arguments.
     logits_row = logits_ptr + row * stride_logits
@@ -194,6 +226,8 @@ def _cross_entropy_fwd_row(
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < n_cols
             x = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:  # the cap maps the padding's -inf to -s: put it back
+                x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 0))
             # A row (so far) of -inf: shift by 0 instead of -inf so exp() gives 0, not NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -221,6 +255,8 @@ def _cross_entropy_fwd_row(
             coef = sum_w
         else:
             x_y = tl.load(logits_row + y).to(tl.float32)
+            if HAS_SOFTCAP:
+                x_y = softcap * _tanh(x_y / softcap)
             loss = target_term * (lse - x_y)
             coef = target_term
             if HAS_SMOOTHING:
@@ -228,6 +264,9 @@ def _cross_entropy_fwd_row(
                     sum_w = tl.cast(n_cols, tl.float32)  # n_cols == 1 arrives as a constexpr
                 loss += spread * (sum_w * lse - sum_wx)
                 coef += spread * sum_w
+        if HAS_Z_LOSS:
+            loss += z_loss * lse * lse
+            coef += 2.0 * z_loss * lse
         poison = tl.where(bad, float("nan"), 0.0)
         tl.store(loss_ptr + row, loss + poison)
         tl.store(lse_ptr + row, lse)
@@ -237,8 +276,8 @@ def _cross_entropy_fwd_row(
             scale = tl.load(grad_scale_ptr) + poison
             _cross_entropy_grad_sweep(
                 logits_row, target_row, weight_ptr, grad_row, grad_row, n_cols, y, lse, coef,
-                target_term, keep, spread, scale,
-                HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, False, BLOCK_C,
+                target_term, keep, spread, scale, softcap,
+                HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, False, HAS_SOFTCAP, BLOCK_C,
             )  # fmt: skip
 
 
@@ -261,10 +300,12 @@ def cross_entropy_bwd_kernel(
     ignore_index,  # class id whose rows get a zero gradient
     keep,  # 1 - eps
     spread,  # eps / C
+    softcap,  # s of the logit cap s * tanh(x / s) (HAS_SOFTCAP only; a z-loss is already in coef)
     HAS_WEIGHT: tl.constexpr,  # class weights given
     HAS_SMOOTHING: tl.constexpr,  # eps > 0
     PROB_TARGET: tl.constexpr,  # targets are probabilities, not class ids
     TARGET_GRAD: tl.constexpr,  # also write dL/dtarget
+    HAS_SOFTCAP: tl.constexpr,  # the logits were capped in forward
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -280,8 +321,8 @@ def cross_entropy_bwd_kernel(
         _cross_entropy_grad_sweep(
             logits_ptr + row * stride_logits, target_ptr + row * stride_target, weight_ptr,
             grad_row, grad_target_ptr + row * stride_grad_target, n_cols, y,
-            tl.load(lse_ptr + row), tl.load(coef_ptr + row), target_term, keep, spread, scale,
-            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, TARGET_GRAD, BLOCK_C,
+            tl.load(lse_ptr + row), tl.load(coef_ptr + row), target_term, keep, spread, scale, softcap,
+            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, TARGET_GRAD, HAS_SOFTCAP, BLOCK_C,
         )  # fmt: skip
 
 
@@ -330,6 +371,8 @@ def cross_entropy_forward(
     ignore_index: int,
     keep: float,
     spread: float,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row losses, lse and gradient coefficients; writes the gradient into ``grad`` if given.
 
@@ -351,9 +394,9 @@ def cross_entropy_forward(
         loss, lse, coef,
         grad if write_grad else logits, grad.stride(0) if write_grad else 0,
         grad_scale if write_grad else loss,
-        n_rows, n_cols, ignore_index, keep, spread,
-        WRITE_GRAD=write_grad, BLOCK_C=cfg.block_c, **cfg.launch_options(),
-        **_flags(target, weight, keep),
+        n_rows, n_cols, ignore_index, keep, spread, z_loss, softcap or 1.0,
+        WRITE_GRAD=write_grad, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None,
+        BLOCK_C=cfg.block_c, **cfg.launch_options(), **_flags(target, weight, keep),
     )  # fmt: skip
     return loss, lse, coef
 
@@ -370,8 +413,10 @@ def cross_entropy_backward(
     ignore_index: int,
     keep: float,
     spread: float,
+    softcap: float | None = None,
 ) -> None:
-    """Writes dL/dlogits into ``grad`` (and dL/dtarget into ``grad_target`` if given)."""
+    """Writes dL/dlogits into ``grad`` (and dL/dtarget into ``grad_target`` if given); ``grad``
+    may be ``logits`` itself (each element is read before it is overwritten)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -385,8 +430,8 @@ def cross_entropy_backward(
         lse, coef,
         grad, grad.stride(0),
         grad_target if target_grad else grad, grad_target.stride(0) if target_grad else 0,
-        n_cols, ignore_index, keep, spread,
-        TARGET_GRAD=target_grad, BLOCK_C=cfg.block_c, **cfg.launch_options(),
+        n_cols, ignore_index, keep, spread, softcap or 1.0,
+        TARGET_GRAD=target_grad, HAS_SOFTCAP=softcap is not None, BLOCK_C=cfg.block_c, **cfg.launch_options(),
         **_flags(target, weight, keep),
     )  # fmt: skip
 

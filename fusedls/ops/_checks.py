@@ -48,3 +48,14 @@ def check_unit_interval(name: str, value: object) -> float:
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
+
+
+def check_float_at_least(name: str, value: object, minimum: float, *, strict: bool = False) -> float:
+    """A finite real number ``>= minimum`` (``> minimum`` when ``strict``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    ok = value > minimum if strict else value >= minimum
+    if not (ok and value != float("inf")):  # NaN fails too
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
+    return value

@@ -15,12 +15,16 @@ each row is still in L2 and backward only rescales it in place, skipping rows wh
 exactly 1 on the device: one HBM read of the logits and one write of the gradient in all.
 Otherwise (``reduction="none"``, probability targets that require grad) forward saves the logits
 and per-row statistics, and backward reads the logits again.
+
+Options beyond torch (``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``; see
+:func:`cross_entropy`) are kernel flags; the ones in use are the ``features`` handed to
+``_backend.resolve`` and are passed to a backend only when used.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.nn import _reduction
@@ -30,6 +34,7 @@ from .._dtypes import acc_dtype
 from ._custom_op import custom_op
 from ._checks import (
     check_choice,
+    check_float_at_least,
     check_floating,
     check_int,
     check_same_device,
@@ -40,6 +45,15 @@ from ._checks import (
 REDUCTIONS = ("none", "mean", "sum")
 SMOOTHING_CONVENTIONS = ("uniform", "others")
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class CrossEntropyResult(NamedTuple):
+    """What :func:`cross_entropy` returns when ``return_z_loss`` or ``return_lse`` is set;
+    the fields not asked for are None."""
+
+    loss: torch.Tensor  # the loss, z-loss included (differentiable)
+    z_loss: Optional[torch.Tensor]  # the z-loss part of ``loss``, reduced like it (no gradient)
+    lse: Optional[torch.Tensor]  # per-row log-sum-exp of the (capped) logits, 0 on ignored rows
 
 
 
@@ -63,6 +77,17 @@ def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, b
         )
 
 
+def _fwd_options(z_loss: float, softcap: Optional[float]) -> dict:
+    """The optional keyword arguments of a backend's forward: only those in use, so a backend
+    with the older signature (no z_loss / softcap) serves every call that does not use them."""
+    opts = {}
+    if z_loss != 0.0:
+        opts["z_loss"] = z_loss
+    if softcap is not None:
+        opts["softcap"] = softcap
+    return opts
+
+
 # ---------------------------------------------------------------------------------- custom ops
 
 
@@ -75,19 +100,22 @@ def _cross_entropy_fwd(
     ignore_index: int,
     keep: float,
     spread: float,
+    z_loss: float,
+    softcap: Optional[float],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef, grad) per row; grad is empty unless grad_scale is given."""
     _check_target_values(target, logits.shape[1], ignore_index, backend)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
     out = _impl(backend).cross_entropy_forward(
-        logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread
-    )
+        logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread,
+        **_fwd_options(z_loss, softcap),
+    )  # fmt: skip
     return (*out, grad)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, backend):
     row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
     return row, torch.empty_like(row), torch.empty_like(row), grad
@@ -102,15 +130,19 @@ def _cross_entropy_fwd_inplace(
     ignore_index: int,
     keep: float,
     spread: float,
+    z_loss: float,
+    softcap: Optional[float],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row; overwrites logits with grad_scale * dl/dlogits."""
     _check_target_values(target, logits.shape[1], ignore_index, backend)
-    return _impl(backend).cross_entropy_forward(logits, target, weight, logits, grad_scale, ignore_index, keep, spread)
+    return _impl(backend).cross_entropy_forward(
+        logits, target, weight, logits, grad_scale, ignore_index, keep, spread, **_fwd_options(z_loss, softcap)
+    )
 
 
 @_cross_entropy_fwd_inplace.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, keep, spread, backend):
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, backend):
     row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
     return row, torch.empty_like(row), torch.empty_like(row)
 
@@ -126,6 +158,7 @@ def _cross_entropy_bwd(
     ignore_index: int,
     keep: float,
     spread: float,
+    softcap: Optional[float],
     target_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +166,14 @@ def _cross_entropy_bwd(
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else None
     _impl(backend).cross_entropy_backward(
-        grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread
-    )
+        grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread,
+        **({} if softcap is None else {"softcap": softcap}),
+    )  # fmt: skip
     return grad, grad_target if target_grad else logits.new_empty(0)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, target, weight, lse, coef, ignore_index, keep, spread, target_grad, backend):
+def _(grad_loss, logits, target, weight, lse, coef, ignore_index, keep, spread, softcap, target_grad, backend):
     grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), grad_target
 
@@ -161,13 +195,19 @@ def _(grad, factor, backend):
 class CrossEntropyFunction(torch.autograd.Function):
     """Loss of ``(R, C)`` logits with reduction; see the module docstring for the strategy.
 
-    forward(logits, target, weight, reduction, ignore_index, keep, spread, inplace, backend, grad_enabled)
+    forward(logits, target, weight, reduction, ignore_index, keep, spread, z_loss, softcap, inplace, backend,
+    grad_enabled, want_z)
     ``weight`` is fp32 (fp64 for fp64 logits) or None; ``keep = 1 - eps`` and ``spread = eps / C`` already carry the
-    smoothing convention. Returns the fp32 loss: 0-dim, or (R,) for ``reduction="none"``.
+    smoothing convention. Returns ``(loss, z, lse)``: the fp32 loss (0-dim, or (R,) for ``reduction="none"``; the
+    z-loss included), the z-loss alone reduced the same way (empty unless ``want_z``) and the per-row lse; the last
+    two are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, keep, spread, inplace, backend, grad_enabled):
+    def forward(
+        ctx, logits, target, weight, reduction, ignore_index, keep, spread, z_loss, softcap, inplace, backend,
+        grad_enabled, want_z,
+    ):  # fmt: skip
         n_rows = logits.shape[0]
         prob = target.is_floating_point()
         # needs_input_grad says True under torch.no_grad() too: the caller's grad mode decides.
@@ -177,46 +217,35 @@ class CrossEntropyFunction(torch.autograd.Function):
             denom = None
         elif prob:
             denom = float(n_rows)
-        else:  # torch's denominator: the summed weights of the rows not ignored
-            valid = target != ignore_index
-            if weight is None:
-                denom = valid.sum().to(acc_dtype(logits))
-            else:
-                denom = (weight[target.clamp(0, logits.shape[1] - 1).long()] * valid).sum()
+        else:
+            denom = mean_denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits))
         fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
+        opts = (ignore_index, keep, spread, z_loss, softcap, backend)
         if fused:
             grad_scale = torch.ones((), device=logits.device, dtype=acc_dtype(logits))
             if denom is not None:
                 grad_scale = grad_scale / denom
             if inplace:
-                loss, lse, coef = _cross_entropy_fwd_inplace(
-                    logits, target, weight, grad_scale, ignore_index, keep, spread, backend
-                )
+                loss, lse, coef = _cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *opts)
                 grad = logits
             else:
-                loss, lse, coef, grad = _cross_entropy_fwd(
-                    logits, target, weight, grad_scale, ignore_index, keep, spread, backend
-                )
+                loss, lse, coef, grad = _cross_entropy_fwd(logits, target, weight, grad_scale, *opts)
             ctx.save_for_backward(grad)
         else:
-            loss, lse, coef, _ = _cross_entropy_fwd(logits, target, weight, None, ignore_index, keep, spread, backend)
+            loss, lse, coef, _ = _cross_entropy_fwd(logits, target, weight, None, *opts)
             if need_grad or need_target_grad:
                 ctx.save_for_backward(logits, target, weight, lse, coef)
         ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad = fused, denom, need_grad, need_target_grad
-        ctx.args = (ignore_index, keep, spread, backend)
-        ctx.set_materialize_grads(False)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total if denom is None else total / denom
+        ctx.args = (ignore_index, keep, spread, softcap, backend)
+        return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        none = (None,) * 8
+    def backward(ctx, grad_out, _grad_z, _grad_lse):
+        none = (None,) * 11
         if grad_out is None:
             return (None, None, *none)
-        ignore_index, keep, spread, backend = ctx.args
+        ignore_index, keep, spread, softcap, backend = ctx.args
         factor = grad_out.to(acc_dtype(grad_out))
         if ctx.fused:
             # Reusing this gradient (backward twice with retain_graph=True) is refused by
@@ -228,13 +257,40 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.denom is not None:
             factor = factor / ctx.denom
         grad, grad_target = _cross_entropy_bwd(
-            factor, logits, target, weight, lse, coef, ignore_index, keep, spread, ctx.need_target_grad, backend
-        )
+            factor, logits, target, weight, lse, coef, ignore_index, keep, spread, softcap, ctx.need_target_grad,
+            backend,
+        )  # fmt: skip
         return (
             grad if ctx.need_grad else None,
             grad_target if ctx.need_target_grad else None,
             *none,
         )
+
+
+def mean_denominator(target, weight, ignore_index: int, n_cols: int, acc: torch.dtype) -> torch.Tensor:
+    """torch's denominator of a class-id mean: the summed weights of the rows not ignored."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(acc)
+    return (weight[target.clamp(0, n_cols - 1).long()] * valid).sum()
+
+
+def finish_forward(ctx, loss, lse, reduction: str, denom, z_loss: float, want_z: bool):
+    """The ``(loss, z, lse)`` outputs of a loss Function's forward: the reduced loss, the z-loss
+    term reduced alike (empty unless ``want_z``) and the per-row lse, the last two without grad."""
+    ctx.set_materialize_grads(False)
+    # Ignored rows have lse = 0, so z lse^2 counts the rows that are not ignored only.
+    z = _reduce(z_loss * lse * lse, reduction, denom) if want_z else lse.new_empty(0)
+    ctx.mark_non_differentiable(z, lse)
+    return _reduce(loss, reduction, denom), z, lse
+
+
+def _reduce(rows: torch.Tensor, reduction: str, denom) -> torch.Tensor:
+    """Per-row values reduced as the loss is: as they are, summed, or summed / ``denom``."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if denom is None else total / denom
 
 
 # ---------------------------------------------------------------------------- public function
@@ -290,6 +346,19 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
     return class_dim, n_cols, eps
 
 
+def check_loss_options(z_loss, softcap, return_z_loss, return_lse) -> tuple[float, Optional[float], frozenset]:
+    """Validates the options that fusedls adds to cross-entropy; returns ``(z_loss, softcap,
+    features)``, ``features`` naming those in use for :func:`fusedls._backend.resolve`."""
+    z_loss = check_float_at_least("z_loss", z_loss, 0.0)
+    if softcap is not None:
+        softcap = check_float_at_least("softcap", softcap, 0.0, strict=True)
+    for name, flag in (("return_z_loss", return_z_loss), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    used = {"z_loss": z_loss != 0.0, "softcap": softcap is not None, "return_lse": return_lse}
+    return z_loss, softcap, frozenset(name for name, on in used.items() if on)
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -302,7 +371,11 @@ def cross_entropy(
     *,
     smoothing_convention: str = "uniform",
     inplace_backward: bool = False,
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | CrossEntropyResult:
     """Drop-in for :func:`torch.nn.functional.cross_entropy`, with fused kernels.
 
     Same arguments, shapes, values and gradients as torch: input ``(C)``, ``(N, C)`` or
@@ -322,6 +395,23 @@ def cross_entropy(
         metric, a saved activation) sees garbage; autograd raises if a saved tensor was
         overwritten. Only (C) / (N, C) inputs whose classes are contiguous are overwritten
         (others are copied first, and the flag then saves nothing).
+    softcap: ``s > 0`` caps every logit first, ``x <- s * tanh(x / s)`` (Gemma 2); the loss, the
+        z-loss and ``lse`` are those of the capped logits, the gradient that of the raw ones.
+    z_loss: ``z >= 0`` adds ``z * lse^2`` (PaLM) to the loss of every row that is not ignored
+        (probability targets: every row), NOT multiplied by the class weight ``w_y``; the
+        reduction then applies to these augmented row losses: ``"none"`` per row, ``"sum"``
+        summed, ``"mean"`` divided by the same denominator as the cross-entropy (torch's
+        ``sum of w_y over the rows not ignored``, the count of those rows without weights).
+        That is ``reduce(F.cross_entropy(x, t, w, reduction="none", ...) + z * lse^2 * valid)``.
+    return_z_loss: also return that z-loss term alone, reduced like the loss, for logging; the
+        returned loss already includes it, and this copy carries no gradient.
+    return_lse: also return each row's log-sum-exp of the (capped) logits: accumulation dtype
+        (fp32; fp64 for fp64 input), shaped like the per-row loss (``reduction="none"``), 0 on
+        ignored rows, no gradient.
+
+    Returns the loss tensor, or, when ``return_z_loss`` or ``return_lse`` is set, a
+    :class:`CrossEntropyResult` ``(loss, z_loss, lse)`` NamedTuple whose fields not asked for
+    are None (``loss, z, _ = cross_entropy(..., return_z_loss=True)``).
 
     Out-of-range class ids raise ValueError on CPU; on GPU they give a NaN loss and NaN
     gradient rows without synchronising (``FUSEDLS_CHECK_TARGETS=1`` raises instead).
@@ -331,22 +421,33 @@ def cross_entropy(
     class_dim, n_cols, eps = _check_cross_entropy_args(
         input, target, weight, ignore_index, reduction, label_smoothing, smoothing_convention
     )
+    z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
     prob = target.is_floating_point()
     out_dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    row_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape
     if prob and n_cols == 0:  # nothing to compute; torch's own answer for the degenerate case
-        return torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
+        loss = torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
+        zeros = input.new_zeros(row_shape, dtype=acc_dtype(input))
+        return _result(loss, torch.zeros_like(loss), zeros, return_z_loss, return_lse)
     if smoothing_convention == "others":
         eps = eps * n_cols / (n_cols - 1) if n_cols > 1 else 0.0
-    backend = _backend.resolve(input.device, input.dtype)
+    backend = _backend.resolve(input.device, input.dtype, "cross_entropy", features)
     logits = _rows(input, class_dim)
     target_rows = _rows(target, class_dim) if prob else target.reshape(-1)
     if not prob and target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     weight_acc = weight.to(acc_dtype(input)).contiguous() if weight is not None else None
-    loss = CrossEntropyFunction.apply(
-        logits, target_rows, weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, bool(inplace_backward), backend,
-        torch.is_grad_enabled(),
-    )
+    loss, z, lse = CrossEntropyFunction.apply(
+        logits, target_rows, weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap,
+        bool(inplace_backward), backend, torch.is_grad_enabled(), return_z_loss,
+    )  # fmt: skip
     if reduction == "none":
-        loss = loss.reshape(target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape)
-    return loss.to(out_dtype)
+        loss, z = loss.reshape(row_shape), z.reshape(row_shape) if return_z_loss else z
+    return _result(loss.to(out_dtype), z.to(out_dtype), lse.reshape(row_shape), return_z_loss, return_lse)
+
+
+def _result(loss, z, lse, return_z_loss: bool, return_lse: bool):
+    """The loss alone, or the :class:`CrossEntropyResult` the flags ask for."""
+    if not (return_z_loss or return_lse):
+        return loss
+    return CrossEntropyResult(loss, z if return_z_loss else None, lse if return_lse else None)

@@ -1,0 +1,443 @@
+"""``linear_cross_entropy``: cross-entropy of ``hidden @ weight.T + bias`` without the logits.
+
+Layers (one name, ``linear_cross_entropy``, at each):
+
+* :func:`linear_cross_entropy` checks the arguments (metadata only), flattens ``hidden`` to
+  ``(N, d)`` rows and applies :class:`LinearCrossEntropyFunction`;
+* :class:`LinearCrossEntropyFunction` picks the gradient strategy and does the reduction;
+* the ``fusedls::linear_cross_entropy_*`` custom ops (opaque to ``torch.compile``) run the chunk
+  loop below with the cross-entropy backend (``fusedls/kernels/cross_entropy.py`` or
+  ``fusedls/eager/cross_entropy.py``): no kernel of its own.
+
+Chunk loop. The logits exist one chunk of tokens at a time, in one reused buffer of about
+:data:`CHUNK_BYTES` bytes: per chunk ``logits = h_c @ W.T (+ b)`` (torch matmul: cuBLAS on GPU),
+then the cross-entropy forward computes each row's loss and lse and, when gradients are wanted,
+overwrites the chunk IN PLACE with ``g = grad_scale * dloss/dlogits`` while each row is still in
+L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
+
+* ``grad_hidden[chunk] = g @ W`` (one matmul, fp32 accumulation inside it, rounded once to the
+  hidden dtype),
+* ``grad_weight += g.T @ h_c`` summed in fp32 (fp64 for fp64) across chunks: for a bf16/fp16
+  head, in fp32 blocks of 16384 classes; on CUDA each block's product is one cuBLAS matmul with
+  an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation within the chunk, never rounded
+  to bf16) added into the block; elsewhere ``g`` and ``h_c`` are upcast to fp32 for that matmul.
+  The sum is rounded once to the weight dtype at the end, block by block (see _WeightGrad),
+* ``grad_bias += g.sum(0)`` in fp32 likewise.
+
+Label smoothing, class weights, z-loss and soft-capping are applied by the cross-entropy kernel
+on each logits chunk (it reads every logit anyway), so the rank-one identity
+``sum_c w_c x_c = h . (sum_c w_c W_c) + sum_c w_c b_c`` is not needed and not used.
+
+Gradient strategy. ``mean``/``sum``: the gradient of every row is known up to the upstream scalar,
+so forward computes all three gradients and backward only multiplies them by ``grad_out`` in
+place (skipped on the device where it is exactly 1: ``loss.backward()``); a factor other than 1
+rounds them a second time. ``none``: forward keeps only each row's lse and gradient coefficient
+(two fp32 numbers per token); backward recomputes the chunks' logits and writes the gradient with
+the per-row upstream factors, so nothing logits-sized outlives a chunk either way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .._dtypes import acc_dtype
+from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
+from .cross_entropy import (
+    CrossEntropyResult,
+    _check_target_values,
+    _cross_entropy_scale_grad_,
+    _fwd_options,
+    _result,
+    check_loss_options,
+    finish_forward,
+    mean_denominator,
+)
+
+REDUCTIONS = ("none", "mean", "sum")
+# Bytes of one chunk of logits, per device type: large enough that the matmuls stay efficient
+# (a few thousand tokens at LLM vocabularies), small next to the whole logits.
+# On CUDA every chunk after the first also costs one read-add-write of the fp32 grad-weight sum
+# (12 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
+# at 16k tokens.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+
+
+def _chunk_rows(n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None) -> int:
+    """Tokens per chunk: ``chunk_size``, or as many as fit CHUNK_BYTES, evened out over chunks."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_rows))
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    most = max(1, budget // max(1, n_cols * element_size))
+    n_chunks = -(-n_rows // most) if n_rows else 1
+    return max(1, -(-n_rows // n_chunks))
+
+
+def _impl(backend: str):
+    return _backend.implementation("cross_entropy", backend)
+
+
+class _WeightGrad:
+    """``grad_weight = sum over chunks of g.T @ h_c``, summed in fp32 (fp64 for fp64).
+
+    Weight in the accumulation dtype: one buffer, ``addmm_`` into it. Otherwise (bf16/fp16) the
+    sum lives in fp32 blocks of VOCAB_BLOCK classes: on CUDA each block's ``g.T @ h_c`` is one
+    cuBLAS matmul with an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation inside, no
+    rounding to bf16) into a reused scratch block, then added to the block; elsewhere the chunk
+    is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
+    frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+    """
+
+    VOCAB_BLOCK = 16384
+
+    def __init__(self, weight: torch.Tensor):
+        acc = acc_dtype(weight)
+        n_cols = weight.shape[0]
+        self.dtype = weight.dtype
+        if acc == weight.dtype:
+            self.whole = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            self.blocks = [self.whole[v : v + self.VOCAB_BLOCK] for v in range(0, n_cols, self.VOCAB_BLOCK)]
+        else:
+            self.whole = None
+            self.blocks = [
+                torch.zeros(min(self.VOCAB_BLOCK, n_cols - v), weight.shape[1], dtype=acc, device=weight.device)
+                for v in range(0, n_cols, self.VOCAB_BLOCK)
+            ]  # fmt: skip
+        self.scratch = None
+        self.empty = True  # no chunk added yet: the first product is written, not added
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        exact = self.whole is not None
+        cuda = g.device.type == "cuda" and _Dispatch.mm_out_dtype_works
+        if not (exact or cuda):
+            g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
+            exact = True
+        for i, block in enumerate(self.blocks):
+            g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
+            if exact:
+                block.addmm_(g_blk.t(), h)
+            else:
+                self._add_fp32_product(block, g_blk, h)
+        self.empty = False
+
+    def _add_fp32_product(self, block, g_blk, h) -> None:
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.blocks[0])
+        scratch = block if self.empty else self.scratch[: block.shape[0]]
+        try:
+            torch.mm(g_blk.t(), h, out_dtype=scratch.dtype, out=scratch)
+        except (RuntimeError, NotImplementedError, TypeError):  # a torch without mm(out_dtype)
+            _Dispatch.mm_out_dtype_works = False
+            block.addmm_(g_blk.t().to(block.dtype), h.to(block.dtype))
+            return
+        if scratch is not block:
+            block += scratch
+
+    def result(self) -> torch.Tensor:
+        """The sum in the weight dtype (rounded once), freeing the fp32 blocks as it goes."""
+        if self.whole is not None:
+            return self.whole
+        self.scratch = None
+        out = torch.empty(sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1],
+                          dtype=self.dtype, device=self.blocks[0].device)  # fmt: skip
+        for i in range(len(self.blocks)):
+            out[i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + self.blocks[i].shape[0]] = self.blocks[i]
+            self.blocks[i] = None
+        return out
+
+
+class _Dispatch:
+    # mm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
+    mm_out_dtype_works = True
+
+
+class _Grads:
+    """The gradient buffers of one call and the per-chunk updates that fill them."""
+
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
+        self.hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+        self.weight = _WeightGrad(weight) if need_weight else None
+        self.bias = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=bias.device) if need_bias else None
+        self.need = (need_hidden, need_weight, need_bias)
+        self.empty = hidden
+
+    def add(self, rows: slice, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+        """Adds the contribution of the chunk ``rows`` whose dloss/dlogits is ``g``."""
+        if self.need[0]:
+            torch.mm(g, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            self.weight.add(g, h)
+        if self.bias is not None:
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def result(self, bias: Optional[torch.Tensor]):
+        """(grad_hidden, grad_weight, grad_bias) rounded once to their dtypes; empty when not needed."""
+        grad_weight = self.weight.result() if self.weight is not None else self.empty.new_empty(0)
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else self.empty.new_empty(0)
+        return self.hidden, grad_weight, grad_bias
+
+
+def _logits_chunks(hidden, weight, bias, chunk_rows):
+    """Yields ``(rows, logits)`` chunk by chunk; ``logits`` lives in one reused buffer."""
+    n_rows = hidden.shape[0]
+    buffer = hidden.new_empty(min(chunk_rows, n_rows), weight.shape[0])
+    for start in range(0, n_rows, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n_rows))
+        logits = buffer[: rows.stop - start]
+        if bias is None:
+            torch.mm(hidden[rows], weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden[rows], weight.t(), out=logits)
+        yield rows, logits
+
+
+# ---------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fusedls::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    class_weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    keep: float,
+    spread: float,
+    z_loss: float,
+    softcap: Optional[float],
+    chunk_rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
+    weight, bias) times it; gradients not asked for are empty."""
+    n_rows = hidden.shape[0]
+    _check_target_values(target, weight.shape[0], ignore_index, backend)
+    impl, acc = _impl(backend), acc_dtype(hidden)
+    loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
+    write_grad = grad_scale is not None
+    grads = _Grads(hidden, weight, bias, *(need and write_grad for need in (need_hidden, need_weight, need_bias)))
+    opts = _fwd_options(z_loss, softcap)
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+        loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
+            logits, target[rows], class_weight, logits if write_grad else None, grad_scale, ignore_index, keep,
+            spread, **opts,
+        )  # fmt: skip
+        if write_grad:
+            grads.add(rows, logits, hidden[rows], weight)
+    return (loss, lse, coef, *grads.result(bias))
+
+
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if need_bias else hidden.new_empty(0),
+    )
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, z_loss, softcap,
+      chunk_rows, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+    row = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
+    write = grad_scale is not None
+    grads = _fake_grads(hidden, weight, bias, need_hidden and write, need_weight and write, need_bias and write)
+    return (row, torch.empty_like(row), torch.empty_like(row), *grads)
+
+
+@torch.library.custom_op("fusedls::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    class_weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    ignore_index: int,
+    keep: float,
+    spread: float,
+    softcap: Optional[float],
+    chunk_rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
+    recomputing each chunk's logits; gradients not asked for are empty."""
+    impl = _impl(backend)
+    grads = _Grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    opts = {} if softcap is None else {"softcap": softcap}
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+        impl.cross_entropy_backward(
+            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
+            keep, spread, **opts,
+        )  # fmt: skip
+        grads.add(rows, logits, hidden[rows], weight)
+    return grads.result(bias)
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread, softcap,
+      chunk_rows, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+# --------------------------------------------------------------------------- autograd Function
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Loss of ``(N, d)`` hidden rows through the ``(V, d)`` head; see the module docstring.
+
+    forward(hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
+    chunk_rows, backend, grad_enabled, want_z) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
+        chunk_rows, backend, grad_enabled, want_z,
+    ):  # fmt: skip
+        need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+        need = (need[0], need[1], need[2] and bias is not None)
+        denom = None
+        if reduction == "mean":
+            denom = mean_denominator(target, class_weight, ignore_index, weight.shape[0], acc_dtype(hidden))
+        fused = any(need) and reduction != "none"
+        grad_scale = None
+        if fused:
+            grad_scale = torch.ones((), device=hidden.device, dtype=acc_dtype(hidden))
+            grad_scale = grad_scale if denom is None else grad_scale / denom
+        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_rows, *need, backend)
+        loss, lse, coef, *grads = _linear_cross_entropy_fwd(
+            hidden, weight, bias, target, class_weight, grad_scale, *opts
+        )
+        if fused:
+            ctx.save_for_backward(*grads)
+        elif any(need):
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, coef)
+        ctx.fused, ctx.need, ctx.backend = fused, need, backend
+        ctx.args = (ignore_index, keep, spread, softcap, chunk_rows)
+        return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_z, _grad_lse):
+        rest = (None,) * 12
+        if grad_out is None or not any(ctx.need):
+            return (None, None, None, *rest)
+        factor = grad_out.to(acc_dtype(grad_out))
+        if ctx.fused:
+            # Forward computed the gradients for an upstream 1; scale them in place (no work
+            # on the device where the factor is 1). Backward twice is refused by autograd.
+            grads = ctx.saved_tensors
+            for grad, need in zip(grads, ctx.need):
+                if need:
+                    _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, ctx.backend)
+        else:
+            hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
+            ignore_index, keep, spread, softcap, chunk_rows = ctx.args
+            grads = _linear_cross_entropy_bwd(
+                factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
+                ignore_index, keep, spread, softcap, chunk_rows, *ctx.need, ctx.backend,
+            )  # fmt: skip
+        return (*(g if need else None for g, need in zip(grads, ctx.need)), *rest)
+
+
+# ---------------------------------------------------------------------------- public function
+
+
+def _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size):
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("target", target)):
+        check_tensor(name, tensor)
+    check_floating("hidden", hidden)
+    check_int("ignore_index", ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_same_device("hidden", hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., d), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    n_cols = weight.shape[0]
+    if n_cols == 0:
+        raise ValueError("weight has 0 rows (classes): no class id can be valid")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold class ids (an integer dtype), got {target.dtype}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's without d), got {tuple(target.shape)}")
+    for name, vector, dtype in (("bias", bias, hidden.dtype), ("class_weight", class_weight, None)):
+        if vector is None:
+            continue
+        check_tensor(name, vector)
+        check_floating(name, vector)
+        if vector.shape != (n_cols,):
+            raise ValueError(f"{name} must have shape ({n_cols},), one entry per class, got {tuple(vector.shape)}")
+        if dtype is not None and vector.dtype != dtype:
+            raise TypeError(f"{name} must have hidden's dtype {dtype}, got {vector.dtype}")
+    if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | CrossEntropyResult:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without the logits.
+
+    Same value and gradients (``hidden``, ``weight``, ``bias``) as that composition, for
+    ``hidden`` of shape ``(..., d)``, ``weight`` ``(V, d)`` (an LM head), ``bias`` ``(V,)``,
+    ``target`` ``(...)`` class ids; ``ignore_index``, ``reduction`` ("none" gives the target's
+    shape), ``label_smoothing`` and ``class_weight`` (torch's ``weight``) as in
+    :func:`fusedls.cross_entropy`, and its options ``z_loss``, ``softcap``, ``return_z_loss``,
+    ``return_lse`` with the same meaning and the same return convention (a
+    :class:`~fusedls.CrossEntropyResult` when an extra is asked for; ``lse`` in fp32, 0 on ignored
+    rows). The loss has ``hidden``'s dtype, as torch's would.
+
+    Memory: the logits exist one chunk of ``chunk_size`` tokens at a time (default: about
+    ``CHUNK_BYTES`` of logits; see the module docstring for the gradient accumulation), so the
+    peak is that chunk plus an fp32 ``(V, d)`` buffer for ``grad_weight``, instead of several
+    ``(N, V)`` tensors. Works under autograd and ``torch.compile`` (custom ops, no graph break).
+    """
+    _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size)
+    eps = check_unit_interval("label_smoothing", label_smoothing)
+    z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
+    n_cols, d = weight.shape
+    backend = _backend.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
+    rows = hidden.reshape(-1, d)
+    rows = rows if rows.is_contiguous() else rows.contiguous()
+    target_rows = target.reshape(-1)
+    if target_rows.dtype not in (torch.int64, torch.int32):
+        target_rows = target_rows.to(torch.int64)
+    class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
+    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
+    loss, z, lse = LinearCrossEntropyFunction.apply(
+        rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
+        softcap, chunk_rows, backend, torch.is_grad_enabled(), return_z_loss,
+    )  # fmt: skip
+    if reduction == "none":
+        loss, z = loss.reshape(target.shape), z.reshape(target.shape) if return_z_loss else z
+    return _result(loss.to(hidden.dtype), z.to(hidden.dtype), lse.reshape(target.shape), return_z_loss, return_lse)

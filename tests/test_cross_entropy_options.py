@@ -1,0 +1,188 @@
+"""fusedls.cross_entropy's own options (z_loss, softcap, return_z_loss, return_lse) against the
+float64 torch composition that defines them (fusedls.testing.reference_cross_entropy_options),
+on every backend."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusedls
+from fusedls import _backend
+from fusedls.testing import assert_close, reference_cross_entropy_options
+
+from test_cross_entropy import PROPERTY_SETTINGS, class_ids, logits, random_inputs
+
+OPTIONS = [(0.05, None), (0.0, 4.0), (0.05, 4.0)]  # (z_loss, softcap)
+
+
+def check_options(x, t, w=None, *, upstream=1.0, inplace=False, **kwargs):
+    """fusedls vs the float64 composition: loss, z-loss term, lse, d/dinput (and d/dtarget for
+    probability targets that require grad). Returns fusedls's result."""
+    xd = x.detach().double().requires_grad_()
+    prob = t.is_floating_point()
+    td = t.detach().double().requires_grad_(t.requires_grad) if prob else t
+    ref, ref_z, ref_lse = reference_cross_entropy_options(xd, td, w, **kwargs)
+    up = torch.as_tensor(upstream, dtype=torch.float64, device=x.device).expand_as(ref)
+    wants = [v for v in (xd, td) if v.requires_grad]
+    ref_grads = torch.autograd.grad(ref, wants, up) if ref.numel() else [torch.zeros_like(v) for v in wants]
+    xa = x.detach().clone().requires_grad_()
+    ta = t.detach().clone().requires_grad_(t.requires_grad) if prob else t
+    out = fusedls.cross_entropy(xa, ta, w, inplace_backward=inplace, return_z_loss=True, return_lse=True, **kwargs)
+    assert isinstance(out, fusedls.CrossEntropyResult)
+    assert out.loss.shape == ref.shape and out.z_loss.shape == ref.shape and out.lse.shape == ref_lse.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    assert out.lse.dtype == acc and not out.lse.requires_grad and not out.z_loss.requires_grad
+    assert_close(out.loss, ref, x.dtype, "loss")
+    assert_close(out.z_loss, ref_z, x.dtype, "z_loss")
+    assert_close(out.lse, ref_lse, acc, "lse")
+    out.loss.backward(up.to(out.loss.dtype))
+    roundings = 1 if bool((torch.as_tensor(upstream) == 1).all()) else 2
+    assert_close(xa.grad, ref_grads[0], x.dtype, "grad input", roundings)
+    if prob and t.requires_grad:
+        assert_close(ta.grad, ref_grads[1], x.dtype, "grad target")
+    return out
+
+
+@pytest.mark.parametrize("z_loss, softcap", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_class_ids(backend, small_chunks, device, z_loss, softcap, reduction, weighted):
+    n_rows, n_cols = 11, 37  # three chunks of 16, the last one masked
+    x = logits((n_rows, n_cols), torch.float32, device)
+    t = class_ids((n_rows,), n_cols, device, ignored=0.25)
+    w = torch.rand(n_cols, device=device) + 0.1 if weighted else None
+    up = torch.randn(n_rows, dtype=torch.float64).to(device) if reduction == "none" else 0.7
+    check_options(x, t, w, z_loss=z_loss, softcap=softcap, reduction=reduction, label_smoothing=0.1, upstream=up)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_half_precision_and_inplace(backend, small_chunks, device, dtype, inplace):
+    x = logits((9, 37), dtype, device, scale=6.0)  # many logits beyond the cap
+    t = class_ids((9,), 37, device)
+    for reduction in ["mean", "none"]:
+        check_options(x, t, z_loss=1e-2, softcap=5.0, reduction=reduction, label_smoothing=0.1, inplace=inplace)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_probability_targets(backend, small_chunks, device, reduction, target_grad):
+    x = logits((7, 23), torch.float32, device)
+    t = torch.softmax(logits((7, 23), torch.float64, "cpu", seed=3), 1).float().to(device)
+    t.requires_grad_(target_grad)
+    w = torch.rand(23, device=device) + 0.1
+    up = torch.randn(7, dtype=torch.float64).to(device) if reduction == "none" else 1.0
+    check_options(x, t, w, z_loss=0.02, softcap=3.0, reduction=reduction, label_smoothing=0.1, upstream=up)
+
+
+def test_k_dimensional_and_ignored_rows(backend, device):
+    x = logits((2, 7, 3), torch.float32, device)
+    t = class_ids((2, 3), 7, device, ignored=0.3)
+    out = check_options(x, t, z_loss=0.1, softcap=2.0, reduction="none", upstream=torch.randn(2, 3).double())
+    assert (out.lse[t == -100] == 0).all() and (out.z_loss[t == -100] == 0).all()
+    # every row ignored: NaN mean, zero gradient
+    check_options(x, torch.full((2, 3), -100, device=device), z_loss=0.1, softcap=2.0)
+
+
+def test_softcap_limits_the_logits(backend, device):
+    # Huge logits: capped at s, so lse <= s + log C exactly as the composition says.
+    x = torch.tensor([[1e4, -1e4, 0.0, 3.0]], device=device)
+    out = check_options(x, torch.tensor([1], device=device), softcap=10.0, z_loss=1e-3)
+    assert out.lse.item() < 10.0 + 2.0
+
+
+def test_plain_call_returns_a_tensor_and_options_default_off(backend, device):
+    x = logits((5, 9), torch.float32, device)
+    t = class_ids((5,), 9, device)
+    plain = fusedls.cross_entropy(x, t)
+    assert isinstance(plain, torch.Tensor)
+    only_lse = fusedls.cross_entropy(x, t, return_lse=True)
+    assert only_lse.z_loss is None and torch.equal(only_lse.loss, plain)
+    loss, z, lse = fusedls.cross_entropy(x, t, return_z_loss=True)
+    assert lse is None and z == 0 and torch.equal(loss, plain)
+
+
+def test_features_passed_to_backend_resolution(monkeypatch, device):
+    # A backend listing the options as UNSUPPORTED is passed over by auto (the C++ backend will).
+    seen = []
+    real = _backend.resolve
+
+    def spy(device, dtype, op=None, features=()):
+        seen.append(frozenset(features))
+        return real(device, dtype, op, features)
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    x = logits((3, 8), torch.float32, device)
+    t = class_ids((3,), 8, device, ignored=0)
+    fusedls.cross_entropy(x, t)
+    fusedls.cross_entropy(x, t, z_loss=0.1, softcap=3.0, return_lse=True)
+    fusedls.cross_entropy(x, t, z_loss=0.0, return_z_loss=True)
+    assert seen == [frozenset(), frozenset({"z_loss", "softcap", "return_lse"}), frozenset()]
+
+
+BAD_OPTIONS = [
+    (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap="3"), TypeError, "softcap must be a float"),
+    (dict(z_loss=-1e-4), ValueError, "z_loss must be a finite number >= 0"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite number >= 0"),
+    (dict(z_loss=None), TypeError, "z_loss must be a float"),
+    (dict(return_lse=1), TypeError, "return_lse must be a bool"),
+]
+
+
+@pytest.mark.parametrize("override, error, message", BAD_OPTIONS, ids=[m for _, _, m in BAD_OPTIONS])
+def test_bad_options(override, error, message):
+    with pytest.raises(error, match=message):
+        fusedls.cross_entropy(torch.zeros(2, 5), torch.tensor([0, 1]), **override)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(backend, device, reduction):
+    torch._dynamo.reset()
+    x = logits((6, 19), torch.float32, device)
+    t = class_ids((6,), 19, device)
+
+    def step(x, t):
+        loss, z, lse = fusedls.cross_entropy(
+            x, t, reduction=reduction, z_loss=0.05, softcap=4.0, return_z_loss=True, return_lse=True
+        )
+        return loss.sum(), z.sum(), lse
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    xa = x.clone().requires_grad_()
+    loss, z, lse = compiled(xa, t)
+    loss.backward()
+    xd = x.double().requires_grad_()
+    ref, ref_z, ref_lse = reference_cross_entropy_options(xd, t, z_loss=0.05, softcap=4.0, reduction=reduction)
+    ref.sum().backward()
+    assert_close(loss, ref.sum())
+    assert_close(z, ref_z.sum())
+    assert_close(lse, ref_lse)
+    assert_close(xa.grad, xd.grad)
+
+
+@settings(max_examples=25, **PROPERTY_SETTINGS)
+@given(
+    n_rows=st.integers(0, 7),
+    n_cols=st.integers(1, 50),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    weighted=st.booleans(),
+    prob=st.booleans(),
+    ignored=st.floats(0.0, 1.0),
+    z_loss=st.sampled_from([0.0, 1e-4, 0.1]),
+    softcap=st.sampled_from([None, 0.5, 30.0]),
+    inplace=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_configurations(
+    backend, small_chunks, device, n_rows, n_cols, dtype, reduction, label_smoothing, weighted, prob, ignored,
+    z_loss, softcap, inplace, seed,
+):  # fmt: skip
+    x, t, w, up = random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed)
+    kwargs = dict(z_loss=z_loss, softcap=softcap, reduction=reduction, label_smoothing=label_smoothing)
+    check_options(x, t, w, upstream=up, inplace=inplace, **kwargs)

@@ -1,0 +1,247 @@
+"""fusedls.linear_cross_entropy against the materialised float64 composition
+``cross_entropy(hidden @ weight.T + bias, ...)`` (fusedls.testing.reference_cross_entropy_options),
+on every backend: values and the gradients of hidden, weight and bias."""
+
+import pytest
+import torch
+
+import fusedls
+from fusedls.ops import linear_cross_entropy as lce
+from fusedls.testing import assert_close, reference_cross_entropy_options, tolerance
+
+from test_cross_entropy import class_ids
+
+V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the last one masked
+
+
+@pytest.fixture(autouse=True)
+def small_vocab_blocks(monkeypatch):
+    """grad_weight summed in fp32 blocks of 16 classes: three blocks, the last one short."""
+    monkeypatch.setattr(lce._WeightGrad, "VOCAB_BLOCK", 16)
+
+
+def inputs(shape, dtype, device, bias=True, seed=0):
+    """hidden (*shape, D), weight (V, D), bias (V,) or None; logits of a few units."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) / D**0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    return tuple(None if v is None else v.to(dtype).to(device) for v in (h, w, b))
+
+
+def close(actual, expected, dtype, what, scale=1.0):
+    """Within the table's rtol of ``dtype`` times ``scale``, absolutely too relative to the largest
+    entry: each gradient element of weight/bias is a sum over tokens whose terms cancel, and in
+    bf16/fp16 the logits chunk itself is rounded to the input dtype, as torch's would be."""
+    rtol = tolerance(dtype)["rtol"] * scale
+    atol = rtol * float(expected.detach().abs().nan_to_num(0.0).max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.detach().double(), expected.detach(), rtol=rtol, atol=atol, equal_nan=True, msg=what)
+
+
+def check_linear(h, w, t, b=None, *, upstream=1.0, scale=1.0, **kwargs):
+    """fusedls vs the float64 materialised composition; returns fusedls's result."""
+    dtype = h.dtype
+    leaves = [v.detach().double().requires_grad_(v.requires_grad) for v in (h, w, b) if v is not None]
+    hd, wd = leaves[0], leaves[1]
+    bd = leaves[2] if b is not None else None
+    logits = hd @ wd.T + (bd if bd is not None else 0.0)
+    class_dim_last = logits.movedim(-1, 1) if logits.dim() > 2 else logits
+    options = {k: kwargs[k] for k in ("z_loss", "softcap", "reduction", "ignore_index", "label_smoothing") if k in kwargs}
+    ref, ref_z, ref_lse = reference_cross_entropy_options(class_dim_last, t, kwargs.get("class_weight"), **options)
+    ours = [v.detach().clone().requires_grad_(v.requires_grad) if v is not None else None for v in (h, w, b)]
+    out = fusedls.linear_cross_entropy(ours[0], ours[1], t, ours[2], return_z_loss=True, return_lse=True, **kwargs)
+    assert out.loss.shape == ref.shape and out.loss.dtype == dtype and out.lse.shape == t.shape
+    close(out.loss, ref.detach(), dtype, "loss", scale)
+    close(out.z_loss, ref_z.detach(), dtype, "z_loss", scale)
+    close(out.lse, ref_lse.detach(), dtype if dtype != torch.float32 else torch.float32, "lse", scale)
+    up = torch.as_tensor(upstream, dtype=torch.float64, device=h.device).expand_as(ref)
+    wants = [v for v in leaves if v.requires_grad]
+    if not wants:
+        assert not out.loss.requires_grad
+        return out
+    ref_grads = torch.autograd.grad(ref, wants, up)
+    out.loss.backward(up.to(dtype))
+    mine = [v.grad for v in ours if v is not None and v.requires_grad]
+    for name, got, want in zip(("hidden", "weight", "bias"), mine, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        close(got, want, dtype, f"grad {name}", scale * (1 if bool((torch.as_tensor(upstream) == 1).all()) else 2))
+    return out
+
+
+CONFIGS = [  # (label_smoothing, class weights, z_loss, softcap)
+    (0.0, False, 0.0, None),
+    (0.1, True, 0.0, None),
+    (0.1, False, 0.02, 3.0),
+    (0.2, True, 0.05, 5.0),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing, weighted, z_loss, softcap", CONFIGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_parity_fp32(backend, small_chunks, device, reduction, smoothing, weighted, z_loss, softcap, bias):
+    h, w, b = inputs((2, 5), torch.float32, device, bias)
+    for v in (h, w, b):
+        if v is not None:
+            v.requires_grad_()
+    t = class_ids((2, 5), V, device, ignored=0.2)
+    cw = torch.rand(V, device=device) + 0.1 if weighted else None
+    up = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else 0.6
+    check_linear(
+        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, class_weight=cw, z_loss=z_loss,
+        softcap=softcap, chunk_size=3, scale=4.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision(backend, small_chunks, device, dtype, reduction):
+    h, w, b = (v.requires_grad_() for v in inputs((13,), dtype, device))
+    t = class_ids((13,), V, device)
+    check_linear(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=4, scale=4.0)
+
+
+def test_float64_runs_eagerly(device):
+    h, w, b = (v.requires_grad_() for v in inputs((6,), torch.float64, device))
+    check_linear(h, w, class_ids((6,), V, device), b, label_smoothing=0.1, softcap=2.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, device, reduction):
+    h, w, b = (v.requires_grad_() for v in inputs((4,), torch.float32, device))
+    out = check_linear(h, w, torch.full((4,), -100, device=device), b, reduction=reduction, chunk_size=3)
+    assert out.loss.isnan().all() if reduction == "mean" else (out.loss == 0).all()
+    assert (w.grad is None or (w.grad == 0).all()) and (out.lse == 0).all()
+
+
+@pytest.mark.parametrize("wants", ["hidden", "weight", "bias", ""])
+def test_some_inputs_without_grad(backend, device, wants):
+    h, w, b = inputs((7,), torch.float32, device)
+    for name, v in zip(("hidden", "weight", "bias"), (h, w, b)):
+        v.requires_grad_(name == wants)
+    for reduction in ("mean", "none"):
+        check_linear(h, w, class_ids((7,), V, device), b, reduction=reduction, label_smoothing=0.1, chunk_size=2)
+
+
+def test_no_grad_mode(backend, device):
+    h, w, b = (v.requires_grad_() for v in inputs((5,), torch.float32, device))
+    with torch.no_grad():
+        out = fusedls.linear_cross_entropy(h, w, class_ids((5,), V, device), b)
+    assert not out.requires_grad
+    ref = reference_cross_entropy_options((h @ w.T + b).double(), class_ids((5,), V, device))[0]
+    close(out, ref, torch.float32, "loss")
+
+
+def test_fp32_product_fallback_off_cuda(monkeypatch):
+    # The CUDA path's mm(out_dtype=float32) raises off CUDA: the upcast fallback gives the same sum.
+    monkeypatch.setattr(lce._Dispatch, "mm_out_dtype_works", True)  # restored afterwards
+    g = torch.randn(5, V, dtype=torch.float64).to(torch.bfloat16)
+    h = torch.randn(5, D, dtype=torch.float64).to(torch.bfloat16)
+    acc = lce._WeightGrad(torch.empty(V, D, dtype=torch.bfloat16))
+    for i, block in enumerate(acc.blocks):
+        acc._add_fp32_product(block, g[:, 16 * i : 16 * i + block.shape[0]], h)
+    assert_close(acc.result(), g.double().T @ h.double())
+
+
+def test_default_chunks_even_out(monkeypatch):
+    monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 10 * V * 4)  # at most 10 rows per chunk
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None) == 9  # 3 chunks of 9, 9, 7
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 4) == 4
+    assert lce._chunk_rows(0, V, 4, torch.device("cpu"), None) == 1
+
+
+def test_default_chunking_matches(backend, device, monkeypatch):
+    monkeypatch.setitem(lce.CHUNK_BYTES, device, 3 * V * 4)
+    h, w, b = (v.requires_grad_() for v in inputs((11,), torch.float32, device))
+    check_linear(h, w, class_ids((11,), V, device), b, label_smoothing=0.1, scale=4.0)
+
+
+def test_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    h, w, b = (v.requires_grad_() for v in inputs((9,), torch.float32, device))
+    t = class_ids((9,), V, device)
+
+    def step(h, w, b, t):
+        loss, z, lse = fusedls.linear_cross_entropy(
+            h, w, t, b, label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_z_loss=True, return_lse=True,
+            chunk_size=4,
+        )  # fmt: skip
+        rows = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=4)
+        return loss + rows.sum(), z, lse
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss, z, lse = compiled(h, w, b, t)
+    loss.backward()
+    hd, wd, bd = (v.detach().double().requires_grad_() for v in (h, w, b))
+    logits = hd @ wd.T + bd
+    ref, ref_z, ref_lse = reference_cross_entropy_options(logits, t, z_loss=0.01, softcap=4.0, label_smoothing=0.1)
+    ref = ref + reference_cross_entropy_options(logits, t, reduction="sum")[0]
+    ref.backward()
+    for got, want in [(loss, ref), (z, ref_z), (lse, ref_lse), (h.grad, hd.grad), (w.grad, wd.grad), (b.grad, bd.grad)]:
+        close(got, want.detach(), torch.float32, "compiled", 4.0)
+
+
+def test_module(backend, device):
+    h, w, b = (v.requires_grad_() for v in inputs((3, 4), torch.float32, device))
+    t = class_ids((3, 4), V, device)
+    module = fusedls.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=5)
+    out = module(h, w, t, b)
+    out.backward()
+    hd, wd, bd = (v.detach().double().requires_grad_() for v in (h, w, b))
+    ref = reference_cross_entropy_options((hd @ wd.T + bd).movedim(-1, 1), t, label_smoothing=0.1, reduction="sum")[0]
+    ref.backward()
+    close(out, ref.detach(), torch.float32, "loss")
+    close(w.grad, wd.grad, torch.float32, "grad weight", 4.0)
+    assert "label_smoothing=0.1" in repr(module)
+
+
+BAD = [
+    (dict(weight=torch.zeros(V, D + 1)), ValueError, "weight must have shape \\(V, d\\) with d = hidden.shape\\[-1\\]"),
+    (dict(weight=torch.zeros(V, D, dtype=torch.float64)), TypeError, "weight must have hidden's dtype"),
+    (dict(bias=torch.zeros(V + 1)), ValueError, "bias must have shape \\(37,\\)"),
+    (dict(bias=torch.zeros(V, dtype=torch.float16)), TypeError, "bias must have hidden's dtype"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target must have shape \\(5,\\)"),
+    (dict(target=torch.zeros(5)), TypeError, "target must hold class ids"),
+    (dict(hidden=torch.zeros(5, D, dtype=torch.long)), TypeError, "hidden must have a floating-point dtype"),
+    (dict(weight=torch.zeros(V, D, device="meta")), ValueError, "weight is on meta but hidden is on"),
+    (dict(class_weight=torch.ones(V - 1)), ValueError, "class_weight must have shape"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
+]
+
+
+@pytest.mark.parametrize("override, error, message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input(override, error, message):
+    args = dict(hidden=torch.zeros(5, D), weight=torch.zeros(V, D), target=torch.zeros(5, dtype=torch.long))
+    args.update(override)
+    with pytest.raises(error, match=message):
+        fusedls.linear_cross_entropy(**args)
+
+
+def test_out_of_range_targets(backend, device):
+    h, w, b = inputs((4,), torch.float32, device)
+    t = torch.tensor([1, V, -100, 2], device=device)
+    if backend == "eager" and device == "cpu":
+        with pytest.raises(ValueError, match=f"target contains class id {V}"):
+            fusedls.linear_cross_entropy(h, w, t, b)
+        return
+    out = fusedls.linear_cross_entropy(h, w, t, b, reduction="none")  # kernels: NaN rows, no sync
+    assert out[1].isnan() and out[[0, 3]].isfinite().all() and out[2] == 0
+
+
+def test_no_host_synchronisation_on_gpu(backend, device):
+    if device != "cuda":
+        pytest.skip("needs a CUDA device")
+    h, w, b = (v.requires_grad_() for v in inputs((64,), torch.bfloat16, device))
+    t = class_ids((64,), V, device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "none"):
+            out = fusedls.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1, chunk_size=16)
+            out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(w.grad).all()
