@@ -45,6 +45,7 @@ import torch
 from .. import _backend
 from .._dtypes import acc_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
+from ._custom_op import custom_op
 from .cross_entropy import (
     CrossEntropyResult,
     _check_target_values,
@@ -196,7 +197,7 @@ def _logits_chunks(hidden, weight, bias, chunk_rows):
 # ---------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fusedls::linear_cross_entropy_fwd", mutates_args=())
+@custom_op("fusedls::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -251,7 +252,7 @@ def _(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep
     return (row, torch.empty_like(row), torch.empty_like(row), *grads)
 
 
-@torch.library.custom_op("fusedls::linear_cross_entropy_bwd", mutates_args=())
+@custom_op("fusedls::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd(
     grad_loss: torch.Tensor,
     hidden: torch.Tensor,
