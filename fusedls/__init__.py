@@ -1,7 +1,9 @@
 """fusedls: fused GPU kernels for label-smoothing cross-entropy and friends.
 
 Public surface: :func:`cross_entropy`; :func:`dropout`, :func:`dropout_add`,
-:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`; backend selection
+:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`foreach_norm`, :func:`total_norm`,
+:func:`clip_grad_norm_`, :func:`l1_penalty`, :func:`l2_penalty`, :func:`regularization_penalty`;
+:mod:`fusedls.nn`; backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
 """
@@ -10,6 +12,9 @@ from . import nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
+from .ops.foreach_norm import (
+    clip_grad_norm_, foreach_norm, l1_penalty, l2_penalty, regularization_penalty, total_norm,
+)  # fmt: skip
 
 __version__ = "0.1.0"
 
@@ -24,5 +29,11 @@ __all__ = [
     "nn",
     "set_backend",
     "use_backend",
+    "clip_grad_norm_",
+    "foreach_norm",
+    "l1_penalty",
+    "l2_penalty",
+    "regularization_penalty",
+    "total_norm",
     "__version__",
 ]
