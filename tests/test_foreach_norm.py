@@ -70,6 +70,17 @@ def test_total_norm_mixed_dtypes(backend, ord):
         assert_close(n, _ref_norm(t, ord).to(t.dtype).double(), t.dtype)
 
 
+def test_unaligned_views(backend):
+    buf = torch.randn(200, device=DEVICE)
+    views = [buf[1:40], buf[50:51], buf[61:100].view(3, 13), buf[104:180]]  # the last one aligned
+    for ord in (2.0, 1.0, math.inf):
+        got = torch.stack(fusedls.foreach_norm(views, ord))
+        assert_close(got, torch.stack([_ref_norm(v, ord) for v in views]), torch.float32)
+    grads = [v.clone() for v in views]
+    penalty = fusedls.l2_penalty([v.requires_grad_() for v in (g.clone() for g in grads)])
+    assert_close(penalty, sum(g.double().square().sum() for g in grads), torch.float32)
+
+
 def test_overflow_underflow(backend):
     big = [torch.full((50,), 1e30, device=DEVICE), torch.full((3,), -3e37, device=DEVICE)]
     small = [torch.full((20,), 1e-30, device=DEVICE), torch.full((5,), 1e-41, device=DEVICE)]  # 1e-41: subnormal
@@ -189,6 +200,7 @@ def test_clip_grad_norm_mixed_dtypes_and_layouts(backend):
         p.grad = torch.randn_like(p) * 3
     params[3].grad = torch.randn(5, 4, dtype=params[3].dtype, device=DEVICE).t()  # dense, not contiguous
     params[1].grad = torch.randn(14, dtype=params[1].dtype, device=DEVICE)[::2]  # not dense
+    params[0].grad = torch.randn(40, dtype=params[0].dtype, device=DEVICE)[3:10]  # not 16-byte aligned
     reference = [g.double() for g in (p.grad for p in params)]
     total = fusedls.clip_grad_norm_(params, 1.0)
     want = _ref_norm(torch.stack([_ref_norm(g, 2) for g in reference]), 2)

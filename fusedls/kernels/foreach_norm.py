@@ -7,17 +7,25 @@ the host, copied with ``non_blocking=True`` from pinned memory and cached by the
 (data_ptr, numel, dtype), so a training loop that clips the same gradients every step builds it
 once):
 
-  ptr[t]         the address of tensor t's first element (``data_ptr()``; contiguous tensors)
+  offset[t]      where tensor t starts: ``(data_ptr(t) - data_ptr(base)) / element_size``, in
+                 elements from the first tensor of its dtype group (the launch's ``like_ptr``)
   numel[t]       its number of elements
   out_index[t]   where its per-tensor norm goes in the caller's order
   first[t]       its first work item (first[n] = the number of items)
   item_tensor[i] the tensor of work item i, item_start[i] the offset of its chunk
 
 One work item is one chunk of ``BLOCK`` elements of one tensor, and one program of the
-elementwise kernels handles one work item: a launch covers every tensor of a dtype group. The
-kernels turn an address back into a typed pointer with ``tl.load(ptr + t).to(like_ptr.dtype)``
-(``like_ptr`` is any pointer of the group's dtype); the Triton interpreter dereferences raw
-addresses too, so the CPU tests run exactly this path.
+elementwise kernels handles one work item: a launch covers every tensor of a dtype group.
+
+Why offsets and not raw addresses: ``tl.load(table + t).to(tl.pointer_type(tl.bfloat16))`` works
+(interpreter and compiler) but an integer-to-pointer cast carries no alignment, so every load is
+scalar (2 bytes for bf16: far from the bandwidth). ``like_ptr + offset`` keeps like_ptr's
+16-byte alignment (triton's launcher specialises it) and, when every tensor of the group is
+16-byte aligned (``ALIGNED``), ``tl.multiple_of(offset, 16 bytes)`` tells the compiler so: full
+chunks then load 16 bytes per instruction; a chunk's tail (``start + BLOCK > numel``) takes a
+masked branch. A group with an unaligned tensor (a view at an odd offset) runs unaligned
+(scalar loads, still correct). The interpreter dereferences ``like_ptr + offset`` as a raw
+address too, so the CPU tests run exactly the GPU path.
 
 Dtype groups. A pointer's element type is a compile-time property, so tensors are grouped by
 dtype and the elementwise kernels run once per group (one launch per dtype: bf16, fp16 and fp32
@@ -71,26 +79,59 @@ def _pow(v, p, IS_TWO: tl.constexpr):
 
 
 @triton.jit
+def _tensor_ptr(
+    like_ptr,  # *T base of the group
+    table_ptr,  # *i64 offsets in elements
+    t,  # tensor index
+    ALIGNED: tl.constexpr,  # the offset is a multiple of 16 bytes
+):
+    # Pointer to tensor t's first element.
+    offset = tl.load(table_ptr + t)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 128 // like_ptr.dtype.element_ty.primitive_bitwidth)
+    return like_ptr + offset
+
+
+@triton.jit
+def _load_chunk(
+    src,  # *T the tensor
+    offs,  # int64 element offsets of the chunk (start + arange(BLOCK))
+    start,  # first element of the chunk
+    n,  # elements of the tensor
+    BLOCK: tl.constexpr,  # chunk size
+):
+    # fp32 chunk (0 past the end); a full chunk without a mask, so its loads vectorise.
+    if start + BLOCK <= n:
+        x = tl.load(src + offs).to(tl.float32)
+    else:
+        x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def foreach_norm_partial_kernel(
-    ptr_table,  # *i64 (n,) data_ptr of each tensor of the table
+    table_ptr,  # *i64 (n,) offset of each tensor from like_ptr, in elements
     numel_ptr,  # *i64 (n,) elements of each tensor
     item_tensor_ptr,  # *i64 (items,) tensor of each work item
-    item_start_ptr,  # *i64 (items,) first element of each work item's chunk
-    like_ptr,  # *T any pointer of this launch's dtype: the type of every table address
+    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
+    like_ptr,  # *T the first tensor of this launch's dtype group: the base of every offset
     part_a_ptr,  # *fp32 (items,) out: first partial of each chunk (see the module docstring)
     part_b_ptr,  # *fp32 (items,) out: second partial of each chunk
     item_base,  # first work item of this launch (its dtype group)
     p,  # fp32 the order (KIND_POW only)
     KIND: tl.constexpr,  # KIND_POW, KIND_L1, KIND_MAX, KIND_MIN or KIND_L0
     IS_TWO: tl.constexpr,  # p == 2 (KIND_POW)
+    ALIGNED: tl.constexpr,  # every tensor of the group starts 16-byte aligned
     BLOCK: tl.constexpr,  # elements per work item
 ):
     item = item_base + tl.program_id(0).to(tl.int64)
     t = tl.load(item_tensor_ptr + item)
-    src = tl.load(ptr_table + t).to(like_ptr.dtype)
-    offs = tl.load(item_start_ptr + item) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_ptr + t)
-    x = tl.abs(tl.load(src + offs, mask=mask, other=0.0).to(tl.float32))
+    src = _tensor_ptr(like_ptr, table_ptr, t, ALIGNED)
+    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
+    n = tl.load(numel_ptr + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    x = tl.abs(_load_chunk(src, offs, start, n, BLOCK))
     b = 0.0
     if KIND == 0:  # KIND_POW: s = max |x|, b = sum (|x| / s)^p
         a = tl.max(x, 0)
@@ -240,31 +281,38 @@ def foreach_norm_total_kernel(
 
 @triton.jit
 def foreach_map_kernel(
-    src_table,  # *i64 (n,) data_ptr of each source tensor
-    dst_table,  # *i64 (n,) data_ptr of each destination tensor (src_table to work in place)
+    src_table_ptr,  # *i64 (n,) offset of each source tensor from like_ptr, in elements
+    dst_table_ptr,  # *i64 (n,) offset of each destination from out_like_ptr (in place: src_table_ptr)
     numel_ptr,  # *i64 (n,) elements of each tensor
     item_tensor_ptr,  # *i64 (items,) tensor of each work item
-    item_start_ptr,  # *i64 (items,) first element of each work item's chunk
+    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
     coef_ptr,  # *fp32 () the factor g (clip coefficient or upstream gradient)
-    like_ptr,  # *T any pointer of the sources' dtype
-    out_like_ptr,  # *To any pointer of the destinations' dtype
+    like_ptr,  # *T the first source tensor of this launch's dtype group
+    out_like_ptr,  # *To the first destination tensor of the group
     item_base,  # first work item of this launch (its dtype group)
     MODE: tl.constexpr,  # MAP_SCALE: g x, MAP_SIGN: g sign(x), MAP_TWICE: g 2x
+    ALIGNED: tl.constexpr,  # every source tensor of the group starts 16-byte aligned
+    OUT_ALIGNED: tl.constexpr,  # every destination tensor of the group starts 16-byte aligned
     BLOCK: tl.constexpr,  # elements per work item
 ):
     item = item_base + tl.program_id(0).to(tl.int64)
     t = tl.load(item_tensor_ptr + item)
-    src = tl.load(src_table + t).to(like_ptr.dtype)
-    dst = tl.load(dst_table + t).to(out_like_ptr.dtype)
-    offs = tl.load(item_start_ptr + item) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_ptr + t)
-    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    src = _tensor_ptr(like_ptr, src_table_ptr, t, ALIGNED)
+    dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED)
+    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
+    n = tl.load(numel_ptr + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    x = _load_chunk(src, offs, start, n, BLOCK)
     g = tl.load(coef_ptr)
     if MODE == 1:  # d|x|/dx = sign(x): 0 at 0, NaN at NaN
         x = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))
     elif MODE == 2:  # d x^2 / dx = 2x
         x = 2.0 * x
-    tl.store(dst + offs, (x * g).to(out_like_ptr.dtype.element_ty), mask=mask)
+    y = (x * g).to(out_like_ptr.dtype.element_ty)
+    if start + BLOCK <= n:
+        tl.store(dst + offs, y)
+    else:
+        tl.store(dst + offs, y, mask=offs < n)
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -274,10 +322,10 @@ def foreach_map_kernel(
 class Table:
     """The device description of a list of tensors in dtype groups (see the module docstring)."""
 
-    data: torch.Tensor  # int64: ptr (n), numel (n), out_index (n), first (n + 1), item_tensor, item_start
+    data: torch.Tensor  # int64: offset (n), numel (n), out_index (n), first (n + 1), item_tensor, item_start
     n: int
     items: int
-    groups: tuple  # (first tensor, end tensor, first item, end item) per dtype group
+    groups: tuple  # (first tensor, end tensor, first item, end item, aligned) per dtype group
     order: tuple  # the caller's index of each table entry
 
     def _part(self, k: int) -> torch.Tensor:
@@ -286,7 +334,7 @@ class Table:
         return self.data[bounds[k] : bounds[k + 1]]
 
     @property
-    def ptr(self) -> torch.Tensor:
+    def offset(self) -> torch.Tensor:
         return self._part(0)
 
     @property
@@ -323,7 +371,8 @@ def dtype_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
 
 
 def table(tensors: list[torch.Tensor], block: int) -> Table:
-    """The (cached) table of ``tensors``: its content is a function of the key alone."""
+    """The (cached) table of ``tensors``: its content is a function of the key alone. Tensors of
+    the same dtypes in the same order (gradients made by ``empty_like``) get the same groups."""
     key = (tensors[0].device, block, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
     found = _CACHE.get(key)
     if found is None:
@@ -343,17 +392,19 @@ def _build(tensors: list[torch.Tensor], order: list[int], block: int) -> Table:
     torch.cumsum(chunks, 0, out=first[1:])
     item_tensor = torch.repeat_interleave(torch.arange(n), chunks)
     item_start = (torch.arange(len(item_tensor)) - first[item_tensor]) * block
-    ptr = torch.tensor([t.data_ptr() for t in ordered], dtype=torch.int64)
-    host = torch.cat([ptr, numel, torch.tensor(order, dtype=torch.int64), first, item_tensor, item_start])
+    groups, start, offset = [], 0, []
+    for g in dtype_groups(ordered):
+        end = start + len(g)
+        base = ordered[start]
+        offset += [(ordered[i].data_ptr() - base.data_ptr()) // base.element_size() for i in range(start, end)]
+        aligned = all(ordered[i].data_ptr() % 16 == 0 for i in range(start, end))
+        groups.append((start, end, int(first[start]), int(first[end]), aligned))
+        start = end
+    host = torch.cat([torch.tensor(offset, dtype=torch.int64), numel, torch.tensor(order, dtype=torch.int64), first, item_tensor, item_start])
     device = tensors[0].device
     if device.type == "cuda":  # an asynchronous copy: no host synchronisation
         host = host.pin_memory()
     data = host.to(device, non_blocking=True)
-    groups, start = [], 0
-    for g in dtype_groups(ordered):
-        end = start + len(g)
-        groups.append((start, end, int(first[start]), int(first[end])))
-        start = end
     return Table(data, n, len(item_tensor), tuple(groups), tuple(order))
 
 
@@ -372,11 +423,11 @@ def _reduce(tensors, ord, write_norm, norms=None):
     dev = tensors[0].device
     part_a = torch.empty(tab.items, device=dev, dtype=torch.float32)
     part_b = torch.empty_like(part_a)
-    for (t0, _, i0, i1) in tab.groups:
+    for t0, _, i0, i1, aligned in tab.groups:
         if i1 > i0:
             foreach_norm_partial_kernel[lambda meta, k=i1 - i0: (k,)](
-                tab.ptr, tab.numel, tab.item_tensor, tab.item_start, tensors[tab.order[t0]],
-                part_a, part_b, i0, p, KIND=kind, IS_TWO=p == 2.0, BLOCK=cfg.block_c, **cfg.launch_options(),
+                tab.offset, tab.numel, tab.item_tensor, tab.item_start, tensors[tab.order[t0]], part_a, part_b, i0,
+                p, KIND=kind, IS_TWO=p == 2.0, ALIGNED=aligned, BLOCK=cfg.block_c, **cfg.launch_options(),
             )  # fmt: skip
     tensor_a = torch.empty(tab.n, device=dev, dtype=torch.float32)
     tensor_b = torch.empty_like(tensor_a)
@@ -420,12 +471,13 @@ def _map(sources: list[torch.Tensor], dests: list[torch.Tensor], coef: torch.Ten
     cfg = foreach_norm_config()
     tab = table(sources, cfg.block_c)
     dst = tab if dests is sources else table(dests, cfg.block_c)
-    for (t0, _, i0, i1) in tab.groups:
+    for (t0, _, i0, i1, aligned), out_group in zip(tab.groups, dst.groups):
         if i1 > i0:
             first = tab.order[t0]
             foreach_map_kernel[lambda meta, k=i1 - i0: (k,)](
-                tab.ptr, dst.ptr, tab.numel, tab.item_tensor, tab.item_start, coef, sources[first], dests[first],
-                i0, MODE=mode, BLOCK=cfg.block_c, **cfg.launch_options(),
+                tab.offset, dst.offset, tab.numel, tab.item_tensor, tab.item_start, coef, sources[first],
+                dests[first], i0, MODE=mode, ALIGNED=aligned, OUT_ALIGNED=out_group[4], BLOCK=cfg.block_c,
+                **cfg.launch_options(),
             )  # fmt: skip
 
 
