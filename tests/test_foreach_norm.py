@@ -339,3 +339,34 @@ def test_process_group_matches_single_process(backend_name):
         assert_close(torch.tensor(results[r]["clip"]), norm, torch.float32)
         for got, shard in zip(results[r]["grads"], shards[r]):
             assert_close(got, shard.double() * coef, torch.float32)
+
+
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(DEVICE)
+    x = torch.randn(4, 6, device=DEVICE)
+
+    def step(x):
+        # loss + regularisation, then (below) the norms a training loop logs
+        loss = model(x).square().mean() + fusedls.regularization_penalty(model, l1=1e-3, l2=1e-2)
+        return loss, fusedls.total_norm([p for p in model.parameters()], 2), fusedls.foreach_norm(
+            [p for p in model.parameters()], 1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, total, norms = compiled(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_loss, ref_total, ref_norms = step(x)
+    ref_loss.backward()
+    assert_close(loss, ref_loss.double().detach())
+    assert_close(total, ref_total.double())
+    for a, b in zip(norms, ref_norms):
+        assert_close(a, b.double())
+    for g, p in zip(grads, model.parameters()):
+        assert_close(g, p.grad.double())
+    clip = torch.compile(lambda: fusedls.clip_grad_norm_(model.parameters(), 0.01), fullgraph=True, backend="aot_eager")
+    want = fusedls.total_norm([p.grad for p in model.parameters()])
+    assert_close(clip(), want.double())
+    assert_close(fusedls.total_norm([p.grad for p in model.parameters()]), torch.tensor(0.01, dtype=torch.float64),
+                 torch.bfloat16)
