@@ -109,8 +109,8 @@ _FN_LOADS = ("x = tl.load(src + offs",)
 for _kind, (_k, _two) in {"p2": (0, True), "p": (0, False), "l1": (1, False), "max": (2, False), "min": (3, False),
                           "l0": (4, False)}.items():
     _fixed = (("KIND", _k), ("IS_TWO", _two))
-    KERNELS[f"fn_partial_{_kind}"] = Kernel("foreach_norm", "foreach_norm_partial_kernel", ("ALIGNED",), "A", "BLOCK", _FN_FP32,
-                                            _FN_I64, _FN_LOADS, constants=_fixed)
+    KERNELS[f"fn_partial_{_kind}"] = Kernel("foreach_norm", "foreach_norm_partial_kernel", ("ALIGNED",), "A", "BLOCK",
+                                            _FN_FP32, _FN_I64, _FN_LOADS, constants=_fixed)
     KERNELS[f"fn_merge_{_kind}"] = Kernel("foreach_norm", "foreach_norm_merge_kernel", ("WRITE_NORM",), "N", "BLOCK",
                                           _FN_FP32, _FN_I64, constants=_fixed)
     KERNELS[f"fn_total_{_kind}"] = Kernel("foreach_norm", "foreach_norm_total_kernel",

@@ -227,7 +227,8 @@ def test_clip_error_if_nonfinite(backend):
 
 def test_penalties_values_and_gradients(backend):
     ts = [t.requires_grad_() for d in DTYPES for t in _tensors([(5,), (3, 7), (40,)], d, seed=3)]
-    for fn, formula in ((fusedls.l1_penalty, lambda w: w.abs().sum()), (fusedls.l2_penalty, lambda w: w.square().sum())):
+    pairs = ((fusedls.l1_penalty, lambda w: w.abs().sum()), (fusedls.l2_penalty, lambda w: w.square().sum()))
+    for fn, formula in pairs:
         value = fn(ts)
         assert value.shape == () and value.dtype == torch.float32
         ref_ts = [t.detach().double().requires_grad_() for t in ts]

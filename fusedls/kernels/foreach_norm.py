@@ -400,7 +400,8 @@ def _build(tensors: list[torch.Tensor], order: list[int], block: int) -> Table:
         aligned = all(ordered[i].data_ptr() % 16 == 0 for i in range(start, end))
         groups.append((start, end, int(first[start]), int(first[end]), aligned))
         start = end
-    host = torch.cat([torch.tensor(offset, dtype=torch.int64), numel, torch.tensor(order, dtype=torch.int64), first, item_tensor, item_start])
+    columns = [torch.tensor(offset, dtype=torch.int64), numel, torch.tensor(order, dtype=torch.int64), first]
+    host = torch.cat(columns + [item_tensor, item_start])
     device = tensors[0].device
     if device.type == "cuda":  # an asynchronous copy: no host synchronisation
         host = host.pin_memory()

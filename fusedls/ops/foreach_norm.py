@@ -60,7 +60,9 @@ def _(tensors, ord, backend):
 
 
 @torch.library.custom_op("fusedls::foreach_total_norm", mutates_args=())
-def _total_norm_op(tensors: list[torch.Tensor], ord: float, norm_of_norms: bool, square: bool, backend: str) -> torch.Tensor:
+def _total_norm_op(
+    tensors: list[torch.Tensor], ord: float, norm_of_norms: bool, square: bool, backend: str
+) -> torch.Tensor:
     """0-dim norm of all the tensors together (squared when ``square``)."""
     return _impl(backend).total_norm(tensors, ord, norm_of_norms, None, square)[0]
 
