@@ -219,7 +219,7 @@ def _finish(
             root = tl.sqrt(b)
         else:
             root = tl.exp2(tl.log2(b) / p)
-        zero = 0.0 if p > 0 else float("inf")  # 0^(1/p): no element at all (empty tensors)
+        zero = tl.where(p > 0, 0.0, float("inf"))  # 0^(1/p): no element at all (empty tensors)
         return tl.where(b == 0.0, zero, tl.where((a > 0.0) & (a < float("inf")), a, 1.0) * root)
     if KIND == 2 or KIND == 3:
         return tl.where(b > 0.0, float("nan"), a)
