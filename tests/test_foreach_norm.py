@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fusedls
+from fusedls import _backend
 from fusedls.testing import assert_close, tolerance
 
 from conftest import AVAILABLE, DEVICE
@@ -27,9 +28,9 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(tuning, "FOREACH_NORM_MERGE_BLOCK", 4)
 
 
-def _tensors(sizes, dtype, seed=0, scale=1.0):
+def _tensors(sizes, dtype, seed=0, scale=1.0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
-    return [(scale * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE) for s in sizes]
+    return [(scale * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype).to(device) for s in sizes]
 
 
 def _sizes(ord):
@@ -81,9 +82,18 @@ def test_unaligned_views(backend):
     assert_close(penalty, sum(g.double().square().sum() for g in grads), torch.float32)
 
 
+def test_subnormal_inputs(backend):
+    # the largest element is subnormal: the kernels lift the chunk by 2^64 before scaling
+    # (a GPU that flushed subnormals to zero would give 0 here)
+    ts = [torch.full((5,), 1e-41, device=DEVICE), torch.tensor([3e-42, -1e-40], device=DEVICE)]
+    for ord in (2.0, 3.0):
+        want = _ref_norm(torch.cat([t.double() for t in ts]), ord)
+        assert_close(fusedls.total_norm(ts, ord), want, torch.float32)
+
+
 def test_overflow_underflow(backend):
     big = [torch.full((50,), 1e30, device=DEVICE), torch.full((3,), -3e37, device=DEVICE)]
-    small = [torch.full((20,), 1e-30, device=DEVICE), torch.full((5,), 1e-41, device=DEVICE)]  # 1e-41: subnormal
+    small = [torch.full((20,), 1e-30, device=DEVICE), torch.full((5,), -2e-35, device=DEVICE)]  # squares: 0 in fp32
     for ts in (big, small, big + small):
         for ord in (2.0, 3.0):
             want = _ref_norm(torch.cat([t.double() for t in ts]), ord)
@@ -163,8 +173,8 @@ def test_fixed_number_of_launches(monkeypatch):
         monkeypatch.setattr(K, name, Counting(getattr(K, name)))
     counts = []
     for n in (3, 40):
-        params = [torch.nn.Parameter(torch.randn(5)) for _ in range(n)]
-        params += [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)) for _ in range(n)]
+        params = [torch.nn.Parameter(torch.randn(5, device=DEVICE)) for _ in range(n)]
+        params += [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16, device=DEVICE)) for _ in range(n)]
         for p in params:
             p.grad = torch.randn_like(p)
         launches.clear()
@@ -303,7 +313,7 @@ def _sharded_worker(rank, world, port, backend, results):
         from fusedls.kernels import tuning
 
         tuning.FOREACH_NORM_BLOCK, tuning.FOREACH_NORM_MERGE_BLOCK = 16, 4
-        shards = _tensors([(5 + rank,), (37,), (3, 4 + rank)], torch.float32, seed=10 + rank)
+        shards = _tensors([(5 + rank,), (37,), (3, 4 + rank)], torch.float32, seed=10 + rank, device="cpu")
         out = {}
         with fusedls.use_backend(backend):
             for ord in (2.0, 1.0, math.inf, 3.0):
@@ -320,6 +330,9 @@ def _sharded_worker(rank, world, port, backend, results):
 
 @pytest.mark.parametrize("backend_name", ["eager", "triton"])
 def test_process_group_matches_single_process(backend_name):
+    """2 processes on gloo, each with its shards (CPU tensors), against the norm of all shards."""
+    if backend_name == "triton" and not _backend.interpreting():
+        pytest.skip("gloo on CPU tensors: the triton backend runs them only under TRITON_INTERPRET=1")
     if backend_name not in AVAILABLE:
         pytest.skip(f"{backend_name} unavailable")
     import torch.multiprocessing as mp
@@ -329,7 +342,7 @@ def test_process_group_matches_single_process(backend_name):
         results = manager.dict()
         mp.spawn(_sharded_worker, args=(world, _free_port(), backend_name, results), nprocs=world, join=True)
         results = dict(results)
-    shards = [_tensors([(5 + r,), (37,), (3, 4 + r)], torch.float32, seed=10 + r) for r in range(world)]
+    shards = [_tensors([(5 + r,), (37,), (3, 4 + r)], torch.float32, seed=10 + r, device="cpu") for r in range(world)]
     flat = torch.cat([t.double().flatten() for rank in shards for t in rank])
     for ord in (2.0, 1.0, math.inf, 3.0):
         for r in range(world):
