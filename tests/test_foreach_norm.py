@@ -221,6 +221,16 @@ def test_clip_grad_norm_mixed_dtypes_and_layouts(backend):
         assert_close(p.grad, g * coef, p.grad.dtype, roundings=2)
 
 
+def test_clip_only_non_dense_grads(backend):
+    params = [torch.nn.Parameter(torch.ones(5, device=DEVICE)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((10,), 3.0, device=DEVICE)[::2]
+    total = fusedls.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert_close(total, torch.tensor(math.sqrt(90.0), dtype=torch.float64), torch.float32)
+    for p in params:
+        assert_close(p.grad, torch.full((5,), 3.0 / (math.sqrt(90.0) + 1e-6), dtype=torch.float64), torch.float32)
+
+
 def test_clip_error_if_nonfinite(backend):
     ours = _grads_module()
     theirs = _grads_module()

@@ -295,7 +295,8 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    _scale_op(dense, coef, backend)
+    if dense:
+        _scale_op(dense, coef, backend)
     for g in raw:  # gradients that are not dense: scaled one by one
         if not _dense(g):
             g.mul_(coef)
