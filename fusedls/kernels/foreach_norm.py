@@ -56,6 +56,7 @@ into each gradient tensor. Clipping is the same kernel writing ``coef * x`` over
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import triton
@@ -359,6 +360,7 @@ class Table:
 
 
 _CACHE: dict[tuple, Table] = {}
+_DATA_PTR, _NUMEL, _DTYPE = torch.Tensor.data_ptr, torch.Tensor.numel, operator.attrgetter("dtype")
 CACHE_SIZE = 8  # tables kept (a training loop needs one or two: the gradients, the weights)
 
 
@@ -373,7 +375,8 @@ def dtype_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
 def table(tensors: list[torch.Tensor], block: int) -> Table:
     """The (cached) table of ``tensors``: its content is a function of the key alone. Tensors of
     the same dtypes in the same order (gradients made by ``empty_like``) get the same groups."""
-    key = (tensors[0].device, block, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+    key = (tensors[0].device, block, tuple(map(_DATA_PTR, tensors)), tuple(map(_NUMEL, tensors)),
+           tuple(map(_DTYPE, tensors)))  # fmt: skip
     found = _CACHE.get(key)
     if found is None:
         found = _build(tensors, [i for g in dtype_groups(tensors) for i in g], block)

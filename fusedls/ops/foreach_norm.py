@@ -139,17 +139,25 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _check_tensors(name: str, tensors: list, ord: float | None = None) -> list[torch.Tensor]:
-    """Checked, dense tensors of one device (non-dense ones made contiguous)."""
+    """Checked, dense tensors of one device (non-dense ones made contiguous; the same list when
+    all are dense). A fast pass first: this runs on every training step over every gradient."""
+    device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+    empty_ok = ord is None or not (ord < 0 or ord == math.inf)
+    for t in tensors:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device == device
+                and (empty_ok or t.numel()) and t.is_contiguous()):  # fmt: skip
+            break
+    else:
+        return tensors
     out = []
     for i, t in enumerate(tensors):
         check_tensor(f"{name}[{i}]", t)
         check_floating(f"{name}[{i}]", t)
-        if t.device != tensors[0].device:
+        if t.device != device:
             raise ValueError(
-                f"{name}[{i}] is on {t.device} but {name}[0] is on {tensors[0].device}; all tensors must be on "
-                "one device"
+                f"{name}[{i}] is on {t.device} but {name}[0] is on {device}; all tensors must be on one device"
             )
-        if ord is not None and t.numel() == 0 and (ord < 0 or ord == math.inf):
+        if not empty_ok and t.numel() == 0:
             raise ValueError(f"{name}[{i}] is empty: the {ord} norm of an empty tensor is undefined (no identity)")
         out.append(t if _dense(t) else t.contiguous())
     return out
@@ -164,15 +172,16 @@ def _as_list(name: str, tensors) -> list:
 
 
 def _backend_for(tensors: list[torch.Tensor]) -> str:
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else tensors[0].dtype
+    dtypes = {t.dtype for t in tensors}
+    dtype = torch.float64 if torch.float64 in dtypes else tensors[0].dtype
     return _backend.resolve(tensors[0].device, dtype, _OP)
 
 
 def _out_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     # torch.stack of the per-tensor norms (each in its tensor's dtype) promotes them
     dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    for other in {t.dtype for t in tensors}:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 
@@ -281,7 +290,7 @@ def clip_grad_norm_(
     if not grads:
         total = _empty_total(process_group)
         return _all_reduce_norm(total, ord, process_group) if process_group is not None else total
-    dense = [g for g in raw if _dense(g)]
+    dense = raw if grads is raw else [g for g in raw if _dense(g)]
     backend = _backend_for(grads)
     if process_group is None and len(dense) == len(grads) and not error_if_nonfinite:
         return _clip_op(grads, ord, max_norm, backend).to(_out_dtype(grads))
