@@ -278,6 +278,8 @@ def test_regularization_penalty(backend):
     every = fusedls.regularization_penalty(model, l2=1.0, include=lambda name, p: True)
     assert_close(every, sum(p.double().square().sum() for p in model.parameters()).detach(), torch.float32)
     assert fusedls.regularization_penalty(model).item() == 0.0
+    module = fusedls.nn.RegularizationPenalty(l1=0.1, l2=0.01)
+    assert_close(module(model), want.detach(), torch.float32)
 
 
 def test_bad_input():
