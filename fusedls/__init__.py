@@ -2,7 +2,9 @@
 
 Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse; :class:`CrossEntropyResult`),
 :func:`linear_cross_entropy` (LM head + loss without the logits); :func:`dropout`, :func:`dropout_add`,
-:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`; backend selection
+:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`foreach_norm`, :func:`total_norm`,
+:func:`clip_grad_norm_`, :func:`l1_penalty`, :func:`l2_penalty`, :func:`regularization_penalty`;
+:mod:`fusedls.nn`; backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
 """
@@ -12,6 +14,9 @@ from ._backend import BackendInfo, backends, set_backend, use_backend
 from .ops.cross_entropy import CrossEntropyResult, cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.foreach_norm import (
+    clip_grad_norm_, foreach_norm, l1_penalty, l2_penalty, regularization_penalty, total_norm,
+)  # fmt: skip
 
 __version__ = "0.1.0"
 
@@ -28,5 +33,11 @@ __all__ = [
     "nn",
     "set_backend",
     "use_backend",
+    "clip_grad_norm_",
+    "foreach_norm",
+    "l1_penalty",
+    "l2_penalty",
+    "regularization_penalty",
+    "total_norm",
     "__version__",
 ]

@@ -77,6 +77,7 @@ class Kernel:
     row_loads: tuple[str, ...] = ()  # source text of the loads of the data rows ("rowld")
     excludes: tuple[str, str] = ("", "")  # two flags that are never on together
     options: int = 0  # the last `options` flags are options (see _flag_sets)
+    constants: tuple = ()  # (name, value) constexprs fixed for this entry
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -100,6 +101,27 @@ KERNELS = {  # short name -> Kernel
                        ("IS_RMS", "HAS_DH_NEXT", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"), "MNRBD", "BLOCK_N",
                        _NORM_FP32, _SEED, _NORM_LOADS, ("IS_RMS", "HAS_BIAS")),
 }  # fmt: skip
+# foreach_norm: one entry per norm kind (KIND, IS_TWO) or map MODE; the merge kernels read fp32
+# partials (their dtype column only types like_ptr, unused there). Flags: merge ``N``:
+# WRITE_NORM; total ``SOC``: SQUARE, NORM_OF_NORMS, WRITE_COEF; partial ``A``: ALIGNED; map ``AO``:
+# ALIGNED, OUT_ALIGNED (an unaligned group loads one element at a time).
+_FN_I64 = frozenset({"table_ptr", "src_table_ptr", "dst_table_ptr", "numel_ptr", "item_tensor_ptr", "item_start_ptr",
+                     "first_ptr", "out_index_ptr"})
+_FN_FP32 = frozenset({"part_a_ptr", "part_b_ptr", "tensor_a_ptr", "tensor_b_ptr", "norm_ptr", "total_ptr", "coef_ptr"})
+_FN_LOADS = ("x = tl.load(src + offs",)
+for _kind, (_k, _two) in {"p2": (0, True), "p": (0, False), "l1": (1, False), "max": (2, False), "min": (3, False),
+                          "l0": (4, False)}.items():
+    _fixed = (("KIND", _k), ("IS_TWO", _two))
+    KERNELS[f"fn_partial_{_kind}"] = Kernel("foreach_norm", "foreach_norm_partial_kernel", ("ALIGNED",), "A", "BLOCK",
+                                            _FN_FP32, _FN_I64, _FN_LOADS, constants=_fixed)
+    KERNELS[f"fn_merge_{_kind}"] = Kernel("foreach_norm", "foreach_norm_merge_kernel", ("WRITE_NORM",), "N", "BLOCK",
+                                          _FN_FP32, _FN_I64, constants=_fixed)
+    KERNELS[f"fn_total_{_kind}"] = Kernel("foreach_norm", "foreach_norm_total_kernel",
+                                          ("SQUARE", "NORM_OF_NORMS", "WRITE_COEF"), "SOC", "BLOCK", _FN_FP32, _FN_I64,
+                                          constants=_fixed)
+for _name, _mode in (("scale", 0), ("sign", 1), ("twice", 2)):
+    KERNELS[f"fn_map_{_name}"] = Kernel("foreach_norm", "foreach_map_kernel", ("ALIGNED", "OUT_ALIGNED"), "AO", "BLOCK",
+                                        _FN_FP32, _FN_I64, _FN_LOADS, constants=(("MODE", _mode),))
 _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _ROW_SIZES = {"n_cols", "n_elements"}
 
@@ -158,6 +180,12 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
     """(block, num_warps, C spec) -> the sizes launched with it (see the module docstring)."""
     variants: dict[tuple, list[str]] = {}
     module = KERNELS[kernel].module
+    if module == "foreach_norm":  # sizes do not specialise these kernels (no row length argument)
+        from .kernels.tuning import foreach_norm_config, foreach_norm_merge_config
+
+        elementwise = KERNELS[kernel].function in ("foreach_norm_partial_kernel", "foreach_map_kernel")
+        cfg = foreach_norm_config() if elementwise else foreach_norm_merge_config()
+        return {(cfg.block_c, cfg.num_warps, "16"): []}
     if module == "dropout" and kernel == "dropout":
         cfg = dropout_config()
         for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
@@ -217,6 +245,7 @@ def _source(row: Row) -> ASTSource:
     fn = getattr(importlib.import_module(f"fusedls.kernels.{k.module}"), k.function)
     constexprs = dict(zip(k.flags, (ch != "-" for ch in row.flags)))
     constexprs[k.block] = row.block_c
+    constexprs.update(k.constants)
     if row.cspec == "1":
         constexprs["n_cols"] = 1
     signature, attrs = {}, {}
@@ -228,7 +257,7 @@ def _source(row: Row) -> ASTSource:
             prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
             kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
             signature[name], aligned = "*" + kind, 1
-        elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap"):
+        elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap", "max_norm"):
             signature[name], aligned = "fp32", 0
         elif name in _ROW_SIZES or name in _CE_ROW_STRIDES:
             signature[name], aligned = "i32", row.cspec != "any"

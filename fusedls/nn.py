@@ -8,7 +8,7 @@ from .ops.cross_entropy import cross_entropy
 from .ops.dropout import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
 from .ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm", "LinearCrossEntropyLoss", "RegularizationPenalty"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -88,3 +88,23 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class RegularizationPenalty(torch.nn.Module):
+    """``l1 * sum |w| + l2 * sum w^2`` over the weights of the module it is called on:
+    ``penalty = RegularizationPenalty(l2=1e-4)``, then ``loss = task_loss + penalty(model)``.
+    Computed by :func:`fusedls.regularization_penalty` (default rule: parameters with ndim >= 2,
+    so biases and norm weights are not penalised; ``include(name, param) -> bool`` to choose)."""
+
+    def __init__(self, l1: float = 0.0, l2: float = 0.0, *, include=None) -> None:
+        super().__init__()
+        self.l1, self.l2, self.include = l1, l2, include
+
+    def forward(self, module: torch.nn.Module) -> torch.Tensor:
+        from .ops.foreach_norm import regularization_penalty
+
+        return regularization_penalty(module, self.l1, self.l2, include=self.include)
+
+    def extra_repr(self) -> str:
+        return f"l1={self.l1}, l2={self.l2}" + (f", include={self.include!r}" if self.include else "")
+

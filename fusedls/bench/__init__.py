@@ -20,6 +20,11 @@ OP_MODULES = {
     "dropout_add": "fusedls.bench.dropout:DROPOUT_ADD",
     "dropout_add_rms_norm": "fusedls.bench.dropout:DROPOUT_ADD_RMS_NORM",
     "linear_cross_entropy": "fusedls.bench.linear_cross_entropy",
+    "foreach_norm": "fusedls.bench.foreach_norm",
+    "foreach_norm_act": "fusedls.bench.foreach_norm:FOREACH_NORM_ACT",
+    "clip_grad_norm": "fusedls.bench.foreach_norm:CLIP_GRAD_NORM",
+    "l2_penalty": "fusedls.bench.foreach_norm:L2_PENALTY",
+    "l1_penalty": "fusedls.bench.foreach_norm:L1_PENALTY",
 }
 
 

@@ -113,3 +113,26 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
         return max(1, min(n_rows, DROPOUT_NORM_INTERPRETER_PROGRAMS))
     sms, _ = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(n_rows, sms * DROPOUT_NORM_PROGRAMS_PER_SM))
+
+
+# ----------------------------------------------------------------------------------------------
+# foreach_norm, total_norm, clip_grad_norm_, l1/l2 penalties (fusedls/kernels/foreach_norm.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elementwise multi-tensor kernels: elements per work item (one chunk of one tensor, one program)
+# and warps (16 elements per thread). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks.
+FOREACH_NORM_BLOCK = 4096
+FOREACH_NORM_WARPS = 8
+# The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
+FOREACH_NORM_MERGE_BLOCK = 1024
+FOREACH_NORM_MERGE_WARPS = 4
+
+
+def foreach_norm_config() -> LaunchConfig:
+    """Chunk (``block_c``: elements per work item) and warps of the elementwise kernels."""
+    return LaunchConfig(block_c=FOREACH_NORM_BLOCK, num_warps=FOREACH_NORM_WARPS)
+
+
+def foreach_norm_merge_config() -> LaunchConfig:
+    """Partials per step (``block_c``) and warps of the merge kernels."""
+    return LaunchConfig(block_c=FOREACH_NORM_MERGE_BLOCK, num_warps=FOREACH_NORM_MERGE_WARPS)

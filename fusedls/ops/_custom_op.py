@@ -31,8 +31,9 @@ def custom_op(name: str, *, mutates_args: tuple[str, ...]):
             out = fn(*args, **kwargs)
             for i, name in positions:
                 mutated = args[i] if i < len(args) else kwargs.get(name)
-                if mutated is not None:
-                    torch.autograd.graph.increment_version(mutated)
+                for tensor in mutated if isinstance(mutated, (list, tuple)) else (mutated,):
+                    if tensor is not None:
+                        torch.autograd.graph.increment_version(tensor)
             return out
 
         call.register_fake = op.register_fake

@@ -1,0 +1,502 @@
+"""Multi-tensor Triton kernels: per-tensor and total norms, in-place scaling (gradient clipping)
+and the L1/L2 penalties' gradients, for any number of tensors in a fixed number of launches.
+
+The tensor table. The launchers never pass tensors one by one: the ``n`` tensors of a call (kept
+in dtype groups, see below) are described by one int64 device tensor (:class:`Table`, built on
+the host, copied with ``non_blocking=True`` from pinned memory and cached by the tuple of
+(data_ptr, numel, dtype), so a training loop that clips the same gradients every step builds it
+once):
+
+  offset[t]      where tensor t starts: ``(data_ptr(t) - data_ptr(base)) / element_size``, in
+                 elements from the first tensor of its dtype group (the launch's ``like_ptr``)
+  numel[t]       its number of elements
+  out_index[t]   where its per-tensor norm goes in the caller's order
+  first[t]       its first work item (first[n] = the number of items)
+  item_tensor[i] the tensor of work item i, item_start[i] the offset of its chunk
+
+One work item is one chunk of ``BLOCK`` elements of one tensor, and one program of the
+elementwise kernels handles one work item: a launch covers every tensor of a dtype group.
+
+Why offsets and not raw addresses: ``tl.load(table + t).to(tl.pointer_type(tl.bfloat16))`` works
+(interpreter and compiler) but an integer-to-pointer cast carries no alignment, so every load is
+scalar (2 bytes for bf16: far from the bandwidth). ``like_ptr + offset`` keeps like_ptr's
+16-byte alignment (triton's launcher specialises it) and, when every tensor of the group is
+16-byte aligned (``ALIGNED``), ``tl.multiple_of(offset, 16 bytes)`` tells the compiler so: full
+chunks then load 16 bytes per instruction; a chunk's tail (``start + BLOCK > numel``) takes a
+masked branch. A group with an unaligned tensor (a view at an odd offset) runs unaligned
+(scalar loads, still correct). The interpreter dereferences ``like_ptr + offset`` as a raw
+address too, so the CPU tests run exactly the GPU path.
+
+Dtype groups. A pointer's element type is a compile-time property, so tensors are grouped by
+dtype and the elementwise kernels run once per group (one launch per dtype: bf16, fp16 and fp32
+in one list make three); the merge kernels read fp32 partials and run once for all groups.
+
+Norm kinds (``KIND``) and the fp32 partial pair (a, b) of a chunk:
+
+  KIND_POW  ord p not in {0, 1, inf, -inf} (IS_TWO: p = 2): a = max |x| = s,
+            b = sum (|x| / s)^p. Scaling by the chunk's largest element makes the sum
+            overflow-safe (LAPACK nrm2's idea): fp32 gradients of 1e30 give a finite norm.
+            s is 0 (all zeros) or inf (an inf element): then b is the unscaled sum.
+  KIND_L1   a = sum |x|
+  KIND_MAX  a = max |x|, b = 1 if a NaN was seen (torch's inf-norm propagates NaN)
+  KIND_MIN  a = min |x|, b = as for MAX
+  KIND_L0   a = number of non-zero elements (NaN counts)
+
+Two merges in a fixed order, so the bits do not depend on scheduling (no atomics):
+stage 2 (one program per tensor) merges the tensor's chunk partials in item order, stage 3 (one
+program) merges the per-tensor pairs in tensor order. Merging scaled pairs (s_i, b_i):
+s = max s_i, b = sum b_i (s_i / s)^p, and the norm is s * b^(1/p) (0^(1/p) when b = 0); when
+s is 0 or inf, b is kept unscaled (the norm is b^(1/p): p < 0 with an inf element).
+
+Gradients (penalties): d/dw sum |w| = sign(w) (0 at 0, NaN at NaN), d/dw sum w^2 = 2w; the
+backward kernel writes ``g * sign(w)`` or ``g * 2w`` (g: the upstream gradient, a device scalar)
+into each gradient tensor. Clipping is the same kernel writing ``coef * x`` over x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import foreach_norm_config, foreach_norm_merge_config
+
+KIND_POW, KIND_L1, KIND_MAX, KIND_MIN, KIND_L0 = 0, 1, 2, 3, 4
+MAP_SCALE, MAP_SIGN, MAP_TWICE = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _pow(v, p, IS_TWO: tl.constexpr):
+    # v^p for v >= 0 (v = 0: 0 for p > 0, inf for p < 0)
+    if IS_TWO:
+        return v * v
+    return tl.exp2(p * tl.log2(v))
+
+
+@triton.jit
+def _tensor_ptr(
+    like_ptr,  # *T base of the group
+    table_ptr,  # *i64 offsets in elements
+    t,  # tensor index
+    ALIGNED: tl.constexpr,  # the offset is a multiple of 16 bytes
+):
+    # Pointer to tensor t's first element.
+    offset = tl.load(table_ptr + t)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 128 // like_ptr.dtype.element_ty.primitive_bitwidth)
+    return like_ptr + offset
+
+
+@triton.jit
+def _load_chunk(
+    src,  # *T the tensor
+    offs,  # int64 element offsets of the chunk (start + arange(BLOCK))
+    start,  # first element of the chunk
+    n,  # elements of the tensor
+    BLOCK: tl.constexpr,  # chunk size
+):
+    # fp32 chunk (0 past the end); a full chunk without a mask, so its loads vectorise.
+    if start + BLOCK <= n:
+        x = tl.load(src + offs).to(tl.float32)
+    else:
+        x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def foreach_norm_partial_kernel(
+    table_ptr,  # *i64 (n,) offset of each tensor from like_ptr, in elements
+    numel_ptr,  # *i64 (n,) elements of each tensor
+    item_tensor_ptr,  # *i64 (items,) tensor of each work item
+    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
+    like_ptr,  # *T the first tensor of this launch's dtype group: the base of every offset
+    part_a_ptr,  # *fp32 (items,) out: first partial of each chunk (see the module docstring)
+    part_b_ptr,  # *fp32 (items,) out: second partial of each chunk
+    item_base,  # first work item of this launch (its dtype group)
+    p,  # fp32 the order (KIND_POW only)
+    KIND: tl.constexpr,  # KIND_POW, KIND_L1, KIND_MAX, KIND_MIN or KIND_L0
+    IS_TWO: tl.constexpr,  # p == 2 (KIND_POW)
+    ALIGNED: tl.constexpr,  # every tensor of the group starts 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per work item
+):
+    item = item_base + tl.program_id(0).to(tl.int64)
+    t = tl.load(item_tensor_ptr + item)
+    src = _tensor_ptr(like_ptr, table_ptr, t, ALIGNED)
+    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
+    n = tl.load(numel_ptr + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    x = tl.abs(_load_chunk(src, offs, start, n, BLOCK))
+    b = 0.0
+    if KIND == 0:  # KIND_POW: s = max |x|, b = sum (|x| / s)^p
+        a = tl.max(x, 0)
+        scaled = (a > 0.0) & (a < float("inf"))
+        # x / s without overflowing 1 / s when s is subnormal: lift both by 2^64 first
+        lift = tl.where(a < 1e-19, 18446744073709551616.0, 1.0)
+        inv = tl.where(scaled, 1.0 / (a * lift), 1.0)
+        v = x * tl.where(scaled, lift, 1.0) * inv
+        b = tl.sum(tl.where(mask, _pow(v, p, IS_TWO), 0.0), 0)
+    elif KIND == 1:  # KIND_L1
+        a = tl.sum(x, 0)
+    elif KIND == 4:  # KIND_L0 (NaN != 0 counts, as in torch)
+        a = tl.sum(tl.where(mask & (x != 0.0), 1.0, 0.0), 0)
+    else:  # KIND_MAX / KIND_MIN, and whether a NaN was seen
+        b = tl.max(tl.where(mask & (x != x), 1.0, 0.0), 0)
+        if KIND == 2:
+            a = tl.max(x, 0)
+        else:
+            a = tl.min(tl.where(mask, x, float("inf")), 0)
+    tl.store(part_a_ptr + item, a)
+    tl.store(part_b_ptr + item, b)
+
+
+@triton.jit
+def _merge(
+    a_ptr,  # *fp32 partials (first of the pair)
+    b_ptr,  # *fp32 partials (second of the pair)
+    begin,  # first partial to merge
+    end,  # one past the last
+    p,  # fp32 the order (KIND_POW)
+    KIND: tl.constexpr,  # as in foreach_norm_partial_kernel
+    IS_TWO: tl.constexpr,  # p == 2
+    BLOCK: tl.constexpr,  # partials per step (the order of the sums is fixed by it)
+):
+    # (a, b) of the partials [begin, end), merged in a fixed order.
+    acc_a = tl.zeros((BLOCK,), tl.float32)
+    if KIND == 3:
+        acc_a += float("inf")
+    acc_b = tl.zeros((BLOCK,), tl.float32)
+    for start in range(begin, end, BLOCK):
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = i < end
+        a = tl.load(a_ptr + i, mask=m, other=0.0 if KIND != 3 else float("inf"))
+        if KIND == 0 or KIND == 2:
+            acc_a = tl.maximum(acc_a, a)
+        elif KIND == 3:
+            acc_a = tl.minimum(acc_a, a)
+        else:
+            acc_a += a
+        if KIND == 2 or KIND == 3:
+            acc_b = tl.maximum(acc_b, tl.load(b_ptr + i, mask=m, other=0.0))
+    if KIND == 0 or KIND == 2:
+        s = tl.max(acc_a, 0)
+    elif KIND == 3:
+        s = tl.min(acc_a, 0)
+    else:
+        s = tl.sum(acc_a, 0)
+    if KIND == 0:
+        # b = sum b_i (s_i / s)^p. When s is 0 or inf, b is an unscaled sum: b_i s_i^p for a
+        # scaled b_i (0 < s_i < inf), b_i itself for an unscaled one (s_i 0 or inf).
+        scaled = (s > 0.0) & (s < float("inf"))
+        for start in range(begin, end, BLOCK):
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = i < end
+            a = tl.load(a_ptr + i, mask=m, other=0.0)
+            ratio = tl.where(scaled, a / s, tl.where((a > 0.0) & (a < float("inf")), a, 1.0))
+            acc_b += tl.where(m, tl.load(b_ptr + i, mask=m, other=0.0) * _pow(ratio, p, IS_TWO), 0.0)
+    return s, tl.max(acc_b, 0) if (KIND == 2 or KIND == 3) else tl.sum(acc_b, 0)
+
+
+@triton.jit
+def _finish(
+    a,  # fp32 merged first partial
+    b,  # fp32 merged second partial
+    p,  # fp32 the order
+    KIND: tl.constexpr,  # as in foreach_norm_partial_kernel
+    IS_TWO: tl.constexpr,  # p == 2
+    SQUARE: tl.constexpr,  # return the norm squared (the L2 penalty: s^2 b, no sqrt)
+):
+    # The norm of a merged pair.
+    if KIND == 0:
+        if SQUARE:
+            return a * a * b
+        if IS_TWO:
+            root = tl.sqrt(b)
+        else:
+            root = tl.exp2(tl.log2(b) / p)
+        zero = tl.where(p > 0, 0.0, float("inf"))  # 0^(1/p): no element at all (empty tensors)
+        return tl.where(b == 0.0, zero, tl.where((a > 0.0) & (a < float("inf")), a, 1.0) * root)
+    if KIND == 2 or KIND == 3:
+        return tl.where(b > 0.0, float("nan"), a)
+    return a
+
+
+@triton.jit
+def foreach_norm_merge_kernel(
+    first_ptr,  # *i64 (n + 1,) first work item of each tensor
+    out_index_ptr,  # *i64 (n,) position of each tensor's norm in norm_ptr
+    part_a_ptr,  # *fp32 (items,) chunk partials from foreach_norm_partial_kernel
+    part_b_ptr,  # *fp32 (items,)
+    tensor_a_ptr,  # *fp32 (n,) out: merged pair of each tensor (table order)
+    tensor_b_ptr,  # *fp32 (n,)
+    norm_ptr,  # *fp32 (n,) out: the norm of each tensor (WRITE_NORM only), caller's order
+    p,  # fp32 the order (KIND_POW)
+    KIND: tl.constexpr,  # as in foreach_norm_partial_kernel
+    IS_TWO: tl.constexpr,  # p == 2
+    WRITE_NORM: tl.constexpr,  # write the per-tensor norms
+    BLOCK: tl.constexpr,  # partials merged per step
+):
+    t = tl.program_id(0).to(tl.int64)
+    a, b = _merge(part_a_ptr, part_b_ptr, tl.load(first_ptr + t), tl.load(first_ptr + t + 1), p, KIND, IS_TWO, BLOCK)
+    tl.store(tensor_a_ptr + t, a)
+    tl.store(tensor_b_ptr + t, b)
+    if WRITE_NORM:
+        tl.store(norm_ptr + tl.load(out_index_ptr + t), _finish(a, b, p, KIND, IS_TWO, False))
+
+
+@triton.jit
+def foreach_norm_total_kernel(
+    tensor_a_ptr,  # *fp32 (n,) per-tensor pairs from foreach_norm_merge_kernel
+    tensor_b_ptr,  # *fp32 (n,)
+    total_ptr,  # *fp32 () out: the norm of all the tensors together
+    coef_ptr,  # *fp32 () out: min(max_norm / (total + 1e-6), 1) (WRITE_COEF only)
+    n_tensors,  # n
+    p,  # fp32 the order (KIND_POW)
+    max_norm,  # fp32 clipping threshold (WRITE_COEF only)
+    KIND: tl.constexpr,  # as in foreach_norm_partial_kernel
+    IS_TWO: tl.constexpr,  # p == 2
+    SQUARE: tl.constexpr,  # write the squared norm (KIND_POW, the L2 penalty)
+    NORM_OF_NORMS: tl.constexpr,  # KIND_L0: count the tensors with a non-zero, as clip_grad_norm_
+    WRITE_COEF: tl.constexpr,  # also write the clipping coefficient
+    BLOCK: tl.constexpr,  # tensors merged per step
+):
+    if NORM_OF_NORMS:  # ||(||g_t||_0)_t||_0: tensors whose count is not 0
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n_tensors, BLOCK):
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            acc += tl.where(tl.load(tensor_a_ptr + i, mask=i < n_tensors, other=0.0) != 0.0, 1.0, 0.0)
+        total = tl.sum(acc, 0)
+    else:
+        a, b = _merge(tensor_a_ptr, tensor_b_ptr, 0, n_tensors, p, KIND, IS_TWO, BLOCK)
+        total = _finish(a, b, p, KIND, IS_TWO, SQUARE)
+    tl.store(total_ptr, total)
+    if WRITE_COEF:
+        tl.store(coef_ptr, tl.minimum(max_norm / (total + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL))  # as torch
+
+
+@triton.jit
+def foreach_map_kernel(
+    src_table_ptr,  # *i64 (n,) offset of each source tensor from like_ptr, in elements
+    dst_table_ptr,  # *i64 (n,) offset of each destination from out_like_ptr (in place: src_table_ptr)
+    numel_ptr,  # *i64 (n,) elements of each tensor
+    item_tensor_ptr,  # *i64 (items,) tensor of each work item
+    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
+    coef_ptr,  # *fp32 () the factor g (clip coefficient or upstream gradient)
+    like_ptr,  # *T the first source tensor of this launch's dtype group
+    out_like_ptr,  # *To the first destination tensor of the group
+    item_base,  # first work item of this launch (its dtype group)
+    MODE: tl.constexpr,  # MAP_SCALE: g x, MAP_SIGN: g sign(x), MAP_TWICE: g 2x
+    ALIGNED: tl.constexpr,  # every source tensor of the group starts 16-byte aligned
+    OUT_ALIGNED: tl.constexpr,  # every destination tensor of the group starts 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per work item
+):
+    item = item_base + tl.program_id(0).to(tl.int64)
+    t = tl.load(item_tensor_ptr + item)
+    src = _tensor_ptr(like_ptr, src_table_ptr, t, ALIGNED)
+    dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED)
+    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
+    n = tl.load(numel_ptr + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    x = _load_chunk(src, offs, start, n, BLOCK)
+    g = tl.load(coef_ptr)
+    if MODE == 1:  # d|x|/dx = sign(x): 0 at 0, NaN at NaN
+        x = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))
+    elif MODE == 2:  # d x^2 / dx = 2x
+        x = 2.0 * x
+    y = (x * g).to(out_like_ptr.dtype.element_ty)
+    if start + BLOCK <= n:
+        tl.store(dst + offs, y)
+    else:
+        tl.store(dst + offs, y, mask=offs < n)
+
+
+# ---------------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """The device description of a list of tensors in dtype groups (see the module docstring)."""
+
+    data: torch.Tensor  # int64: offset (n), numel (n), out_index (n), first (n + 1), item_tensor, item_start
+    n: int
+    items: int
+    groups: tuple  # (first tensor, end tensor, first item, end item, aligned) per dtype group
+    order: tuple  # the caller's index of each table entry
+
+    def _part(self, k: int) -> torch.Tensor:
+        n, items = self.n, self.items
+        bounds = (0, n, 2 * n, 3 * n, 4 * n + 1, 4 * n + 1 + items, 4 * n + 1 + 2 * items)
+        return self.data[bounds[k] : bounds[k + 1]]
+
+    @property
+    def offset(self) -> torch.Tensor:
+        return self._part(0)
+
+    @property
+    def numel(self) -> torch.Tensor:
+        return self._part(1)
+
+    @property
+    def out_index(self) -> torch.Tensor:
+        return self._part(2)
+
+    @property
+    def first(self) -> torch.Tensor:
+        return self._part(3)
+
+    @property
+    def item_tensor(self) -> torch.Tensor:
+        return self._part(4)
+
+    @property
+    def item_start(self) -> torch.Tensor:
+        return self._part(5)
+
+
+_CACHE: dict[tuple, Table] = {}
+_DATA_PTR, _NUMEL, _DTYPE = torch.Tensor.data_ptr, torch.Tensor.numel, operator.attrgetter("dtype")
+CACHE_SIZE = 8  # tables kept (a training loop needs one or two: the gradients, the weights)
+
+
+def dtype_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` by dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
+def table(tensors: list[torch.Tensor], block: int) -> Table:
+    """The (cached) table of ``tensors``: its content is a function of the key alone. Tensors of
+    the same dtypes in the same order (gradients made by ``empty_like``) get the same groups."""
+    key = (tensors[0].device, block, tuple(map(_DATA_PTR, tensors)), tuple(map(_NUMEL, tensors)),
+           tuple(map(_DTYPE, tensors)))  # fmt: skip
+    found = _CACHE.get(key)
+    if found is None:
+        found = _build(tensors, [i for g in dtype_groups(tensors) for i in g], block)
+        if len(_CACHE) >= CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = found
+    return found
+
+
+def _build(tensors: list[torch.Tensor], order: list[int], block: int) -> Table:
+    ordered = [tensors[i] for i in order]
+    n = len(ordered)
+    numel = torch.tensor([t.numel() for t in ordered], dtype=torch.int64)
+    chunks = (numel + block - 1) // block
+    first = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(chunks, 0, out=first[1:])
+    item_tensor = torch.repeat_interleave(torch.arange(n), chunks)
+    item_start = (torch.arange(len(item_tensor)) - first[item_tensor]) * block
+    groups, start, offset = [], 0, []
+    for g in dtype_groups(ordered):
+        end = start + len(g)
+        base = ordered[start]
+        offset += [(ordered[i].data_ptr() - base.data_ptr()) // base.element_size() for i in range(start, end)]
+        aligned = all(ordered[i].data_ptr() % 16 == 0 for i in range(start, end))
+        groups.append((start, end, int(first[start]), int(first[end]), aligned))
+        start = end
+    columns = [torch.tensor(offset, dtype=torch.int64), numel, torch.tensor(order, dtype=torch.int64), first]
+    host = torch.cat(columns + [item_tensor, item_start])
+    device = tensors[0].device
+    if device.type == "cuda":  # an asynchronous copy: no host synchronisation
+        host = host.pin_memory()
+    data = host.to(device, non_blocking=True)
+    return Table(data, n, len(item_tensor), tuple(groups), tuple(order))
+
+
+# -------------------------------------------------------------------------------- launchers
+
+
+def _kind(ord: float) -> int:
+    return {1.0: KIND_L1, float("inf"): KIND_MAX, float("-inf"): KIND_MIN, 0.0: KIND_L0}.get(ord, KIND_POW)
+
+
+def _reduce(tensors, ord, write_norm, norms=None):
+    """Stages 1 and 2: (table, per-tensor a, per-tensor b); per-tensor norms into ``norms``."""
+    cfg = foreach_norm_config()
+    tab = table(tensors, cfg.block_c)
+    kind, p = _kind(ord), float(ord)
+    dev = tensors[0].device
+    part_a = torch.empty(tab.items, device=dev, dtype=torch.float32)
+    part_b = torch.empty_like(part_a)
+    for t0, _, i0, i1, aligned in tab.groups:
+        if i1 > i0:
+            foreach_norm_partial_kernel[lambda meta, k=i1 - i0: (k,)](
+                tab.offset, tab.numel, tab.item_tensor, tab.item_start, tensors[tab.order[t0]], part_a, part_b, i0,
+                p, KIND=kind, IS_TWO=p == 2.0, ALIGNED=aligned, BLOCK=cfg.block_c, **cfg.launch_options(),
+            )  # fmt: skip
+    tensor_a = torch.empty(tab.n, device=dev, dtype=torch.float32)
+    tensor_b = torch.empty_like(tensor_a)
+    merge = foreach_norm_merge_config()
+    foreach_norm_merge_kernel[lambda meta: (tab.n,)](
+        tab.first, tab.out_index, part_a, part_b, tensor_a, tensor_b, norms if write_norm else tensor_a, p,
+        KIND=kind, IS_TWO=p == 2.0, WRITE_NORM=write_norm, BLOCK=merge.block_c, **merge.launch_options(),
+    )  # fmt: skip
+    return tab, tensor_a, tensor_b
+
+
+def foreach_norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
+    """fp32 (n,) norm of each tensor (contiguous, one device, non-empty list)."""
+    norms = torch.empty(len(tensors), device=tensors[0].device, dtype=torch.float32)
+    _reduce(tensors, ord, True, norms)
+    return norms
+
+
+def total_norm(
+    tensors: list[torch.Tensor], ord: float, norm_of_norms: bool = False, max_norm: float | None = None,
+    square: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 0-dim norm of all ``tensors`` together (``square``: its square, ord 2 only), and the
+    clipping coefficient ``min(max_norm / (total + 1e-6), 1)`` when ``max_norm`` is given.
+    ``norm_of_norms`` (ord 0): the number of tensors with a non-zero, as clip_grad_norm_."""
+    tab, tensor_a, tensor_b = _reduce(tensors, ord, False)
+    total = torch.empty((), device=tensor_a.device, dtype=torch.float32)
+    coef = torch.empty_like(total) if max_norm is not None else None
+    merge = foreach_norm_merge_config()
+    kind = _kind(ord)
+    foreach_norm_total_kernel[lambda meta: (1,)](
+        tensor_a, tensor_b, total, coef if coef is not None else total, tab.n, float(ord),
+        float(max_norm or 0.0), KIND=kind, IS_TWO=float(ord) == 2.0, SQUARE=square,
+        NORM_OF_NORMS=norm_of_norms and kind == KIND_L0, WRITE_COEF=coef is not None, BLOCK=merge.block_c,
+        **merge.launch_options(),
+    )  # fmt: skip
+    return total, coef
+
+
+def _map(sources: list[torch.Tensor], dests: list[torch.Tensor], coef: torch.Tensor, mode: int) -> None:
+    cfg = foreach_norm_config()
+    tab = table(sources, cfg.block_c)
+    dst = tab if dests is sources else table(dests, cfg.block_c)
+    for (t0, _, i0, i1, aligned), out_group in zip(tab.groups, dst.groups):
+        if i1 > i0:
+            first = tab.order[t0]
+            foreach_map_kernel[lambda meta, k=i1 - i0: (k,)](
+                tab.offset, dst.offset, tab.numel, tab.item_tensor, tab.item_start, coef, sources[first],
+                dests[first], i0, MODE=mode, ALIGNED=aligned, OUT_ALIGNED=out_group[4], BLOCK=cfg.block_c,
+                **cfg.launch_options(),
+            )  # fmt: skip
+
+
+def scale_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """``t *= coef`` for every tensor, in place (coef: fp32 0-dim device tensor)."""
+    _map(tensors, tensors, coef.to(torch.float32), MAP_SCALE)
+
+
+def penalty(tensors: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """fp32 0-dim ``sum |w|`` (kind "l1") or ``sum w^2`` ("l2") over every tensor."""
+    return total_norm(tensors, 1.0 if kind == "l1" else 2.0, square=kind == "l2")[0]
+
+
+def penalty_backward(tensors: list[torch.Tensor], grad: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """``grad * sign(w)`` ("l1") or ``grad * 2w`` ("l2") for every tensor, in its dtype."""
+    grads = [torch.empty_like(t) for t in tensors]
+    _map(tensors, grads, grad.to(torch.float32), MAP_SIGN if kind == "l1" else MAP_TWICE)
+    return grads
