@@ -4,12 +4,15 @@ Public surface: :func:`cross_entropy`; :func:`dropout`, :func:`dropout_add`,
 :func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`; backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
+
+Norms: :func:`vector_norm` (``torch.linalg.vector_norm``, without fp32 overflow / underflow).
 """
 
 from . import nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
+from .ops.vector_norm import vector_norm
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,6 @@ __all__ = [
     "nn",
     "set_backend",
     "use_backend",
+    "vector_norm",
     "__version__",
 ]
