@@ -1,7 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel specialisation; no GPU needed.
 
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd,
-bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd) — for each data
+bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
+(vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries) — for each data
 dtype, the flag constexprs the launchers can pass (fwd ``WSPG``: HAS_WEIGHT, HAS_SMOOTHING,
 PROB_TARGET, WRITE_GRAD; bwd ``WSPT``: ..., TARGET_GRAD; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRBD``: IS_RMS, HAS_RESIDUAL, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRBD``: IS_RMS,
@@ -74,6 +75,8 @@ class Kernel:
     i64_ptrs: frozenset[str] = frozenset()  # pointers to int64 data
     row_loads: tuple[str, ...] = ()  # source text of the loads of the data rows ("rowld")
     excludes: tuple[str, str] = ("", "")  # two flags that are never on together
+    flag_sets: tuple[str, ...] = ()  # the only flag combinations launched (default: every one)
+    derived: object = None  # Row -> further constexprs (e.g. a second block size), or None
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -99,6 +102,42 @@ KERNELS = {  # short name -> Kernel
 }  # fmt: skip
 _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _ROW_SIZES = {"n_cols", "n_elements"}
+
+# vector_norm: fwd ``MNPSZF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
+# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
+# sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R = tile // BLOCK_N.
+VECTOR_NORM_SIZES = (7, 1000, 4096, 1 << 20)
+_VNORM_KINDS = ("-----", "---S-", "--P--", "-NP--", "M----", "MN---", "----Z")
+_VNORM_FLAGS = ("MAXIMUM", "NEGATIVE", "POWER", "SQUARE", "NONZERO")
+_VNORM_FP32 = frozenset({"norm_ptr", "count_ptr", "part_r_ptr", "part_s_ptr"})
+
+
+def _vnorm_block_r(row) -> dict:
+    return {"BLOCK_R": max(1, tuning.VECTOR_NORM_TILE[DTYPES[row.dtype]] // row.block_c)}
+
+
+KERNELS.update({
+    "vnorm_fwd": Kernel("vector_norm", "vector_norm_fwd_kernel", _VNORM_FLAGS + ("FINAL",), "MNPSZF", "BLOCK_N",
+                        _VNORM_FP32, frozenset(), ("tl.load(x_rows + cols",),
+                        flag_sets=tuple(k + f for k in _VNORM_KINDS for f in "-F"), derived=_vnorm_block_r),
+    "vnorm_merge": Kernel("vector_norm", "vector_norm_merge_kernel", _VNORM_FLAGS, "MNPSZ", "BLOCK_S", _VNORM_FP32,
+                          frozenset(), ("tl.load(part_r_ptr + at",), flag_sets=_VNORM_KINDS),
+    "vnorm_bwd": Kernel("vector_norm", "vector_norm_bwd_kernel", ("MAXIMUM", "POWER", "SQUARE"), "MPS", "BLOCK_N",
+                        _VNORM_FP32, frozenset(), ("tl.load(x_ptr + rows[:, None] * stride_row",),
+                        flag_sets=("---", "--S", "-P-", "M--"), derived=_vnorm_block_r),
+})  # fmt: skip
+_CE_ROW_STRIDES |= {"stride_row"}  # vector_norm's rows: aligned exactly when N is
+
+
+def _vector_norm_variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
+    """(BLOCK_N or BLOCK_S, num_warps, C spec) -> the row sizes launched with it."""
+    if kernel == "vnorm_merge":
+        return {(tuning.VECTOR_NORM_MERGE_BLOCK, 4, "16"): ["-"]}
+    variants: dict[tuple, list[str]] = {}
+    for n in VECTOR_NORM_SIZES:
+        cfg = tuning.vector_norm_config(1 if n >= 1 << 20 else 16384, n, DTYPES[dtype])
+        variants.setdefault((cfg.block_n, cfg.num_warps, "16" if n % 16 == 0 else "any"), []).append(str(n))
+    return variants
 
 
 @dataclasses.dataclass
@@ -127,6 +166,8 @@ class Row:
 
 def _flag_sets(kernel: str, every: bool) -> list[str]:
     k = KERNELS[kernel]
+    if k.flag_sets:
+        return list(k.flag_sets)
     combos = itertools.product((0, 1), repeat=len(k.flags))
     if kernel == "bwd":
         combos = [c for c in combos if c[2] or not c[3]]  # TARGET_GRAD needs PROB_TARGET
@@ -148,6 +189,8 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
     """(block, num_warps, C spec) -> the sizes launched with it (see the module docstring)."""
     variants: dict[tuple, list[str]] = {}
     module = KERNELS[kernel].module
+    if module == "vector_norm":
+        return _vector_norm_variants(kernel, dtype)
     if module == "dropout" and kernel == "dropout":
         cfg = dropout_config()
         for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
@@ -207,6 +250,8 @@ def _source(row: Row) -> ASTSource:
     fn = getattr(importlib.import_module(f"fusedls.kernels.{k.module}"), k.function)
     constexprs = dict(zip(k.flags, (ch != "-" for ch in row.flags)))
     constexprs[k.block] = row.block_c
+    if k.derived:
+        constexprs.update(k.derived(row))
     if row.cspec == "1":
         constexprs["n_cols"] = 1
     signature, attrs = {}, {}

@@ -19,6 +19,7 @@ OP_MODULES = {
     "dropout": "fusedls.bench.dropout",
     "dropout_add": "fusedls.bench.dropout:DROPOUT_ADD",
     "dropout_add_rms_norm": "fusedls.bench.dropout:DROPOUT_ADD_RMS_NORM",
+    "vector_norm": "fusedls.bench.vector_norm",
 }
 
 

@@ -209,7 +209,7 @@ def vector_norm_fwd_kernel(
     part_s_ptr,  # *fp32 (R, n_splits) out (not FINAL): scaled sum / tie count of each slice
     n_rows,  # R
     n_cols,  # N
-    cols_per_split,  # columns of each slice (a multiple of BLOCK_N; n_cols when one split)
+    chunks_per_split,  # BLOCK_N-column chunks of each slice (all of a row's when one split)
     n_splits,  # slices per row
     p,  # fp32 the order (unused by the flags that fix it)
     MAXIMUM: tl.constexpr,  # ord +-inf
@@ -226,13 +226,15 @@ def vector_norm_fwd_kernel(
         split = task % n_splits
         rows = (task // n_splits).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < n_rows
-        start = split.to(tl.int64) * cols_per_split
-        end = tl.minimum(start + cols_per_split, n_cols)
+        # Slices are whole chunks, so only n_cols masks (a mask the loads can be vectorised
+        # under, when n_cols is a multiple of the vector), and every chunk starts aligned.
+        start = split.to(tl.int64) * chunks_per_split * BLOCK_N
+        end = tl.minimum(start + chunks_per_split * BLOCK_N, n_cols)
         x_rows = x_ptr + rows[:, None] * stride_row
         r, s = _initial(rows, MAXIMUM, NEGATIVE, POWER)
         for c in range(start, end, BLOCK_N):
             cols = c + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < end)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
             a = tl.abs(tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32))
             if NONZERO:
                 ones = tl.where(a != 0.0, 1.0, 0.0)  # NaN != 0: counted, as in torch
@@ -364,7 +366,7 @@ def vector_norm_forward(
         part_s = torch.empty_like(part_r)
     vector_norm_fwd_kernel[grid](
         rows, rows.stride(0), out, norm, count if count.numel() else norm, part_r, part_s,
-        n_rows, n_cols, per_split, splits, float(ord),
+        n_rows, n_cols, triton.cdiv(per_split, cfg.block_n), splits, float(ord),
         FINAL=splits == 1, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **flags, **cfg.launch_options(),
     )  # fmt: skip
     if splits > 1:
