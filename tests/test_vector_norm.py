@@ -275,3 +275,41 @@ def test_compile_fullgraph(backend, device, ord):
         expected.backward()
         for got, want in zip(grads, [p.grad for p in lin.parameters()]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_benchmark_checks_and_times_every_provider(tmp_path, monkeypatch):
+    import json
+
+    from fusedls import bench
+    from fusedls.bench import vector_norm as vb
+    from fusedls.bench.core import Case
+
+    monkeypatch.setattr(vb, "COMPILE_BACKEND", "eager")  # dynamo without inductor's C++ build
+    tiny = dict(device="cpu", modes=["fwd", "bwd", "fwd+bwd"], dtypes=["fp32"], rows=[1, 16], cols=[8192],
+                budget_s=0.005, plot=False, progress=False, echo=lambda text: None,
+                providers=["torch*", "fusedls/eager"])  # fmt: skip
+    assert bench.run(["vector_norm"], out=tmp_path, **tiny).exit_code == 0
+    rows = json.loads((tmp_path / "vector_norm.json").read_text())["rows"]
+    assert {(r["mode"], r["rows"]) for r in rows} == {(m, n) for m in tiny["modes"] for n in (1, 16)}
+    for r in rows:
+        if r["provider"] != "copy":
+            assert r["status"] == "ok" and r["median_ms"] > 0, r
+            assert r["bytes"] == vb.TRAFFIC[r["mode"]] * 16 * 8192 * 4 // (16 if r["rows"] == 1 else 1)
+    assert vb.BENCH.bytes(Case("fwd+bwd", "bf16", 16384, 4096)) == 3 * 16384 * 4096 * 2
+    assert {p.name for p in vb.BENCH.providers()} >= {"torch", "torch.compile", "fusedls/eager", "fusedls/triton"}
+
+
+def test_a_wrong_result_fails_the_benchmark(tmp_path, monkeypatch):
+    from fusedls.bench.__main__ import main as bench_main
+
+    real = fusedls.vector_norm
+    monkeypatch.setattr(fusedls, "vector_norm", lambda *a, **k: real(*a, **k) * 1.001)
+    code = bench_main(["--op", "vector_norm", "--device", "cpu", "--mode", "fwd", "--dtype", "fp32", "--rows", "8",
+                       "--cols", "64", "--budget", "0.005", "--no-plot", "--no-progress", "--out", str(tmp_path),
+                       "--providers", "torch", "fusedls/eager"])  # fmt: skip
+    assert code == 1
+
+
+def test_ord_zero_output_requires_grad_like_torch(device):
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    assert fusedls.vector_norm(x, 0).requires_grad == torch.linalg.vector_norm(x, 0).requires_grad
