@@ -132,7 +132,7 @@ _CE_ROW_STRIDES |= {"stride_row"}  # vector_norm's rows: aligned exactly when N 
 def _vector_norm_variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
     """(BLOCK_N or BLOCK_S, num_warps, C spec) -> the row sizes launched with it."""
     if kernel == "vnorm_merge":
-        return {(tuning.VECTOR_NORM_MERGE_BLOCK, 4, "16"): ["-"]}
+        return {(tuning.VECTOR_NORM_MERGE_BLOCK, tuning.VECTOR_NORM_MERGE_WARPS, "16"): ["-"]}
     variants: dict[tuple, list[str]] = {}
     for n in VECTOR_NORM_SIZES:
         cfg = tuning.vector_norm_config(1 if n >= 1 << 20 else 16384, n, DTYPES[dtype])

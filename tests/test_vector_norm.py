@@ -313,3 +313,12 @@ def test_a_wrong_result_fails_the_benchmark(tmp_path, monkeypatch):
 def test_ord_zero_output_requires_grad_like_torch(device):
     x = torch.randn(3, 4, device=device, requires_grad=True)
     assert fusedls.vector_norm(x, 0).requires_grad == torch.linalg.vector_norm(x, 0).requires_grad
+
+
+@pytest.mark.parametrize("ord", [2, 1, 3, 0.5, 1.5, -1, -2.5, INF, -INF])
+@pytest.mark.parametrize("dim", [None, -1, (0, 2)])
+def test_gradcheck_fp64(device, ord, dim):
+    # finite differences of fusedls itself (fp64: the eager backend); no ties, no zeros
+    x = (data((2, 3, 5), torch.float64, device).abs() + 0.1) * torch.tensor([1.0, -1.0] * 15, device=device).view(2, 3, 5)
+    x = x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fusedls.vector_norm(t, ord, dim), (x,))

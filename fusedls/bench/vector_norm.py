@@ -32,6 +32,7 @@ from fusedls import _backend
 from fusedls.testing import tolerance
 
 from .core import Case, OpBench, Provider, Slice
+from .dropout import _error_ratio  # max |a - e| / (atol + rtol |e|)
 
 ORD = 2
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in a cheaper one
@@ -90,12 +91,6 @@ class _Inputs:
         return self.x.double() * (factor if self.dim is None else factor[:, None])
 
 
-def _error_ratio(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> float:
-    """max |a - e| / (atol + rtol |e|): <= 1 passes; NaN counts as infinitely wrong."""
-    diff = (actual.detach().double() - expected).abs() / (atol + rtol * expected.abs())
-    return float(diff.nan_to_num(nan=float("inf"), posinf=float("inf")).max()) if diff.numel() else 0.0
-
-
 class VectorNormBench(OpBench):
     name = "vector_norm"
     cols_key, cols_label = "cols", "N"
@@ -134,16 +129,10 @@ class VectorNormBench(OpBench):
         return TRAFFIC[case.mode] * case.numel * case.torch_dtype.itemsize
 
     def providers(self) -> list[Provider]:
-        found = [
-            Provider("torch", "torch", lambda: _torch),
-            Provider("torch.compile", "compile", _compiled),
-        ]
-        for backend in (b.name for b in fusedls.backends()):
-            found.append(Provider(
-                f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, backend),
-                functools.partial(_backend_why_not, backend),
-            ))  # fmt: skip
-        return found
+        backends = [b.name for b in fusedls.backends()]
+        ours = [Provider(f"fusedls/{b}", "fusedls", functools.partial(_fusedls, b), functools.partial(_backend_why_not, b))
+                for b in backends]  # fmt: skip
+        return [Provider("torch", "torch", lambda: _torch), Provider("torch.compile", "compile", _compiled), *ours]
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:
         return _Inputs(case, device)

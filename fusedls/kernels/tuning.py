@@ -135,6 +135,7 @@ VECTOR_NORM_SPLIT_COLS = 16384
 VECTOR_NORM_INTERPRETER_SMS = 2
 # Stage 2 merges a row's partials in chunks of at most this many.
 VECTOR_NORM_MERGE_BLOCK = 1024
+VECTOR_NORM_MERGE_WARPS = 4
 
 
 @dataclasses.dataclass(frozen=True)

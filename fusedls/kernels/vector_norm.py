@@ -340,16 +340,9 @@ def _backward_flags(ord: float) -> dict:
     return dict(MAXIMUM=flags["MAXIMUM"], POWER=flags["POWER"], SQUARE=flags["SQUARE"])
 
 
-def vector_norm_forward(
-    rows: torch.Tensor,
-    ord: float,
-    out: torch.Tensor,
-    norm: torch.Tensor,
-    count: torch.Tensor,
-) -> None:
-    """Norm of each row of ``rows`` (R, N), N >= 1, columns contiguous: written into ``out``
-    (R,) in the output dtype and ``norm`` (R,) fp32; for ord +-inf the number of elements tied
-    at the norm goes into ``count`` (R,) fp32 (unused otherwise)."""
+def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm: torch.Tensor, count) -> None:
+    """See :func:`fusedls.eager.vector_norm.vector_norm_forward` for the contract (``norm``,
+    ``count``: fp32; ``rows`` (R, N), N >= 1, columns contiguous)."""
     n_rows, n_cols = rows.shape
     if n_rows == 0:
         return
@@ -374,20 +367,13 @@ def vector_norm_forward(
         merge_grid = lambda meta: (n_rows,)  # noqa: E731
         vector_norm_merge_kernel[merge_grid](
             part_r, part_s, out, norm, count if count.numel() else norm, n_rows, splits, float(ord),
-            BLOCK_S=block_s, num_warps=4, **flags,
+            BLOCK_S=block_s, num_warps=tuning.VECTOR_NORM_MERGE_WARPS, **flags,
         )  # fmt: skip
 
 
-def vector_norm_backward(
-    grad: torch.Tensor,
-    rows: torch.Tensor,
-    norm: torch.Tensor,
-    count: torch.Tensor,
-    ord: float,
-    dx: torch.Tensor,
-) -> None:
-    """Writes d(sum_i grad_i norm_i)/d rows into ``dx`` (R, N) contiguous; ``grad`` (R,) any
-    stride, ``norm`` / ``count`` (R,) fp32 from :func:`vector_norm_forward`; ord != 0."""
+def vector_norm_backward(grad: torch.Tensor, rows: torch.Tensor, norm, count, ord: float, dx) -> None:
+    """See :func:`fusedls.eager.vector_norm.vector_norm_backward` for the contract (``dx``
+    contiguous; ``grad`` of any stride)."""
     n_rows, n_cols = rows.shape
     if dx.numel() == 0:
         return
