@@ -105,7 +105,7 @@ _ROW_SIZES = {"n_cols", "n_elements"}
 
 # vector_norm: fwd ``MNPSZF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
 # _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
-# sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R = tile // BLOCK_N.
+# sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R as for many rows.
 VECTOR_NORM_SIZES = (7, 1000, 4096, 1 << 20)
 _VNORM_KINDS = ("-----", "---S-", "--P--", "-NP--", "M----", "MN---", "----Z")
 _VNORM_FLAGS = ("MAXIMUM", "NEGATIVE", "POWER", "SQUARE", "NONZERO")
@@ -113,7 +113,7 @@ _VNORM_FP32 = frozenset({"norm_ptr", "count_ptr", "part_r_ptr", "part_s_ptr"})
 
 
 def _vnorm_block_r(row) -> dict:
-    return {"BLOCK_R": max(1, tuning.VECTOR_NORM_TILE[DTYPES[row.dtype]] // row.block_c)}
+    return {"BLOCK_R": tuning.vector_norm_config(1 << 30, row.block_c, DTYPES[row.dtype]).block_r}
 
 
 KERNELS.update({

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's log
 def small_tiles(monkeypatch):
     """Tiles of 32 fp32 / 64 16-bit elements, so rows of a few dozen elements run the chunk
     loop several times with a masked tail and short rows share a tile; rows of >= 64 elements
-    are split among the programs (2 "SMs" x 4 programs), so the two-stage path runs too."""
+    are split among the programs (2 "SMs" x 2 programs), so the two-stage path runs too."""
     if "triton" in [b.name for b in fusedls.backends() if b.available]:
         from fusedls.kernels import tuning
 

@@ -124,9 +124,16 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
 # (many short rows per program). 8192 bf16 on 8 warps: 32 elements, four 16-byte loads a thread.
 VECTOR_NORM_TILE = {2: 8192, 4: 4096}
 VECTOR_NORM_WARPS = 8
+# At most this many rows per tile: 512 rows of 16 took all 255 registers (sm_80, 8 warps).
+VECTOR_NORM_MAX_BLOCK_R = 64
 VECTOR_NORM_SMALL_TILE_WARPS = 4  # tiles of at most 1024 elements (rows shorter than that, few rows)
-# Persistent forward: at most this many programs per SM, each looping over row blocks / splits.
-VECTOR_NORM_PROGRAMS_PER_SM = 4
+# Persistent forward, row path: at most this many programs per SM, each looping over row blocks;
+# far more than fit at once (~80 registers x 256 threads: 3 per SM), so the hardware keeps every
+# SM full as programs finish, and each loops only a few times (a short tail).
+VECTOR_NORM_PROGRAMS_PER_SM = 16
+# Split path: rows x slices ~ this many programs per SM, all resident at once (8 warps at up to
+# 128 registers), each streaming its slice.
+VECTOR_NORM_SPLIT_PROGRAMS_PER_SM = 2
 # Split path: a row of at least 2 * VECTOR_NORM_SPLIT_COLS elements, when the row blocks alone
 # cannot give every program work, is cut into slices of at least this many columns (a multiple
 # of BLOCK_N), reduced to fp32 partials by the programs of stage 1 and merged in order by stage 2.
@@ -152,7 +159,7 @@ def vector_norm_config(n_rows: int, n_cols: int, element_size: int) -> VectorNor
     """Tile and warps of the vector_norm kernels for (n_rows, n_cols) rows of ``element_size``-byte data."""
     tile = VECTOR_NORM_TILE.get(element_size, VECTOR_NORM_TILE[4])
     block_n = max(16, min(triton.next_power_of_2(max(n_cols, 1)), tile))
-    block_r = max(1, min(tile // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    block_r = max(1, min(tile // block_n, VECTOR_NORM_MAX_BLOCK_R, triton.next_power_of_2(max(n_rows, 1))))
     warps = VECTOR_NORM_WARPS if block_r * block_n > 1024 else VECTOR_NORM_SMALL_TILE_WARPS
     return VectorNormConfig(block_r, block_n, warps)
 
@@ -166,8 +173,8 @@ def vector_norm_sms(device: torch.device) -> int:
 
 def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, block_n: int) -> tuple[int, int]:
     """(splits, columns per split) of each row: (1, n_cols) unless the row is long and the row
-    blocks too few to occupy every program; slices are multiples of block_n and never empty."""
-    programs = vector_norm_sms(device) * VECTOR_NORM_PROGRAMS_PER_SM
+    blocks too few to occupy every SM; slices are multiples of block_n and never empty."""
+    programs = vector_norm_sms(device) * VECTOR_NORM_SPLIT_PROGRAMS_PER_SM
     if n_cols < 2 * VECTOR_NORM_SPLIT_COLS or n_row_blocks >= programs:
         return 1, n_cols
     splits = min(n_cols // VECTOR_NORM_SPLIT_COLS, triton.cdiv(programs, n_row_blocks))

@@ -350,7 +350,8 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     cfg = tuning.vector_norm_config(n_rows, n_cols, rows.element_size())
     n_row_blocks = triton.cdiv(n_rows, cfg.block_r)
     splits, per_split = tuning.vector_norm_split(rows.device, n_row_blocks, n_cols, cfg.block_n)
-    programs = tuning.vector_norm_sms(rows.device) * tuning.VECTOR_NORM_PROGRAMS_PER_SM
+    per_sm = tuning.VECTOR_NORM_PROGRAMS_PER_SM if splits == 1 else tuning.VECTOR_NORM_SPLIT_PROGRAMS_PER_SM
+    programs = tuning.vector_norm_sms(rows.device) * per_sm
     grid = lambda meta: (min(n_row_blocks * splits, programs),)  # noqa: E731
     if splits == 1:
         part_r = part_s = norm
