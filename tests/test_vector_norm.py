@@ -319,6 +319,6 @@ def test_ord_zero_output_requires_grad_like_torch(device):
 @pytest.mark.parametrize("dim", [None, -1, (0, 2)])
 def test_gradcheck_fp64(device, ord, dim):
     # finite differences of fusedls itself (fp64: the eager backend); no ties, no zeros
-    x = (data((2, 3, 5), torch.float64, device).abs() + 0.1) * torch.tensor([1.0, -1.0] * 15, device=device).view(2, 3, 5)
-    x = x.requires_grad_()
+    signs = torch.tensor([1.0, -1.0] * 15, device=device).view(2, 3, 5)
+    x = ((data((2, 3, 5), torch.float64, device).abs() + 0.1) * signs).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fusedls.vector_norm(t, ord, dim), (x,))

@@ -382,6 +382,7 @@ def vector_norm_backward(grad: torch.Tensor, rows: torch.Tensor, norm, count, or
     tiles = triton.cdiv(n_rows, cfg.block_r) * triton.cdiv(n_cols, cfg.block_n)
     grid = lambda meta: (tiles,)  # noqa: E731
     vector_norm_bwd_kernel[grid](
-        grad, grad.stride(0), rows, rows.stride(0), norm, count if count.numel() else norm, dx, n_rows, n_cols, float(ord),
+        grad, grad.stride(0), rows, rows.stride(0), norm, count if count.numel() else norm, dx,
+        n_rows, n_cols, float(ord),
         BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **_backward_flags(ord), **cfg.launch_options(),
     )  # fmt: skip
