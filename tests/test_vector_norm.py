@@ -102,7 +102,7 @@ def test_split_path_matches_and_is_deterministic(backend, small_tiles, device, o
     check(data((2, 600), torch.float32, device), ord, -1)
 
 
-@pytest.mark.parametrize("ord", [2, 1, 3, 0.5, 1.5, -1, -2.5, INF])
+@pytest.mark.parametrize("ord", [2, 1, 3, 0.5, 1.5, -1, -2.5, 8, INF])
 @pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e-39])
 def test_no_overflow_or_underflow_in_fp32(backend, small_tiles, device, ord, magnitude):
     # Squares / cubes of 1e30 overflow fp32 and those of 1e-30 underflow (3e-39 is subnormal);
@@ -117,6 +117,21 @@ def test_no_overflow_or_underflow_in_fp32(backend, small_tiles, device, ord, mag
     assert_close(out.double() / magnitude, ref / magnitude, torch.float32)
     out.backward(up)
     assert_close(x.grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("ord", [2, 1, 3, 0.5, -1.5, 8])
+@pytest.mark.parametrize("magnitude", [1e200, 1e-200])
+def test_no_overflow_or_underflow_in_fp64(backend, device, ord, magnitude):
+    # fp64 runs eagerly, whose scaled sums keep 1e200 (squares overflow fp64) and 1e-200 finite;
+    # the norm is homogeneous: norm(x) = m norm(x / m), and its gradient is the same for both.
+    y = data((3, 40), torch.float64, device).abs() + 0.5
+    x = (y * magnitude).requires_grad_()
+    up = data((3,), torch.float64, device, seed=2)
+    ref, ref_grad = reference(y, ord, -1, upstream=up)
+    out = fusedls.vector_norm(x, ord, -1)
+    assert_close(out / magnitude, ref)
+    out.backward(up)
+    assert_close(x.grad, ref_grad)
 
 
 @pytest.mark.parametrize("ord,value,torch_fp32", [(2, 1e30, INF), (3, 1e30, INF), (2, 1e-30, 0.0), (-2, 1e-30, 0.0)])

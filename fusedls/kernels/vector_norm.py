@@ -18,7 +18,7 @@ State. Every partial result is a pair (r, s) per row, merged left to right:
   [2^-126, 2^126] so r and 1/r are normal), and ``|x| * (1/r)`` is exact: values near 1e30
   whose squares overflow fp32, or near 1e-30 whose squares underflow, sum without trouble (the
   LAPACK nrm2 idea, with exact scaling). For other p, r is the largest |x| (the smallest for
-  p < 0, whose small elements dominate) and each term is ``2^(p (log2|x| - log2 r))`` <= 1;
+  p < 0, whose small elements dominate) and each term is ``(|x|/r)^p = 2^(p log2(|x|/r))`` <= 1;
   an element equal to r contributes exactly 1, which also settles r = 0 and r = inf.
   Merging (r1, s1), (r2, s2): r = max (min for p < 0), s = s1 (r1/r)^p + s2 (r2/r)^p.
   NaN needs no care: it reaches s, hence the norm.
@@ -39,7 +39,7 @@ independent; g = the upstream gradient of the row, n = its norm in fp32):
   ord 1:    g sgn(x)
   ord 2:    g x / n                          0 where x == 0 (also when n == 0)
   other p:  d n/d x = |x|^(p-1) sgn(x) / n^(p-1) = sgn(x) (|x|/n)^(p-1),  0 where x == 0
-            (computed as 2^((p-1)(log2|x| - log2 n)): no overflow of |x|^(p-1) or n^(p-1));
+            (computed as 2^((p-1) log2(|x|/n)): no overflow of |x|^(p-1) or n^(p-1));
             at x == 0 torch multiplies its 0 by a factor of the row, n^(1-p) for p < 1, so an
             infinite norm gives NaN there, which is kept
   ord +-inf: g sgn(x) / c where |x| == n (c tied elements), 0 elsewhere
@@ -68,21 +68,32 @@ def _pow2_scale(m):
 
 
 @triton.jit
+def _inverse(r):
+    # 1 / r for r >= 0 as a pair (2^-k, 1 / (r 2^-k)), multiplied in that order: 1 / r itself
+    # overflows fp32 for subnormal r; r 2^-k is in [1, 4) (at least 2^-23 for subnormal r).
+    _, inv = _pow2_scale(r)
+    return inv, 1.0 / (r * inv)
+
+
+@triton.jit
 def _rescale(
     s,  # fp32 partial sums (or counts)
     r,  # fp32 their reference magnitudes
     r_new,  # fp32 the common reference (max, or min for NEGATIVE, of the r merged)
-    inv_new,  # fp32 1 / r_new (exact: a power of two) for ord 1 and 2
+    inv_new,  # fp32 1 / r_new for ord 1 and 2 (exact: a power of two); _inverse(r_new)[0] for POWER
+    rinv_new,  # fp32 1.0 for ord 1 and 2; _inverse(r_new)[1] for POWER
     p,  # fp32 the order
     POWER: tl.constexpr,  # general p
     SQUARE: tl.constexpr,  # p == 2
 ):
-    # s * (r / r_new)^p, the ratio taken as exactly 1 when r == r_new (also 0/0 and inf/inf).
+    # s * (r / r_new)^p. For POWER the ratio is taken as exactly 1 when r == r_new (also 0/0 and
+    # inf/inf), and raised to p as 2^(p log2 t): t is within 2 ulp, and log2 of t <= 1 is
+    # accurate in absolute terms (log2 r - log2 r_new would lose 2^-17 for r near 1e30).
+    t = r * inv_new * rinv_new
     if POWER:
-        e = tl.where(r == r_new, 0.0, tl.log2(r) - tl.log2(r_new))
-        return s * tl.exp2(p * e)
+        t = tl.where(r == r_new, 1.0, t)
+        return s * tl.exp2(p * tl.log2(t))
     else:
-        t = r * inv_new
         if SQUARE:
             t = t * t
         return s * t
@@ -115,10 +126,13 @@ def _reduce(
             rr = tl.min(tl.where(mask, r, float("inf")), 1)
         else:
             rr = tl.max(tl.where(mask, r, 0.0), 1)
-        inv = rr  # unused for POWER
-        if not POWER:
+        if POWER:
+            inv, rinv = _inverse(rr)
+            terms = _rescale(s, r, rr[:, None], inv[:, None], rinv[:, None], p, POWER, SQUARE)
+        else:
             rr, inv = _pow2_scale(rr)
-        ss = tl.sum(tl.where(mask, _rescale(s, r, rr[:, None], inv[:, None], p, POWER, SQUARE), 0.0), 1)
+            terms = _rescale(s, r, rr[:, None], inv[:, None], 1.0, p, POWER, SQUARE)
+        ss = tl.sum(tl.where(mask, terms, 0.0), 1)
     return rr, ss
 
 
@@ -143,10 +157,12 @@ def _merge(
             r = tl.minimum(r1, r2)
         else:
             r = tl.maximum(r1, r2)
-        inv = r  # unused for POWER
-        if not POWER:  # r: a power of two in [2^-126, 2^126]; its exact reciprocal
+        if POWER:
+            inv, rinv = _inverse(r)
+        else:  # r: a power of two in [2^-126, 2^126]; its exact reciprocal
             r, inv = _pow2_scale(r)
-        s = _rescale(s1, r1, r, inv, p, POWER, SQUARE) + _rescale(s2, r2, r, inv, p, POWER, SQUARE)
+            rinv = 1.0
+        s = _rescale(s1, r1, r, inv, rinv, p, POWER, SQUARE) + _rescale(s2, r2, r, inv, rinv, p, POWER, SQUARE)
     return r, s
 
 
@@ -314,10 +330,11 @@ def vector_norm_bwd_kernel(
         c = tl.load(count_ptr + rows, mask=row_mask, other=1.0)[:, None]
         dx = tl.where(tl.abs(x) == n, sgn * (g / c), 0.0)
     elif POWER:
-        e = tl.log2(tl.abs(x)) - tl.log2(n)
+        inv, rinv = _inverse(n)
+        t = tl.abs(x) * inv * rinv  # |x| / n: x == 0 gives 0, n == 0 inf, inf / inf NaN
         # torch's 0 at x == 0 is 0 * (a factor of the row): NaN when n is NaN, or (p < 1) inf
         finite = tl.where(p > 1.0, n == n, n < float("inf"))
-        dx = tl.where((x == 0) & finite, 0.0, sgn * tl.exp2((p - 1.0) * e) * g)
+        dx = tl.where((x == 0) & finite, 0.0, sgn * tl.exp2((p - 1.0) * tl.log2(t)) * g)
     elif SQUARE:
         dx = tl.where((x == 0) & (n == n), 0.0, x / n * g)
     else:
