@@ -2,7 +2,8 @@
 
 Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse; :class:`CrossEntropyResult`),
 :func:`linear_cross_entropy` (LM head + loss without the logits); :func:`dropout`, :func:`dropout_add`,
-:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`foreach_norm`, :func:`total_norm`,
+:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`vector_norm` (without fp32
+overflow / underflow), :func:`foreach_norm`, :func:`total_norm`,
 :func:`clip_grad_norm_`, :func:`l1_penalty`, :func:`l2_penalty`, :func:`regularization_penalty`;
 :mod:`fusedls.nn`; backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
@@ -17,6 +18,7 @@ from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.foreach_norm import (
     clip_grad_norm_, foreach_norm, l1_penalty, l2_penalty, regularization_penalty, total_norm,
 )  # fmt: skip
+from .ops.vector_norm import vector_norm
 
 __version__ = "0.1.0"
 
@@ -39,5 +41,6 @@ __all__ = [
     "l2_penalty",
     "regularization_penalty",
     "total_norm",
+    "vector_norm",
     "__version__",
 ]

@@ -1,7 +1,9 @@
 """Ahead-of-time compile check of every Triton kernel specialisation; no GPU needed.
 
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd,
-bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd) — for each data
+bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
+(vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
+(fn_*) — for each data
 dtype, the flag constexprs the launchers can pass (fwd ``WSPGZC``: HAS_WEIGHT, HAS_SMOOTHING,
 PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRBD``: IS_RMS, HAS_RESIDUAL, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRBD``: IS_RMS,
@@ -78,6 +80,8 @@ class Kernel:
     excludes: tuple[str, str] = ("", "")  # two flags that are never on together
     options: int = 0  # the last `options` flags are options (see _flag_sets)
     constants: tuple = ()  # (name, value) constexprs fixed for this entry
+    flag_sets: tuple[str, ...] = ()  # the only flag combinations launched (default: every one)
+    derived: object = None  # Row -> further constexprs (e.g. a second block size), or None
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -125,6 +129,42 @@ for _name, _mode in (("scale", 0), ("sign", 1), ("twice", 2)):
 _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _ROW_SIZES = {"n_cols", "n_elements"}
 
+# vector_norm: fwd ``MNPSZF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
+# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
+# sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R as for many rows.
+VECTOR_NORM_SIZES = (7, 1000, 4096, 1 << 20)
+_VNORM_KINDS = ("-----", "---S-", "--P--", "-NP--", "M----", "MN---", "----Z")
+_VNORM_FLAGS = ("MAXIMUM", "NEGATIVE", "POWER", "SQUARE", "NONZERO")
+_VNORM_FP32 = frozenset({"norm_ptr", "count_ptr", "part_r_ptr", "part_s_ptr"})
+
+
+def _vnorm_block_r(row) -> dict:
+    return {"BLOCK_R": tuning.vector_norm_config(1 << 30, row.block_c, DTYPES[row.dtype]).block_r}
+
+
+KERNELS.update({
+    "vnorm_fwd": Kernel("vector_norm", "vector_norm_fwd_kernel", _VNORM_FLAGS + ("FINAL",), "MNPSZF", "BLOCK_N",
+                        _VNORM_FP32, frozenset(), ("tl.load(x_rows + cols",),
+                        flag_sets=tuple(k + f for k in _VNORM_KINDS for f in "-F"), derived=_vnorm_block_r),
+    "vnorm_merge": Kernel("vector_norm", "vector_norm_merge_kernel", _VNORM_FLAGS, "MNPSZ", "BLOCK_S", _VNORM_FP32,
+                          frozenset(), ("tl.load(part_r_ptr + at",), flag_sets=_VNORM_KINDS),
+    "vnorm_bwd": Kernel("vector_norm", "vector_norm_bwd_kernel", ("MAXIMUM", "POWER", "SQUARE"), "MPS", "BLOCK_N",
+                        _VNORM_FP32, frozenset(), ("tl.load(x_ptr + rows[:, None] * stride_row",),
+                        flag_sets=("---", "--S", "-P-", "M--"), derived=_vnorm_block_r),
+})  # fmt: skip
+_CE_ROW_STRIDES |= {"stride_row"}  # vector_norm's rows: aligned exactly when N is
+
+
+def _vector_norm_variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
+    """(BLOCK_N or BLOCK_S, num_warps, C spec) -> the row sizes launched with it."""
+    if kernel == "vnorm_merge":
+        return {(tuning.VECTOR_NORM_MERGE_BLOCK, tuning.VECTOR_NORM_MERGE_WARPS, "16"): ["-"]}
+    variants: dict[tuple, list[str]] = {}
+    for n in VECTOR_NORM_SIZES:
+        cfg = tuning.vector_norm_config(1 if n >= 1 << 20 else 16384, n, DTYPES[dtype])
+        variants.setdefault((cfg.block_n, cfg.num_warps, "16" if n % 16 == 0 else "any"), []).append(str(n))
+    return variants
+
 
 @dataclasses.dataclass
 class Row:
@@ -152,6 +192,8 @@ class Row:
 
 def _flag_sets(kernel: str, every: bool, all_options: bool = False) -> list[str]:
     k = KERNELS[kernel]
+    if k.flag_sets:
+        return list(k.flag_sets)
     n_base = len(k.flags) - k.options
     combos = itertools.product((0, 1), repeat=n_base)
     if kernel == "bwd":
@@ -186,6 +228,8 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
         elementwise = KERNELS[kernel].function in ("foreach_norm_partial_kernel", "foreach_map_kernel")
         cfg = foreach_norm_config() if elementwise else foreach_norm_merge_config()
         return {(cfg.block_c, cfg.num_warps, "16"): []}
+    if module == "vector_norm":
+        return _vector_norm_variants(kernel, dtype)
     if module == "dropout" and kernel == "dropout":
         cfg = dropout_config()
         for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
@@ -246,6 +290,8 @@ def _source(row: Row) -> ASTSource:
     constexprs = dict(zip(k.flags, (ch != "-" for ch in row.flags)))
     constexprs[k.block] = row.block_c
     constexprs.update(k.constants)
+    if k.derived:
+        constexprs.update(k.derived(row))
     if row.cspec == "1":
         constexprs["n_cols"] = 1
     signature, attrs = {}, {}

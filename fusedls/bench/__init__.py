@@ -25,6 +25,7 @@ OP_MODULES = {
     "clip_grad_norm": "fusedls.bench.foreach_norm:CLIP_GRAD_NORM",
     "l2_penalty": "fusedls.bench.foreach_norm:L2_PENALTY",
     "l1_penalty": "fusedls.bench.foreach_norm:L1_PENALTY",
+    "vector_norm": "fusedls.bench.vector_norm",
 }
 
 

@@ -136,3 +136,70 @@ def foreach_norm_config() -> LaunchConfig:
 def foreach_norm_merge_config() -> LaunchConfig:
     """Partials per step (``block_c``) and warps of the merge kernels."""
     return LaunchConfig(block_c=FOREACH_NORM_MERGE_BLOCK, num_warps=FOREACH_NORM_MERGE_WARPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# vector_norm (fusedls/kernels/vector_norm.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elements of one (BLOCK_R, BLOCK_N) tile per element size in bytes: BLOCK_N = the row length
+# rounded up to a power of two, at most the tile; BLOCK_R = tile // BLOCK_N rows side by side
+# (many short rows per program). 8192 bf16 on 8 warps: 32 elements, four 16-byte loads a thread.
+VECTOR_NORM_TILE = {2: 8192, 4: 4096}
+VECTOR_NORM_WARPS = 8
+# At most this many rows per tile: 512 rows of 16 took all 255 registers (sm_80, 8 warps).
+VECTOR_NORM_MAX_BLOCK_R = 64
+VECTOR_NORM_SMALL_TILE_WARPS = 4  # tiles of at most 1024 elements (rows shorter than that, few rows)
+# Persistent forward, row path: at most this many programs per SM, each looping over row blocks;
+# far more than fit at once (~80 registers x 256 threads: 3 per SM), so the hardware keeps every
+# SM full as programs finish, and each loops only a few times (a short tail).
+VECTOR_NORM_PROGRAMS_PER_SM = 16
+# Split path: rows x slices ~ this many programs per SM, all resident at once (8 warps at up to
+# 128 registers), each streaming its slice.
+VECTOR_NORM_SPLIT_PROGRAMS_PER_SM = 2
+# Split path: a row of at least 2 * VECTOR_NORM_SPLIT_COLS elements, when the row blocks alone
+# cannot give every program work, is cut into slices of at least this many columns (a multiple
+# of BLOCK_N), reduced to fp32 partials by the programs of stage 1 and merged in order by stage 2.
+VECTOR_NORM_SPLIT_COLS = 16384
+# SM count assumed off CUDA (the interpreter), where no device can be asked.
+VECTOR_NORM_INTERPRETER_SMS = 2
+# Stage 2 merges a row's partials in chunks of at most this many.
+VECTOR_NORM_MERGE_BLOCK = 1024
+VECTOR_NORM_MERGE_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorNormConfig:
+    block_r: int  # rows per tile
+    block_n: int  # columns per tile (a power of two)
+    num_warps: int
+
+    def launch_options(self) -> dict:
+        return LaunchConfig(self.block_n, self.num_warps).launch_options()
+
+
+def vector_norm_config(n_rows: int, n_cols: int, element_size: int) -> VectorNormConfig:
+    """Tile and warps of the vector_norm kernels for (n_rows, n_cols) rows of ``element_size``-byte data."""
+    tile = VECTOR_NORM_TILE.get(element_size, VECTOR_NORM_TILE[4])
+    block_n = max(16, min(triton.next_power_of_2(max(n_cols, 1)), tile))
+    block_r = max(1, min(tile // block_n, VECTOR_NORM_MAX_BLOCK_R, triton.next_power_of_2(max(n_rows, 1))))
+    warps = VECTOR_NORM_WARPS if block_r * block_n > 1024 else VECTOR_NORM_SMALL_TILE_WARPS
+    return VectorNormConfig(block_r, block_n, warps)
+
+
+def vector_norm_sms(device: torch.device) -> int:
+    """SMs of ``device`` (asked once, lazily), or VECTOR_NORM_INTERPRETER_SMS off CUDA."""
+    if device.type != "cuda":
+        return VECTOR_NORM_INTERPRETER_SMS
+    return _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, block_n: int) -> tuple[int, int]:
+    """(splits, columns per split) of each row: (1, n_cols) unless the row is long and the row
+    blocks too few to occupy every SM; slices are multiples of block_n and never empty."""
+    programs = vector_norm_sms(device) * VECTOR_NORM_SPLIT_PROGRAMS_PER_SM
+    if n_cols < 2 * VECTOR_NORM_SPLIT_COLS or n_row_blocks >= programs:
+        return 1, n_cols
+    splits = min(n_cols // VECTOR_NORM_SPLIT_COLS, triton.cdiv(programs, n_row_blocks))
+    per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_n) * block_n
+    return triton.cdiv(n_cols, per_split), per_split
