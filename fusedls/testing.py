@@ -42,7 +42,7 @@ def assert_close(
     (``actual.dtype`` by default); NaN and inf must match position by position."""
     tol = tolerance(dtype or actual.dtype, roundings)
     torch.testing.assert_close(
-        actual.detach().double(), expected.detach().double(), equal_nan=True, msg=msg or None, **tol
+        actual.detach().double().cpu(), expected.detach().double().cpu(), equal_nan=True, msg=msg or None, **tol
     )
 
 
