@@ -132,3 +132,31 @@ class NativeLibrary:
         if self.path is None:
             self.load()
         return getattr(torch.ops, self.namespace)
+
+
+def cross_entropy_functions(library: NativeLibrary, block_c: Callable[[], int]):
+    """The three functions of the cross-entropy backend interface (fusedls/eager/cross_entropy.py)
+    on ``library``'s ops; ``block_c()`` gives the classes per chunk of a row sweep (0: default)."""
+
+    def cross_entropy_forward(logits, target, weight, grad, grad_scale, ignore_index, keep, spread):
+        """See :func:`fusedls.eager.cross_entropy.cross_entropy_forward`."""
+        loss, lse, coef = library.ops().cross_entropy_forward(
+            logits, target, weight, grad, grad_scale, ignore_index, keep, spread, block_c()
+        )
+        return loss, lse, coef
+
+    def cross_entropy_backward(grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep,
+                               spread):  # fmt: skip
+        """See :func:`fusedls.eager.cross_entropy.cross_entropy_backward`."""
+        library.ops().cross_entropy_backward(
+            grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread, block_c()
+        )
+
+    def cross_entropy_scale_grad_(grad, factor):
+        """``grad *= factor`` row by row; rows whose factor is exactly 1 are left alone (decided
+        on the device for CUDA tensors, without synchronising)."""
+        if factor.device.type == "cpu" and factor.dim() == 0 and float(factor) == 1.0:
+            return  # loss.backward() on CPU: nothing to do (reading a CPU scalar costs nothing)
+        library.ops().cross_entropy_scale_grad_(grad, factor)
+
+    return cross_entropy_forward, cross_entropy_backward, cross_entropy_scale_grad_

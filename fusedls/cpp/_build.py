@@ -31,7 +31,7 @@ import torch
 from .. import _native
 
 SOURCES = ("cpu/binding.cpp", "cpu/cross_entropy.cpp")
-HEADERS = ("cpu/cross_entropy.h", "common/cross_entropy_args.h", "common/torch_args.h")
+HEADERS = ("cpu/cross_entropy.h", "common/cross_entropy_args.h", "common/torch_binding.h")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Instruction-set flags of each variant (x86-64); other machines get DEFAULT only.
 VARIANTS = {

@@ -18,7 +18,7 @@ import torch
 from .. import _native
 
 SOURCES = ("cuda/binding.cpp", "cuda/cross_entropy.cu")
-HEADERS = ("cuda/cross_entropy.cuh", "common/cross_entropy_args.h", "common/torch_args.h")
+HEADERS = ("cuda/cross_entropy.cuh", "common/cross_entropy_args.h", "common/torch_binding.h")
 KERNEL_SOURCE = "cuda/cross_entropy.cu"
 ARCHS = ("80", "90a")  # A100, H100 (sm_90a: the arch-specific Hopper target)
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
