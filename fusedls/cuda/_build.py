@@ -21,7 +21,7 @@ SOURCES = ("cuda/binding.cpp", "cuda/cross_entropy.cu")
 HEADERS = ("cuda/cross_entropy.cuh", "common/cross_entropy_args.h", "common/torch_binding.h")
 KERNEL_SOURCE = "cuda/cross_entropy.cu"
 ARCHS = ("80", "90a")  # A100, H100 (sm_90a: the arch-specific Hopper target)
-NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
+NVCC_FLAGS = ("-O3", "-lineinfo")  # torch's JIT adds its own -std; the standalone compile says c++17
 JIT_SECONDS = 120
 NAME = "_lib_cuda"
 
@@ -46,7 +46,7 @@ def nvcc_command(arch: str, output: str) -> list[str]:
     """nvcc compiling the kernels alone into a cubin for ``arch`` ("80", "90a"), printing
     ptxas's register / spill report (-Xptxas -v)."""
     return [
-        nvcc() or "nvcc", *NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
+        nvcc() or "nvcc", *NVCC_FLAGS, "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
         "-o", output, os.path.join(_native.CSRC, KERNEL_SOURCE),
     ]  # fmt: skip
 
