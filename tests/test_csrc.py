@@ -3,10 +3,8 @@ and the nvcc compile report of the CUDA kernels. Their numbers are tested by the
 (tests/test_cross_entropy*.py runs on every available backend through the ``backend`` fixture).
 """
 
-import concurrent.futures
 import importlib
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +18,7 @@ import fusedls.cuda
 from fusedls import _backend
 from fusedls.cpp import _build as cpp_build
 from fusedls.cuda import _build as cuda_build
+from fusedls.cuda import report as cuda_report
 from fusedls.testing import assert_close, reference_cross_entropy
 
 CPU = torch.device("cpu")
@@ -176,41 +175,10 @@ def test_variant_flags():
 
 # ------------------------------------------------------------------ nvcc report (CUDA kernels)
 
-_PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\w+)'")
-_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def ptxas_report(log: str) -> dict[str, dict[str, int]]:
-    """{kernel: {regs, stack, spill_stores, spill_loads}} from nvcc -Xptxas -v output."""
-    report, current = {}, None
-    for line in log.splitlines():
-        if m := _PTXAS_FUNCTION.search(line):
-            current = report.setdefault(m.group(1), {})
-        elif current is not None and (m := _PTXAS_SPILL.search(line)):
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif current is not None and (m := _PTXAS_USAGE.search(line)):
-            current["regs"] = int(m.group(1))
-    return report
-
-
 @pytest.mark.skipif(cuda_build.nvcc() is None, reason="nvcc not found (CUDA_HOME or PATH)")
-def test_cuda_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path):
-    def compile_arch(arch):
-        out = subprocess.run(
-            cuda_build.nvcc_command(arch, str(tmp_path / f"ce_{arch}.cubin")), capture_output=True, text=True,
-            timeout=600,
-        )  # fmt: skip
-        return arch, out
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(compile_arch, cuda_build.ARCHS))
-    for arch, out in results:
-        assert out.returncode == 0, out.stderr[-4000:]
-        report = ptxas_report(out.stdout + out.stderr)
+def test_cuda_kernels_compile_for_sm80_and_sm90a_without_spills():
+    for arch, report in cuda_report.nvcc_report().items():
         kinds = {name for name in report for k in ("forward_kernel", "backward_kernel", "scale_grad_kernel") if k in name}
         assert len(kinds) == len(report) >= 3 * 3, sorted(report)  # every dtype of the three kernels
         spilling = {k: v for k, v in report.items() if v.get("spill_stores") or v.get("spill_loads") or v.get("stack")}
         assert not spilling, f"sm_{arch}: {spilling}"
-        worst = max(v["regs"] for v in report.values())
-        print(f"sm_{arch}: {len(report)} kernels, max {worst} registers, 0 spill bytes")

@@ -21,19 +21,18 @@ namespace fusedls {
 namespace {
 
 // A freshly allocated gradient is untouched memory: its first write faults in every 4 KB page
-// (the kernel zeroes each), which costs more than the loss itself on large logits. Asking for
-// transparent huge pages first (Linux, THP mode "madvise" or "always") makes that one fault per
-// 2 MB: measured here (fp32 2048 x 32000, 2 cores) ~100 ms instead of ~330 ms for forward +
-// backward. The price: when the kernel has no free huge page at hand it compacts memory, which
-// now and then stalls a call (seen: 0.9 s once in ~20 calls on a busy machine);
-// FUSEDLS_HUGE_PAGES=0 turns the advice off. Harmless on memory already touched or when THP is
-// off; only whole 2 MB pages inside the buffer are advised. The kernels' threads then do the
-// first touch of their own rows.
+// (the kernel zeroes each), which on large logits costs more than the loss itself (fp32
+// 2048 x 32000, 2 cores: ~250 of ~330 ms). The kernels' threads each first-touch their own
+// rows, so the faults are taken in parallel. FUSEDLS_HUGE_PAGES=1 also advises transparent huge
+// pages for the buffer (Linux, THP mode "madvise" or "always"): one fault per 2 MB, ~100 ms in
+// all when the kernel has huge pages at hand, but when it must compact memory for them calls
+// stall (median 0.9 s measured interleaved with torch's own large allocations), so it is off
+// by default. Only whole 2 MB pages inside the buffer are advised.
 void advise_huge_pages(const at::Tensor& buffer) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {
     const char* v = std::getenv("FUSEDLS_HUGE_PAGES");
-    return v == nullptr || std::string(v) != "0";
+    return v != nullptr && std::string(v) == "1";
   }();
   if (!enabled) return;
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;

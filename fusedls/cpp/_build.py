@@ -80,9 +80,15 @@ def _jit_dir(variant: str) -> str:
 
 
 def prebuilt(variant: str) -> str | None:
-    """The library ``pip install`` built for ``variant`` (in this package), or None."""
+    """The library ``pip install`` built for ``variant`` (in this package), or None; in a
+    source checkout, None also when a source is newer than it (an editable install whose C++
+    was edited since: the JIT cache, rebuilt from the current sources, is used instead)."""
     found = sorted(glob.glob(os.path.join(PACKAGE_DIR, library_name(variant) + "*.so")))
-    return found[0] if found else None
+    if not found:
+        return None
+    sources = [os.path.join(_native.CSRC, rel) for rel in SOURCES + HEADERS]
+    newest = max((os.path.getmtime(p) for p in sources if os.path.exists(p)), default=0.0)
+    return found[0] if os.path.getmtime(found[0]) >= newest else None
 
 
 def cached(variant: str) -> str | None:

@@ -5,7 +5,8 @@ launchers taking raw pointers, sizes and a ``cudaStream_t``. The torch binding
 (``csrc/cuda/binding.cpp``) is compiled only on a machine with a CUDA build of torch, just in
 time (``torch.utils.cpp_extension.load``, nvcc + ninja) on the first request of the backend,
 for :data:`ARCHS`. CI compiles the ``.cu`` file alone with nvcc (no torch needed) to report
-registers and spills: :func:`nvcc_command`, used by tests/test_csrc.py.
+registers and spills: :mod:`fusedls.cuda.report` (``python -m fusedls.cuda.report`` prints
+it; tests/test_csrc.py asserts 0 spill bytes).
 """
 
 from __future__ import annotations
@@ -79,3 +80,4 @@ def jit_build() -> str:
         "cuda backend", NAME, _jit_dir(), JIT_SECONDS, sources=source_paths(),
         extra_cflags=["-O3"], extra_cuda_cflags=[*NVCC_FLAGS, *gencode_flags()],
     )  # fmt: skip
+
