@@ -175,7 +175,10 @@ def has_implementation(op: str | None, backend: str) -> bool:
         if op is None:
             _HAS_MODULE[key] = backend in ("eager", "triton")
         else:
-            _HAS_MODULE[key] = importlib.util.find_spec(f"fusedls.{_PACKAGES[backend]}.{op}") is not None
+            try:
+                _HAS_MODULE[key] = importlib.util.find_spec(f"fusedls.{_PACKAGES[backend]}.{op}") is not None
+            except ImportError:  # a package that cannot even be imported has no op
+                _HAS_MODULE[key] = False
     return _HAS_MODULE[key]
 
 

@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const CrossEntropy
       poison = ct.bad ? __int_as_float(0x7fc00000) : 0.f;
     }
     const Stats st = row_stats<T, TT, PROB, W, SMOOTH>(x, t, a.weight, a.n_cols, vec, a.keep, a.spread, shared);
-    const float lse = st.m + __logf(st.s);
+    const float lse = st.m + logf(st.s);  // accurate log: loss = lse - x_y may cancel
     float loss, coef;
     if constexpr (PROB) {
       loss = st.sum_w * lse - st.sum_wx;
