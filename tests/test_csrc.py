@@ -182,3 +182,18 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a_without_spills():
         assert len(kinds) == len(report) >= 3 * 3, sorted(report)  # every dtype of the three kernels
         spilling = {k: v for k, v in report.items() if v.get("spill_stores") or v.get("spill_loads") or v.get("stack")}
         assert not spilling, f"sm_{arch}: {spilling}"
+
+
+def test_unbuilt_cpp_backend(monkeypatch):
+    """Not built and not buildable: auto runs eagerly, an explicit request says why."""
+    monkeypatch.setattr(fusedls.cpp.LIBRARY, "path", None)
+    monkeypatch.setattr(fusedls.cpp.LIBRARY, "_status", "not built for this machine")
+    monkeypatch.setattr(_backend, "_NATIVE_READY", {})
+    monkeypatch.setenv("FUSEDLS_NO_EXTENSIONS", "1")
+    info = {b.name: b for b in fusedls.backends()}
+    assert not info["cpp"].available and "FUSEDLS_NO_EXTENSIONS" in info["cpp"].reason
+    with fusedls.use_backend("auto"):
+        assert _backend.resolve(CPU, torch.float32, "cross_entropy") == "eager"
+    with fusedls.use_backend("cpp"):
+        with pytest.raises(ValueError, match="'cpp' was requested but cannot run: .*FUSEDLS_NO_EXTENSIONS is set"):
+            fusedls.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
