@@ -134,7 +134,7 @@ __device__ Stats row_stats(const T* x, const TT* t, const float* w, int64_t n_co
                            float spread, Stats* shared) {
   Stats st = {kNegInf, 0.f, 0.f, 0.f};
   for_each_class(x, n_cols, vec, [&](int64_t c, float xc) {
-    if (xc > st.m) {  // NaN never is: it reaches s through exp below
+    if (xc > st.m || xc != xc) {  // a NaN logit becomes the max: the row's lse is NaN, as torch's
       st.s = rescale(st.s, st.m, xc);
       st.m = xc;
     }
