@@ -100,6 +100,10 @@ inline float horizontal_sum(const Vec& v) {
   return s;
 }
 
+// exp of every lane with ATen's fast polynomial (ULP 20: well within fp32 tolerance); NaN in,
+// NaN out (the AVX2 polynomial alone turns NaN into inf: e.g. x - lse for a row of -inf).
+inline Vec exp_fast(const Vec& d) { return Vec::blendv(d.exp_u20(), d, d.isnan()); }
+
 inline Vec load_weight(const float* w, int64_t c, Vec& second) {
   second = Vec::loadu(w + c + kLanes);
   return Vec::loadu(w + c);
@@ -142,7 +146,7 @@ RowStats row_stats(const T* x, const TT* t, const float* w, int64_t n, int64_t b
     for (int64_t i = 0; i < vec_len; i += kUnit) {
       Vec a, b;
       Io<T>::load(xb + i, a, b);
-      v_sum = v_sum + (a - v_ref).exp_u20() + (b - v_ref).exp_u20();
+      v_sum = v_sum + exp_fast(a - v_ref) + exp_fast(b - v_ref);
       if constexpr (PROB) {
         Vec ta, tb;
         Io<TT>::load(t + b0 + i, ta, tb);
@@ -203,8 +207,8 @@ void grad_sweep(const T* x, T* g, const TT* t, TT* gt, const float* w, int64_t n
     for (int64_t c = b0; c < vec_end; c += kUnit) {
       Vec a, b;
       Io<T>::load(x + c, a, b);
-      Vec ga = v_coef * (a - v_lse).exp_u20();
-      Vec gb = v_coef * (b - v_lse).exp_u20();
+      Vec ga = v_coef * exp_fast(a - v_lse);
+      Vec gb = v_coef * exp_fast(b - v_lse);
       Vec wa, wb;
       if constexpr (W) wa = load_weight(w, c, wb);
       if constexpr (PROB) {
