@@ -1,4 +1,4 @@
-"""pytest-benchmark suite, CPU: cross-entropy forward + backward of fusedls's eager backend against
+"""pytest-benchmark suite, CPU: cross-entropy forward + backward of fusedls's eager and cpp backends against
 torch eager ``nn.CrossEntropyLoss(label_smoothing=0.1)`` and ``torch.compile`` of it.
 
     pytest benchmarks --benchmark-only                        # run and print the table
@@ -29,7 +29,13 @@ def case_inputs(request):
     return request.param, BENCH.prepare(request.param, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager", "fusedls/eager+inplace"])
+NAMES = ["torch", "torch.compile", "fusedls/eager", "fusedls/eager+inplace", "fusedls/cpp", "fusedls/cpp+inplace"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_cross_entropy(benchmark, case_inputs, name):
     case, inputs = case_inputs
+    why_not = PROVIDERS[name].why_not(case, torch.device("cpu"))
+    if why_not:
+        pytest.skip(why_not)
     run_benchmark(benchmark, BENCH, PROVIDERS[name], case, inputs)

@@ -4,7 +4,10 @@ Backends
 --------
 ``eager``   pure PyTorch, the same math as the kernels; runs everywhere.
 ``triton``  the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-``auto``    (default) ``triton`` for CUDA tensors when it can run, ``eager`` otherwise.
+``cpp``     fused C++ CPU kernels (``csrc/cpu``); built by pip install, else on first request.
+``cuda``    CUDA C++ kernels (``csrc/cuda``); compiled on first request on a GPU machine.
+``auto``    (default) CUDA tensors: ``triton``, else ``cuda``; CPU tensors: ``cpp`` when it is
+            already built, else ``eager``. Ops or options a backend lacks are passed over.
 
 The requested backend comes from, in order: :func:`use_backend` (a context manager),
 :func:`set_backend`, the ``FUSEDLS_BACKEND`` environment variable, and ``auto``. Selection is
@@ -23,7 +26,10 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "eager", "triton", "cpp", "cuda")
+NATIVE = ("cpp", "cuda")  # backends of csrc/, packages fusedls.cpp / fusedls.cuda
+_NATIVE_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # the tensors each runs on
+_PACKAGES = {"triton": "kernels", "eager": "eager", "cpp": "cpp", "cuda": "cuda"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,34 +122,106 @@ def triton_unavailable_reason(device: torch.device | None = None) -> str:
 
 
 def backends() -> list[BackendInfo]:
-    """Every backend, whether it can run here, and if not, why."""
-    return [
+    """Every backend, whether it can run here, and if not, why. A native backend that is not
+    built yet but can be (on its first request) counts as available; its reason says so."""
+    found = [
         BackendInfo("eager", True, ""),
         BackendInfo("triton", not triton_unavailable_reason(), triton_unavailable_reason()),
     ]
+    for name in NATIVE:
+        reason = _native(name).unavailable_reason()
+        found.append(BackendInfo(name, not reason or reason.startswith("not built yet"), reason))
+    return found
+
+
+def _native(name: str):
+    """The package of a native backend (light: it loads no library until asked)."""
+    return importlib.import_module(f"fusedls.{name}")
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant
+def _native_ready(name: str) -> bool:
+    """Whether native backend ``name`` can run without compiling anything (auto uses it only
+    then); found once per process."""
+    if name not in _NATIVE_READY:
+        library = _native(name).LIBRARY
+        _NATIVE_READY[name] = not library.precondition() and not library.status()
+    return _NATIVE_READY[name]
+
+
+_NATIVE_READY: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _native_reason(name: str, device_type: str) -> str:
+    """Why native backend ``name``, requested explicitly, cannot run on ``device_type``
+    tensors ("" when it can); compiles its library first when it is not built and can be."""
+    library = _native(name).LIBRARY
+    if device_type != library.device_type:
+        return f"the {name} backend runs on {library.device_type} tensors, not {device_type}"
+    if _native_ready(name):
+        return ""
+    reason = library.unavailable_reason(build=True)
+    _NATIVE_READY[name] = not reason
+    return reason
+
+
+@torch.compiler.assume_constant_result
+def has_implementation(op: str | None, backend: str) -> bool:
+    """Whether ``backend`` has a module for ``op`` (found once, without importing it). ``op``
+    None (callers that name no op) means an op of the eager and triton backends only."""
+    key = (op, backend)
+    if key not in _HAS_MODULE:
+        if op is None:
+            _HAS_MODULE[key] = backend in ("eager", "triton")
+        else:
+            try:
+                _HAS_MODULE[key] = importlib.util.find_spec(f"fusedls.{_PACKAGES[backend]}.{op}") is not None
+            except ImportError:  # a package that cannot even be imported has no op
+                _HAS_MODULE[key] = False
+    return _HAS_MODULE[key]
+
+
+_HAS_MODULE: dict[tuple, bool] = {}
+
+
+def _unavailable(name: str, device: torch.device, op: str | None, build: bool) -> str:
+    """Why backend ``name`` cannot run ``op`` on ``device`` ("" when it can)."""
+    if not has_implementation(op, name):
+        return f"it has no implementation of {op or 'this op'}"
+    if name == "triton":
+        return triton_unavailable_reason(device)
+    if build:
+        return _native_reason(name, device.type)
+    return "" if device.type == _NATIVE_DEVICE[name] and _native_ready(name) else "not built"
 
 
 def resolve(device: torch.device, dtype: torch.dtype, op: str | None = None, features=()) -> str:
-    """The concrete backend ('eager' or 'triton') that runs ``op`` on ``device``/``dtype``.
+    """The concrete backend (eager, triton, cpp or cuda) that runs ``op`` on ``device``/``dtype``.
 
     fp64 always runs eagerly (the kernels accumulate in fp32). ``features`` names the optional
     parts of ``op`` a call uses (e.g. ``{"softcap"}``); a backend whose module lists one of them
-    in ``UNSUPPORTED`` is passed over by ``auto`` (the eager backend supports everything). ``auto``
-    never raises; an explicitly requested backend that cannot run raises a ValueError saying why.
+    in ``UNSUPPORTED``, or that has no module for ``op`` at all, is passed over by ``auto`` (the
+    eager backend supports everything). ``auto`` never raises and never compiles anything; an
+    explicitly requested backend that cannot run raises a ValueError saying why (a native one
+    that is not built yet is compiled first, announced on stderr). Every answer that does not
+    depend on the tensors is cached, so this costs a few dictionary lookups per call.
     """
     name = requested_backend()
     if dtype == torch.float64 or name == "eager":
         return "eager"
-    if name == "triton":
-        reason = triton_unavailable_reason(device)
+    if name != "auto":
+        reason = _unavailable(name, device, op, build=True)
         if reason:
-            raise ValueError(f"backend 'triton' was requested but cannot run: {reason}")
-        missing = unsupported(op, "triton", features)
+            raise ValueError(f"backend {name!r} was requested but cannot run: {reason}")
+        missing = unsupported(op, name, features)
         if missing:
-            raise ValueError(f"backend 'triton' was requested but does not support {sorted(missing)} of {op}")
-        return "triton"
-    if device.type == "cuda" and not triton_unavailable_reason(device) and not unsupported(op, "triton", features):
-        return "triton"
+            raise ValueError(f"backend {name!r} was requested but does not support {sorted(missing)} of {op}")
+        return name
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
+    for candidate in candidates:
+        if not _unavailable(candidate, device, op, build=False) and not unsupported(op, candidate, features):
+            return candidate
     return "eager"
 
 
@@ -161,6 +239,6 @@ def _unsupported_names(op: str, backend: str) -> tuple:
 
 def implementation(op: str, backend: str):
     """The module implementing ``op`` on a concrete backend: ``fusedls.kernels.<op>`` (triton,
-    imported only then) or ``fusedls.eager.<op>``; both offer the same functions."""
-    package = "kernels" if backend == "triton" else "eager"
-    return importlib.import_module(f"fusedls.{package}.{op}")
+    imported only then), ``fusedls.eager.<op>``, ``fusedls.cpp.<op>`` or ``fusedls.cuda.<op>``;
+    all offer the same functions."""
+    return importlib.import_module(f"fusedls.{_PACKAGES[backend]}.{op}")

@@ -54,13 +54,25 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 AVAILABLE = [b.name for b in fusedls.backends() if b.available]
 
 
-@pytest.fixture(params=["eager", "triton"])
+REASONS = {b.name: b.reason for b in fusedls.backends()}
+
+
+@pytest.fixture(params=["eager", "triton", "cpp", "cuda"])
 def backend(request):
-    """Every backend, each test run once per backend; unavailable ones are skipped."""
-    if request.param not in AVAILABLE:
-        pytest.skip(f"backend {request.param} unavailable: {_backend.triton_unavailable_reason()}")
-    with fusedls.use_backend(request.param):
-        yield request.param
+    """Every backend, each test run once per backend; unavailable ones are skipped, and so are
+    the native backends (cpp, cuda) for the ops they do not implement (test_<op>.py)."""
+    name = request.param
+    if name not in AVAILABLE:
+        pytest.skip(f"backend {name} unavailable: {REASONS[name]}")
+    if name in ("cpp", "cuda"):
+        if DEVICE != {"cpp": "cpu", "cuda": "cuda"}[name]:
+            pytest.skip(f"backend {name} runs on {'CPU' if name == 'cpp' else 'CUDA'} tensors, tests use {DEVICE}")
+        # The op under test: the module's OP, else its name (test_<op>.py, test_<op>_edges.py).
+        op = getattr(request.module, "OP", request.module.__name__.removeprefix("test_").split("_edges")[0])
+        if not _backend.has_implementation(op, name):
+            pytest.skip(f"backend {name} has no {op}")
+    with fusedls.use_backend(name):
+        yield name
 
 
 @pytest.fixture
@@ -73,6 +85,7 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_MAX_BLOCK", {2: 16, 4: 16})
         monkeypatch.setattr(tuning, "INTERPRETER_PROGRAMS", 3)
     monkeypatch.setattr("fusedls.eager.cross_entropy._BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr("fusedls.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def test_fp16_smoothing_where_torch_overflows(backend, device):
 def test_out_of_range_targets(backend, device):
     x = logits((4, 10), torch.float32, device).requires_grad_()
     t = torch.tensor([1, 10, -100, -3], device=device)
-    if backend == "eager" and device == "cpu":
+    if backend in ("eager", "cpp") and device == "cpu":  # the shared check, free on CPU
         with pytest.raises(ValueError, match="target contains class id 10"):
             fusedls.cross_entropy(x, t)
         return

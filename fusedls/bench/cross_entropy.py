@@ -67,7 +67,7 @@ def _backend_why_not(backend: str, inplace: bool, case: Case, device: torch.devi
         return "inplace_backward only acts when a gradient is computed"
     try:
         with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype)
+            resolved = _backend.resolve(device, case.torch_dtype, "cross_entropy")
     except ValueError as exc:  # fusedls's own reason, e.g. "CPU tensors need TRITON_INTERPRET=1 ..."
         return str(exc)
     return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"

@@ -113,7 +113,7 @@ def _compiled(op: str):
 def _backend_why_not(op: str, backend: str, case: Case, device: torch.device) -> str:
     try:
         with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype)
+            resolved = _backend.resolve(device, case.torch_dtype, "dropout")
     except ValueError as exc:  # fusedls's own reason
         return str(exc)
     if resolved != backend:

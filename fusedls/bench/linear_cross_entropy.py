@@ -56,7 +56,7 @@ def _fusedls(backend: str):
 def _backend_why_not(backend: str, case: Case, device: torch.device) -> str:
     try:
         with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype)
+            resolved = _backend.resolve(device, case.torch_dtype, "cross_entropy")
     except ValueError as exc:
         return str(exc)
     return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"

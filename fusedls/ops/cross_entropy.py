@@ -6,8 +6,9 @@ Layers (one name, ``cross_entropy``, at each):
   ``(R, C)`` rows with contiguous classes, and applies :class:`CrossEntropyFunction`;
 * :class:`CrossEntropyFunction` picks the gradient strategy and does the reduction;
 * the ``fusedls::cross_entropy_*`` custom ops (opaque to ``torch.compile``) run one backend:
-  ``fusedls/kernels/cross_entropy.py`` (triton) or ``fusedls/eager/cross_entropy.py`` (eager),
-  which share one interface.
+  ``fusedls/kernels/cross_entropy.py`` (triton), ``fusedls/eager/cross_entropy.py`` (eager),
+  ``fusedls/cpp/cross_entropy.py`` (cpp) or ``fusedls/cuda/cross_entropy.py`` (cuda), which
+  share one interface.
 
 Gradient strategy. When the upstream gradient of each row is known up to one factor (reduction
 ``mean``/``sum``, or any reduction with ``inplace_backward``), forward writes the gradient while
@@ -62,12 +63,14 @@ def _impl(backend: str):
 
 
 def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, backend: str) -> None:
-    # Free on CPU tensors and done there by the eager backend (torch raises IndexError there).
-    # On GPU the kernels turn such rows into NaN instead of syncing; FUSEDLS_CHECK_TARGETS=1
-    # asks for this (synchronising) check everywhere, for debugging.
+    # Free on CPU tensors and done there by the eager and cpp backends (torch raises IndexError
+    # there). On GPU (and for the triton kernels under the CPU interpreter, which stand for the
+    # GPU) the kernels turn such rows into NaN instead of syncing; FUSEDLS_CHECK_TARGETS=1 asks
+    # for this (synchronising) check everywhere, for debugging.
     if target.is_floating_point() or target.numel() == 0:
         return
-    if not ((backend == "eager" and target.device.type == "cpu") or os.environ.get("FUSEDLS_CHECK_TARGETS") == "1"):
+    on_cpu = backend in ("eager", "cpp") and target.device.type == "cpu"
+    if not (on_cpu or os.environ.get("FUSEDLS_CHECK_TARGETS") == "1"):
         return
     bad = ((target < 0) | (target >= n_cols)) & (target != ignore_index)
     if bool(bad.any()):

@@ -265,7 +265,7 @@ def _promote(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def _resolve(x: torch.Tensor, *others: torch.Tensor | None) -> str:
-    return _backend.resolve(x.device, _promote(x, *others))
+    return _backend.resolve(x.device, _promote(x, *others), "dropout")
 
 
 def dropout(

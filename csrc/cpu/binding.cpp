@@ -1,0 +1,70 @@
+// Torch binding of the CPU cross-entropy kernels: the `fusedls_cpp` operator library, loaded
+// by fusedls/cpp (torch.ops.load_library). Each instruction-set variant of the library
+// (fusedls/cpp/_build.py) registers the same ops; one variant is loaded per process.
+//
+//   torch.ops.fusedls_cpp.cross_entropy_forward / cross_entropy_backward /
+//   cross_entropy_scale_grad_   (schemas and contract: csrc/common/torch_binding.h)
+//   torch.ops.fusedls_cpp.capability() -> str      "DEFAULT", "AVX2" or "AVX512"
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "../common/torch_binding.h"
+#include "cross_entropy.h"
+
+namespace fusedls {
+namespace {
+
+// A freshly allocated gradient is untouched memory: its first write faults in every 4 KB page
+// (the kernel zeroes each), which on large logits costs more than the loss itself (fp32
+// 2048 x 32000, 2 cores: ~250 of ~330 ms). The kernels' threads each first-touch their own
+// rows, so the faults are taken in parallel. FUSEDLS_HUGE_PAGES=1 also advises transparent huge
+// pages for the buffer (Linux, THP mode "madvise" or "always"): one fault per 2 MB, ~100 ms in
+// all when the kernel has huge pages at hand, but when it must compact memory for them calls
+// stall (median 0.9 s measured interleaved with torch's own large allocations), so it is off
+// by default. Only whole 2 MB pages inside the buffer are advised.
+void advise_huge_pages(const at::Tensor& buffer) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* v = std::getenv("FUSEDLS_HUGE_PAGES");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (!enabled) return;
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(buffer.numel()) * buffer.element_size();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)buffer;
+#endif
+}
+
+struct Cpu {
+  static void check(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), "the cpp backend runs on CPU tensors; ", name, " is on ", t.device());
+  }
+  static int guard(const at::Tensor&) { return 0; }  // one device: nothing to switch
+  static void fresh_buffer(const at::Tensor& t) { advise_huge_pages(t); }
+  static void forward(const CrossEntropyArgs& a) { cpu::cross_entropy_forward(a); }
+  static void backward(const CrossEntropyArgs& a) { cpu::cross_entropy_backward(a); }
+  static void scale_grad(const CrossEntropyArgs& a) { cpu::cross_entropy_scale_grad(a); }
+};
+
+std::string capability() { return cpu::capability(); }
+
+}  // namespace
+}  // namespace fusedls
+
+TORCH_LIBRARY(fusedls_cpp, m) {
+  m.def(fusedls::kForwardSchema, &fusedls::run_forward<fusedls::Cpu>);
+  m.def(fusedls::kBackwardSchema, &fusedls::run_backward<fusedls::Cpu>);
+  m.def(fusedls::kScaleGradSchema, &fusedls::run_scale_grad<fusedls::Cpu>);
+  m.def("capability() -> str", &fusedls::capability);
+}
