@@ -6,7 +6,7 @@ Public surface: :func:`cross_entropy`; :func:`dropout`, :func:`dropout_add`,
 triton nor a GPU nor a compiler.
 """
 
-from . import nn
+from . import distributed, nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
@@ -21,6 +21,7 @@ __all__ = [
     "dropout_add",
     "dropout_add_layer_norm",
     "dropout_add_rms_norm",
+    "distributed",
     "nn",
     "set_backend",
     "use_backend",

@@ -1,0 +1,327 @@
+"""fusedls.distributed against the single-process torch loss on the concatenated logits.
+
+The module spawns one group of 2 and one of 3 gloo processes (CPU) and runs every
+configuration inside them; each rank compares its loss and the gradient of its slice (and,
+for the linear variant, grad hidden and its weight/bias slices) with ``F.cross_entropy`` in
+float64 on the full logits, and sends back the traceback of each failure. One test per
+configuration then reports what every rank found. Uneven splits include a rank with no class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import queue as queue_module
+import traceback
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fusedls
+from fusedls.testing import assert_close
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
+)
+
+TIMEOUT_S = 240  # a whole group's run; a collective waits at most 60 s before failing
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    splits: tuple[int, ...]  # classes per rank, in rank order
+    kind: str = "ce"  # "ce", "linear" or "error"
+    rows: tuple[int, ...] = (13,)  # target shape
+    dtype: torch.dtype = torch.float64
+    weight: str | None = None  # None, "full" (C,) or "local" (C_local,)
+    ignored: float = 0.2  # fraction of rows set to ignore_index
+    explicit_partition: bool = False  # pass vocab_start / vocab_size
+    bias: bool = True  # linear only
+    reduce_grad_hidden: bool = True  # linear only
+    kwargs: tuple = ()  # (name, value) pairs for the loss
+
+    @property
+    def world(self) -> int:
+        return len(self.splits)
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for splits in ((5, 6), (4, 4, 3)):
+        tag = "x".join(map(str, splits))
+        for reduction in ("mean", "sum", "none"):
+            for weight in (None, "full", "local"):
+                for eps in (0.0, 0.1):
+                    kw = (("reduction", reduction), ("label_smoothing", eps))
+                    cases.append(Case(f"ce-{tag}-{reduction}-w{weight}-eps{eps}", splits, weight=weight, kwargs=kw))
+            extra = (("reduction", reduction), ("label_smoothing", 0.1), ("z_loss", 0.01), ("softcap", 2.0))
+            cases.append(Case(f"ce-{tag}-{reduction}-zloss-softcap", splits, weight="full", kwargs=extra))
+            cases.append(Case(f"ce-{tag}-{reduction}-all-ignored", splits, ignored=1.0, weight="local",
+                              kwargs=(("reduction", reduction), ("label_smoothing", 0.1))))  # fmt: skip
+            lin = (("reduction", reduction), ("label_smoothing", 0.1))
+            cases.append(Case(f"linear-{tag}-{reduction}", splits, kind="linear", rows=(3, 5), weight="full", kwargs=lin))
+    cases += [
+        # ignore_index a real class owned by rank 0, then by rank 1
+        Case("ce-ignore-class-0", (5, 6), kwargs=(("ignore_index", 0), ("label_smoothing", 0.1))),
+        Case("ce-ignore-class-7", (5, 6), weight="full", kwargs=(("ignore_index", 7), ("reduction", "sum"))),
+        Case("ce-3d-rows-explicit-partition", (5, 6), rows=(3, 5), explicit_partition=True, weight="full",
+             kwargs=(("label_smoothing", 0.3),)),  # fmt: skip
+        Case("ce-unbatched", (5, 6), rows=(), ignored=0.0, kwargs=(("label_smoothing", 0.1),)),
+        Case("ce-no-rows", (5, 6), rows=(0,), kwargs=(("reduction", "sum"),)),
+        Case("ce-no-rows-mean", (5, 6), rows=(0,)),
+        Case("ce-smoothing-1", (5, 6), weight="local", kwargs=(("label_smoothing", 1.0),)),
+        Case("ce-zloss-only", (5, 6), kwargs=(("z_loss", 0.1), ("reduction", "none"))),
+        Case("ce-softcap-only", (5, 6), weight="local", kwargs=(("softcap", 1.5),)),
+        Case("ce-fp32", (5, 6), dtype=torch.float32, weight="full", kwargs=(("label_smoothing", 0.1),)),
+        Case("ce-bf16", (5, 6), dtype=torch.bfloat16, weight="full", kwargs=(("label_smoothing", 0.1),)),
+        Case("ce-bf16-none", (4, 4, 3), dtype=torch.bfloat16, kwargs=(("reduction", "none"), ("label_smoothing", 0.1))),
+        Case("ce-empty-slice", (4, 0, 7), weight="full", kwargs=(("label_smoothing", 0.1), ("z_loss", 0.01))),
+        Case("ce-empty-slice-none", (4, 0, 7), weight="local", kwargs=(("reduction", "none"),)),
+        Case("linear-nobias-zloss-softcap", (5, 6), kind="linear", bias=False, weight="local",
+             kwargs=(("z_loss", 0.01), ("softcap", 3.0), ("label_smoothing", 0.1))),  # fmt: skip
+        Case("linear-fp32", (5, 6), kind="linear", dtype=torch.float32, kwargs=(("label_smoothing", 0.1),)),
+        Case("linear-no-reduce-grad-hidden", (4, 4, 3), kind="linear", reduce_grad_hidden=False),
+        Case("linear-empty-slice", (4, 0, 7), kind="linear", weight="full", explicit_partition=True,
+             kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
+        Case("linear-all-ignored", (4, 4, 3), kind="linear", ignored=1.0, kwargs=(("label_smoothing", 0.1),)),
+        Case("errors", (5, 6), kind="error"),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+# ------------------------------------------------------------------------------- the workers
+
+
+def _data(case: Case, n_hidden: int = 6):
+    """Full tensors, identical on every rank (seeded), in float64."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    n_cols = sum(case.splits)
+    target = torch.randint(0, n_cols, case.rows, generator=g)
+    if case.rows:
+        ignore = dict(case.kwargs).get("ignore_index", -100)
+        target[torch.rand(case.rows, generator=g) < case.ignored] = ignore
+    weight = torch.rand(n_cols, generator=g, dtype=torch.float64) + 0.1
+    upstream = torch.randn(case.rows, generator=g, dtype=torch.float64)
+    logits = 3 * torch.randn(*case.rows, n_cols, generator=g, dtype=torch.float64)
+    hidden = torch.randn(*case.rows, n_hidden, generator=g, dtype=torch.float64)
+    proj = torch.randn(n_cols, n_hidden, generator=g, dtype=torch.float64) / 2
+    bias = torch.randn(n_cols, generator=g, dtype=torch.float64)
+    return target, weight, upstream, logits, hidden, proj, bias
+
+
+def _reference(logits, target, weight, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+               softcap=None):  # fmt: skip
+    """torch's loss on the full float64 logits, with the z-loss and soft cap written out."""
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    rows_z, rows_t = z.reshape(-1, z.shape[-1]), target.reshape(-1)
+    kw = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if z_loss == 0.0:
+        return F.cross_entropy(rows_z, rows_t, reduction=reduction, **kw).reshape(target.shape if reduction == "none" else ())
+    valid = rows_t != ignore_index
+    rows = F.cross_entropy(rows_z, rows_t, reduction="none", **kw) + z_loss * torch.logsumexp(rows_z, 1).square() * valid
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    denom = valid.sum() if weight is None else (weight[rows_t.masked_fill(~valid, 0)] * valid).sum()
+    return rows.sum() / denom
+
+
+def _upstream(upstream, reduction):
+    """The upstream gradient: random per row for "none", a scalar other than 1 otherwise."""
+    return upstream if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
+
+
+def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
+    kw = dict(case.kwargs)
+    target, weight, upstream, logits, *_ = _data(case)
+    start = sum(case.splits[:rank])
+    stop = start + case.splits[rank]
+    rounded = logits.to(case.dtype).double()  # the reference sees the same rounded values
+    x_ref = rounded.clone().requires_grad_()
+    ref = _reference(x_ref, target, weight if case.weight else None, **kw)
+    up = _upstream(upstream, kw.get("reduction", "mean"))
+    (ref_grad,) = torch.autograd.grad(ref, x_ref, up)
+    x = rounded[..., start:stop].to(case.dtype).requires_grad_()
+    w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
+    loss = fusedls.distributed.vocab_parallel_cross_entropy(x, target, weight=w, **group_kwargs, **kw)
+    assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
+    assert_close(loss, ref, case.dtype, "loss")
+    loss.backward(up.to(case.dtype))
+    assert_close(x.grad, ref_grad[..., start:stop], case.dtype, "grad of the local logits")
+
+
+def _run_linear(case: Case, rank: int, group_kwargs: dict) -> None:
+    kw = dict(case.kwargs)
+    target, weight, upstream, _, hidden, proj, bias = _data(case)
+    start = sum(case.splits[:rank])
+    stop = start + case.splits[rank]
+    h_ref, p_ref = hidden.clone().requires_grad_(), proj.clone().requires_grad_()
+    b_ref = bias.clone().requires_grad_() if case.bias else None
+    ref = _reference(F.linear(h_ref, p_ref, b_ref), target, weight if case.weight else None, **kw)
+    up = _upstream(upstream, kw.get("reduction", "mean"))
+    wanted = [t for t in (h_ref, p_ref, b_ref) if t is not None]
+    ref_grads = torch.autograd.grad(ref, wanted, up)
+    h = hidden.to(case.dtype).requires_grad_()
+    p = proj[start:stop].to(case.dtype).requires_grad_()
+    b = bias[start:stop].to(case.dtype).requires_grad_() if case.bias else None
+    w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
+    loss = fusedls.distributed.vocab_parallel_linear_cross_entropy(
+        h, p, target, bias=b, weight=w, reduce_grad_hidden=case.reduce_grad_hidden, **group_kwargs, **kw
+    )
+    assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
+    assert_close(loss, ref, case.dtype, "loss")
+    loss.backward(up.to(case.dtype))
+    grad_h = h.grad
+    if not case.reduce_grad_hidden:  # this rank's part only: the caller sums it
+        dist.all_reduce(grad_h)
+    assert_close(grad_h, ref_grads[0], case.dtype, "grad hidden")
+    assert_close(p.grad, ref_grads[1][start:stop], case.dtype, "grad of the local weight rows")
+    if case.bias:
+        assert_close(b.grad, ref_grads[2][start:stop], case.dtype, "grad of the local bias")
+
+
+def _expect(error, match, fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except error as exc:
+        if match not in str(exc):
+            raise AssertionError(f"{error.__name__} without {match!r}: {exc}") from exc
+        return
+    raise AssertionError(f"no {error.__name__} ({match!r})")
+
+
+def _run_errors(case: Case, rank: int, group_kwargs: dict) -> None:
+    """Every rank raises the same error at the same point, so none is left in a collective."""
+    vp = fusedls.distributed.vocab_parallel_cross_entropy
+    lin = fusedls.distributed.vocab_parallel_linear_cross_entropy
+    n_local = case.splits[rank]
+    x = torch.randn(4, n_local)
+    t = torch.tensor([0, 1, 2, 3])
+    _expect(ValueError, "outside [0, 11)", vp, x, torch.tensor([0, 11, 2, 3]))
+    _expect(ValueError, "outside [0, 11)", vp, x, torch.tensor([0, -5, 2, 3]))
+    _expect(ValueError, "target must have shape (4,)", vp, x, torch.tensor([0, 1, 2]))
+    _expect(TypeError, "probability targets are not supported", vp, x, torch.rand(4, n_local))
+    _expect(TypeError, "local_logits must have a floating-point dtype", vp, x.long(), t)
+    _expect(ValueError, "weight must have shape (11,)", vp, x, t, weight=torch.rand(3))
+    _expect(ValueError, "reduction must be one of", vp, x, t, reduction="avg")
+    _expect(ValueError, "label_smoothing must be in [0, 1]", vp, x, t, label_smoothing=1.5)
+    _expect(ValueError, "softcap must be a finite float > 0", vp, x, t, softcap=0.0)
+    _expect(ValueError, "z_loss must be a finite float >= 0", vp, x, t, z_loss=-1.0)
+    _expect(ValueError, "vocab_start=", vp, x, t, vocab_start=sum(case.splits[:rank]) + 1)
+    _expect(ValueError, "do not fit in vocab_size=3", vp, x, t, vocab_start=0, vocab_size=3)
+    _expect(TypeError, "process_group must be a torch.distributed ProcessGroup", vp, x, t, process_group="world")
+    hidden = torch.randn(4, 6)
+    _expect(ValueError, "local_weight must have shape (C_local, 6)", lin, hidden, torch.randn(n_local, 5), t)
+    _expect(TypeError, "local_weight must have hidden's dtype", lin, hidden, torch.randn(n_local, 6).double(), t)
+    _expect(ValueError, f"bias must have shape ({n_local},)", lin, hidden, torch.randn(n_local, 6), t, bias=torch.randn(2))
+    # After all these, the group still works: a valid call on every rank.
+    loss = vp(x, t, **group_kwargs)
+    assert torch.isfinite(loss), loss
+
+
+_RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors}
+
+
+def _worker(rank: int, world: int, init_file: str, results) -> None:
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )  # fmt: skip
+        # Chunks of 8 elements: a chunk is one or two rows, so the row loop runs many times.
+        import fusedls.eager.vocab_parallel_cross_entropy as local
+
+        local._CHUNK_ELEMENTS = 8
+        for case in CASES:
+            if case.world != world:
+                continue
+            group_kwargs = {}
+            if case.explicit_partition:
+                part = fusedls.distributed.vocab_partition(case.splits[rank])
+                group_kwargs = dict(vocab_start=part.start, vocab_size=part.total)
+            try:
+                _RUNNERS[case.kind](case, rank, group_kwargs)
+                out[case.name] = None
+            except Exception:
+                out[case.name] = traceback.format_exc()
+        dist.destroy_process_group()
+    except Exception:
+        out["<worker>"] = traceback.format_exc()
+    results.put((rank, out))
+
+
+def _run_group(world: int, tmp_dir) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init_file = os.path.join(tmp_dir, f"init-{world}")
+    procs = [ctx.Process(target=_worker, args=(rank, world, init_file, results)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    found = {}
+    try:
+        for _ in range(world):
+            rank, out = results.get(timeout=TIMEOUT_S)
+            found[rank] = out
+    except queue_module.Empty:
+        pass
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return found
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """{world size: {rank: {case name: traceback or None}}}, one spawn per world size."""
+    tmp_dir = str(tmp_path_factory.mktemp("dist"))
+    return {world: _run_group(world, tmp_dir) for world in sorted({c.world for c in CASES})}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_single_process(outcomes, case):
+    found = outcomes[case.world]
+    failures = []
+    for rank in range(case.world):
+        if rank not in found:
+            failures.append(f"rank {rank}: no result (the worker crashed or hung)")
+            continue
+        if "<worker>" in found[rank]:
+            failures.append(f"rank {rank}: worker failed:\n{found[rank]['<worker>']}")
+        elif case.name not in found[rank]:
+            failures.append(f"rank {rank}: case not run")
+        elif found[rank][case.name] is not None:
+            failures.append(f"rank {rank}:\n{found[rank][case.name]}")
+    if failures:
+        pytest.fail(f"{case.name} (splits {case.splits}):\n" + "\n".join(failures), pytrace=False)
+
+
+# ------------------------------------------------------------------ without a process group
+
+
+def test_no_process_group_is_a_clear_error():
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        fusedls.distributed.vocab_parallel_cross_entropy(x, t)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        fusedls.distributed.vocab_parallel_linear_cross_entropy(torch.randn(3, 2), torch.randn(4, 2), t)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        fusedls.distributed.vocab_partition(4)
+    # metadata errors come first, without a group
+    with pytest.raises(ValueError, match="target must have shape"):
+        fusedls.distributed.vocab_parallel_cross_entropy(x, t[:2])
