@@ -126,6 +126,11 @@ def _placement(n_local, group, device, vocab_start, vocab_size) -> tuple[int, in
     if vocab_size is not None:
         check_int("vocab_size", vocab_size)
     if vocab_start is None or vocab_size is None:
+        if torch.compiler.is_compiling():  # the all_gather's answer is data the graph cannot branch on
+            raise ValueError(
+                "under torch.compile, pass vocab_start and vocab_size (e.g. from fusedls.distributed.vocab_partition, "
+                "called once outside the compiled code)"
+            )
         part = vocab_partition(n_local, group, device=device)
         for name, given, found in (("vocab_start", vocab_start, part.start), ("vocab_size", vocab_size, part.total)):
             if given is not None and given != found:
@@ -189,7 +194,8 @@ def _prepare(
                 f"got {tuple(weight.shape)}"
             )
         weight = weight.to(acc_dtype(input)).contiguous()
-    _check_target_values(target, total, ignore_index, "eager")  # CPU tensors (or FUSEDLS_CHECK_TARGETS=1)
+    if not torch.compiler.is_compiling():  # a data-dependent branch; compiled code gets NaN rows instead
+        _check_target_values(target, total, ignore_index, "eager")  # CPU tensors (or FUSEDLS_CHECK_TARGETS=1)
     spec = _Spec(group, start, total, ignore_index, reduction, 1.0 - eps, eps / total, z_loss, softcap)
     return spec, weight, target.reshape(-1)
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
 )
 
-TIMEOUT_S = 240  # a whole group's run; a collective waits at most 60 s before failing
+TIMEOUT_S = 480  # a whole group's run on a busy machine; a collective waits at most 60 s before failing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,7 @@ def _cases() -> list[Case]:
              kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
         Case("linear-all-ignored", (4, 4, 3), kind="linear", ignored=1.0, kwargs=(("label_smoothing", 0.1),)),
         Case("errors", (5, 6), kind="error"),
+        Case("compile-fullgraph", (5, 6), kind="compile", rows=(3, 5)),
     ]
     return cases
 
@@ -229,7 +230,36 @@ def _run_errors(case: Case, rank: int, group_kwargs: dict) -> None:
     assert torch.isfinite(loss), loss
 
 
-_RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors}
+def _run_compiled(case: Case, rank: int, group_kwargs: dict) -> None:
+    """Both losses under torch.compile(fullgraph=True): the collectives and the autograd
+    Functions trace into one graph (the CPU target check is skipped while compiling; the
+    placement is given, its all_gather cannot be traced)."""
+    target, weight, _, logits, hidden, proj, _ = _data(case)
+    start = sum(case.splits[:rank])
+    stop = start + case.splits[rank]
+    part = fusedls.distributed.vocab_partition(case.splits[rank])  # outside the compiled code
+    kw = dict(label_smoothing=0.1, z_loss=0.01, vocab_start=part.start, vocab_size=part.total)
+
+    def losses(x, h, p):
+        a = fusedls.distributed.vocab_parallel_cross_entropy(x * 2, target, weight=weight, **kw)
+        b = fusedls.distributed.vocab_parallel_linear_cross_entropy(h, p, target, softcap=3.0, **kw)
+        return a + b
+
+    full = [t.clone().requires_grad_() for t in (logits, hidden, proj)]
+    ref_kw = dict(label_smoothing=0.1, z_loss=0.01)
+    ref = _reference(full[0] * 2, target, weight, **ref_kw)
+    ref = ref + _reference(F.linear(full[1], full[2]), target, None, softcap=3.0, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, full)
+    x, h, p = (t.clone().requires_grad_() for t in (logits[..., start:stop], hidden, proj[start:stop]))
+    loss = torch.compile(losses, fullgraph=True, backend="aot_eager")(x, h, p)
+    assert_close(loss, ref, torch.float64, "compiled loss")
+    loss.backward()
+    assert_close(x.grad, ref_grads[0][..., start:stop], torch.float64, "compiled grad of the local logits")
+    assert_close(h.grad, ref_grads[1], torch.float64, "compiled grad hidden")
+    assert_close(p.grad, ref_grads[2][start:stop], torch.float64, "compiled grad of the local weight rows")
+
+
+_RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors, "compile": _run_compiled}
 
 
 def _worker(rank: int, world: int, init_file: str, results) -> None:
