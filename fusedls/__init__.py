@@ -1,7 +1,8 @@
 """fusedls: fused GPU kernels for label-smoothing cross-entropy and friends.
 
 Public surface: :func:`cross_entropy`; :func:`dropout`, :func:`dropout_add`,
-:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`; backend selection
+:func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :mod:`fusedls.nn`;
+:mod:`fusedls.distributed` (vocabulary-parallel cross-entropy); backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
 """
