@@ -164,11 +164,16 @@ def _prepare(
     """Checks the arguments shared by both losses (metadata only, then the placement, which may
     communicate); returns the spec, the local class weights (acc dtype) and the flat targets."""
     check_tensor("target", target)
-    if target.is_floating_point():
-        raise TypeError("probability targets are not supported by the vocabulary-parallel losses: pass class ids")
-    if target.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"target must hold class ids (int64 or another integer dtype), got {target.dtype}")
-    if target.shape != input.shape[:-1]:
+    prob = target.is_floating_point()
+    if prob:
+        if target.shape != input.shape[:-1] + (n_local,):
+            raise ValueError(
+                f"probability target must have shape {tuple(input.shape[:-1]) + (n_local,)} (this rank's slice of "
+                f"each row's distribution), got {tuple(target.shape)}"
+            )
+    elif target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"target must hold class ids (int64 or another integer dtype) or probabilities, got {target.dtype}")
+    elif target.shape != input.shape[:-1]:
         raise ValueError(
             f"target must have shape {tuple(input.shape[:-1])} ({input_name}'s shape without its last dimension), "
             f"got {tuple(target.shape)}"
@@ -197,54 +202,72 @@ def _prepare(
     if not torch.compiler.is_compiling():  # a data-dependent branch; compiled code gets NaN rows instead
         _check_target_values(target, total, ignore_index, "eager")  # CPU tensors (or FUSEDLS_CHECK_TARGETS=1)
     spec = _Spec(group, start, total, ignore_index, reduction, 1.0 - eps, eps / total, z_loss, softcap)
-    return spec, weight, target.reshape(-1)
+    return spec, weight, _rows_of(target) if prob else target.reshape(-1)
 
 
 # ----------------------------------------------------------------------- forward statistics
 
 
+def _global_lse(lse_local, stats, group):
+    """The two forward collectives: with M = max_r lse_r, lse = M + log sum_r exp(lse_r - M)
+    (ranks with no classes have lse_r = -inf and add 0); ``stats`` is summed in place."""
+    top = lse_local.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    stats[:, _local.SUM_EXP] = torch.exp(lse_local - top)
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return top + torch.log(stats[:, _local.SUM_EXP])
+
+
 def _forward(logits_of, n_rows, n_cols, target, weight, spec: _Spec, acc):
     """Row losses and what backward needs, with the two forward collectives.
 
-    Returns ``(loss, denom, saved)``: the ``(R,)`` row losses, the mean denominator (0-dim,
-    None unless ``reduction="mean"``) and ``(lse, coef, target_coef, y_local, row_scale)``.
+    ``target``: ``(R,)`` global class ids or ``(R, C_local)`` local probabilities. Returns
+    ``(loss, denom, saved)``: the ``(R,)`` row losses, the mean denominator (0-dim, None unless
+    ``reduction="mean"``) and ``(lse, coef, target_coef, local target, row_scale)``.
     """
-    y = target.long()
-    ignored = y == spec.ignore_index
-    bad = ((y < 0) | (y >= spec.total)) & ~ignored
-    y_local = y - spec.start
-    owned = (y_local >= 0) & (y_local < n_cols) & ~ignored
-    y_local = y_local.masked_fill(~owned, 0)
-    lse_local, stats = _local.local_statistics(
-        logits_of, n_rows, n_cols, y_local, owned, weight, spec.spread != 0.0, spec.softcap, acc
-    )
-    # Global log-sum-exp: with M = max_r lse_r, lse = M + log sum_r exp(lse_r - M); ranks with
-    # no classes have lse_r = -inf and add 0.
-    top = lse_local.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=spec.group)
-    stats[:, _local.SUM_EXP] = torch.exp(lse_local - top)
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=spec.group)
-    lse = top + torch.log(stats[:, _local.SUM_EXP])
-    if weight is None:
-        w_y, w_total = (~ignored).to(acc), float(spec.total)
+    if target.is_floating_point():
+        lse_local, stats = _local.local_statistics(
+            logits_of, n_rows, n_cols, None, None, target, weight, spec.keep, spec.spread, spec.softcap, acc
+        )
+        lse = _global_lse(lse_local, stats, spec.group)
+        # l = sum_c w_c t'_c (lse - z_c) = A lse - B; torch's mean divides by the row count.
+        coef = stats[:, _local.TARGET_WEIGHT]
+        loss = coef * lse - stats[:, _local.TARGET_LOGIT]
+        local_target, target_coef = target, None
+        denom = lse.new_full((), float(n_rows)) if spec.reduction == "mean" else None
+        ignored = bad = None
     else:
-        w_y, w_total = stats[:, _local.TARGET_WEIGHT], stats[:, _local.WEIGHT_TOTAL]
-    # l = keep * w_y (lse - z_y) + (eps / C)(W lse - sum_c w_c z_c) + lam lse^2
-    loss = spec.keep * w_y * (lse - stats[:, _local.TARGET_LOGIT])
-    coef = spec.keep * w_y
-    if spec.spread != 0.0:
-        loss = loss + spec.spread * (w_total * lse - stats[:, _local.WEIGHTED_SUM])
-        coef = coef + spec.spread * w_total
-    if spec.z_loss != 0.0:
+        y = target.long()
+        ignored = y == spec.ignore_index
+        bad = ((y < 0) | (y >= spec.total)) & ~ignored
+        y_local = y - spec.start
+        owned = (y_local >= 0) & (y_local < n_cols) & ~ignored
+        local_target = y_local.masked_fill(~owned, 0)
+        lse_local, stats = _local.local_statistics(
+            logits_of, n_rows, n_cols, local_target, owned, None, weight, spec.keep, spec.spread, spec.softcap, acc
+        )
+        lse = _global_lse(lse_local, stats, spec.group)
+        if weight is None:
+            w_y, w_total = (~ignored).to(acc), float(spec.total)
+        else:
+            w_y, w_total = stats[:, _local.TARGET_WEIGHT], stats[:, _local.WEIGHT_TOTAL]
+        # l = keep * w_y (lse - z_y) + (eps / C)(W lse - sum_c w_c z_c)
+        loss = spec.keep * w_y * (lse - stats[:, _local.TARGET_LOGIT])
+        coef = spec.keep * w_y
+        if spec.spread != 0.0:
+            loss = loss + spec.spread * (w_total * lse - stats[:, _local.WEIGHTED_SUM])
+            coef = coef + spec.spread * w_total
+        target_coef = torch.where(owned, spec.keep * w_y, 0.0)
+        # torch's mean: divided by the summed weights of the rows not ignored (w_y is 0 for them).
+        denom = w_y.sum() if spec.reduction == "mean" else None
+    if spec.z_loss != 0.0:  # + lam lse^2
         loss = loss + spec.z_loss * lse.square()
         coef = coef + (2.0 * spec.z_loss) * lse
-    loss = loss.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-    target_coef = torch.where(owned, spec.keep * w_y, 0.0)
-    # torch's mean: divided by the summed weights of the rows not ignored (w_y is 0 for them).
-    denom = w_y.sum() if spec.reduction == "mean" else None
     row_scale = torch.ones_like(lse) if denom is None else torch.ones_like(lse) / denom
-    row_scale = row_scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-    return loss, denom, (lse, coef, target_coef, y_local, row_scale)
+    if ignored is not None:
+        loss = loss.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
+        row_scale = row_scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
+    return loss, denom, (lse, coef, target_coef, local_target, row_scale)
 
 
 def _reduce(loss: torch.Tensor, denom: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -254,16 +277,18 @@ def _reduce(loss: torch.Tensor, denom: torch.Tensor | None, reduction: str) -> t
     return total if denom is None else total / denom
 
 
-def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out, acc):
-    """Yields ``(rows, scale * dl/dlogits)`` chunk by chunk (no communication)."""
-    lse, coef, target_coef, y_local, row_scale = saved
+def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out, acc, target_grad):
+    """Yields ``(rows, scale * dl/dlogits, scale * dl/dtarget or None)`` chunk by chunk (no
+    communication)."""
+    lse, coef, target_coef, local_target, row_scale = saved
     scale = row_scale * grad_out.to(acc)
     if n_cols == 0:
         return
     for rows in _local.row_chunks(n_rows, n_cols):
-        yield rows, _local.local_grad(
-            logits_of(rows), lse[rows], coef[rows], y_local[rows], target_coef[rows], weight, spec.spread,
-            spec.softcap, scale[rows], acc,
+        yield rows, *_local.local_grad(
+            logits_of(rows), lse[rows], coef[rows], local_target[rows],
+            None if target_coef is None else target_coef[rows], weight, spec.keep, spec.spread, spec.softcap,
+            scale[rows], acc, target_grad,
         )  # fmt: skip
 
 
@@ -271,8 +296,9 @@ def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """forward(logits (R, C_local), target (R,), weight (C_local,) acc dtype or None, spec) -> loss
-    in the accumulation dtype: 0-dim, or (R,) for ``reduction="none"``."""
+    """forward(logits (R, C_local), target (R,) class ids or (R, C_local) probabilities,
+    weight (C_local,) acc dtype or None, spec) -> loss in the accumulation dtype: 0-dim, or
+    (R,) for ``reduction="none"``."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, spec):
@@ -287,21 +313,27 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        if grad_out is None or not ctx.needs_input_grad[0]:
+        need_x, need_t = ctx.needs_input_grad[:2]
+        if grad_out is None or not (need_x or need_t):
             return None, None, None, None
         logits, weight, *saved = ctx.saved_tensors
         n_rows, n_cols = logits.shape
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        chunks = _local_grads(lambda rows: logits[rows], n_rows, n_cols, weight, ctx.spec, saved, grad_out, acc_dtype(logits))
-        for rows, g in chunks:
+        grad_t = torch.zeros_like(saved[3], memory_format=torch.contiguous_format) if need_t else None
+        chunks = _local_grads(
+            lambda rows: logits[rows], n_rows, n_cols, weight, ctx.spec, saved, grad_out, acc_dtype(logits), need_t
+        )
+        for rows, g, gt in chunks:
             grad[rows] = g
-        return grad, None, None, None
+            if need_t:
+                grad_t[rows] = gt
+        return grad if need_x else None, grad_t, None, None
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
-    """forward(hidden (R, H), weight (C_local, H), bias (C_local,) or None, target (R,),
-    class_weight (C_local,) acc dtype or None, spec, reduce_grad_hidden) -> loss in the
-    accumulation dtype. The logits exist a chunk of rows at a time, in forward and again
+    """forward(hidden (R, H), weight (C_local, H), bias (C_local,) or None, target (R,) or
+    (R, C_local), class_weight (C_local,) acc dtype or None, spec, reduce_grad_hidden) -> loss in
+    the accumulation dtype. The logits exist a chunk of rows at a time, in forward and again
     (recomputed) in backward; grad_weight and grad_bias accumulate in fp32 across chunks."""
 
     @staticmethod
@@ -319,8 +351,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_out is None or not (need_h or need_w or need_b):
+        need_h, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+        if grad_out is None or not (need_h or need_w or need_b or need_t):
             return (None,) * 7
         hidden, weight, bias, class_weight, *saved = ctx.saved_tensors
         acc = acc_dtype(hidden)
@@ -328,11 +360,13 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         grad_h = hidden.new_zeros((n_rows, n_hidden), dtype=acc) if need_h else None
         grad_w = weight.new_zeros(weight.shape, dtype=acc) if need_w else None
         grad_b = weight.new_zeros((n_cols,), dtype=acc) if need_b else None
+        grad_t = torch.zeros_like(saved[3], memory_format=torch.contiguous_format) if need_t else None
         chunks = _local_grads(
-            lambda rows: F.linear(hidden[rows], weight, bias), n_rows, n_cols, class_weight, ctx.spec, saved, grad_out, acc
-        )
+            lambda rows: F.linear(hidden[rows], weight, bias), n_rows, n_cols, class_weight, ctx.spec, saved, grad_out,
+            acc, need_t,
+        )  # fmt: skip
         # logits = h W^T + b:  dh = g W,  dW = g^T h,  db = sum_rows g  (g = dL/dlogits).
-        for rows, g in chunks:
+        for rows, g, gt in chunks:
             g_in = g.to(hidden.dtype)
             if need_h:
                 grad_h[rows] = g_in @ weight
@@ -340,6 +374,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 grad_w += g_in.t() @ hidden[rows]
             if need_b:
                 grad_b += g.sum(0)
+            if need_t:
+                grad_t[rows] = gt
         # Each rank's classes add their part to dh: sum over ranks (every rank gets all of it).
         if need_h and ctx.reduce_grad_hidden:
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.spec.group)
@@ -347,7 +383,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None,
+            grad_t, None, None, None,
         )  # fmt: skip
 
 
@@ -358,6 +394,14 @@ def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
     """(..., K) -> (R, K) with the last dimension contiguous (works for K = 0)."""
     rows = tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
+
+
+def _output(loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss shaped like the rows (``"none"``) in torch's result dtype."""
+    prob = target.is_floating_point()
+    if reduction == "none":
+        loss = loss.reshape(target.shape[:-1] if prob else target.shape)
+    return loss.to(torch.promote_types(input.dtype, target.dtype) if prob else input.dtype)
 
 
 def vocab_parallel_cross_entropy(
@@ -379,7 +423,10 @@ def vocab_parallel_cross_entropy(
     Args:
         local_logits: ``(..., C_local)``, this rank's contiguous slice of the classes (classes
             in the LAST dimension). Slices follow rank order and may differ in size (even 0).
-        target: ``(...)`` GLOBAL class ids in ``[0, C)``, the same on every rank.
+        target: ``(...)`` GLOBAL class ids in ``[0, C)``, the same on every rank; or
+            probabilities ``(..., C_local)``: this rank's slice of each row's target
+            distribution (torch's probability-target semantics: ``mean`` divides by the row
+            count, ``ignore_index`` does not apply, gradients flow into it when it requires grad).
         process_group: the ranks sharing the vocabulary; None is the default group.
         ignore_index: class id whose rows contribute nothing (may be a real class).
         reduction: ``"mean"`` (torch's: divided by the summed weights of the rows not ignored),
@@ -395,8 +442,9 @@ def vocab_parallel_cross_entropy(
             both (e.g. from :func:`vocab_partition`, once) to skip the ``all_gather`` of the
             local class counts, which also reads them on the host.
 
-    Returns the loss in ``local_logits``' dtype, identical on every rank; gradients flow into
-    ``local_logits`` only and need no communication. Probability targets are not supported.
+    Returns the loss in ``local_logits``' dtype (promoted with a probability target's),
+    identical on every rank; the gradients (``local_logits``, a probability ``target``) need no
+    communication.
     Every rank must call it with the same ``target``, arguments and grad mode (collectives).
     Out-of-range class ids raise ValueError on CPU and give NaN rows on GPU (no sync), as
     :func:`fusedls.cross_entropy`.
@@ -411,9 +459,7 @@ def vocab_parallel_cross_entropy(
         weight, z_loss, softcap, vocab_start, vocab_size,
     )  # fmt: skip
     loss = VocabParallelCrossEntropyFunction.apply(_rows_of(local_logits), target_rows, weight, spec)
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return loss.to(local_logits.dtype)
+    return _output(loss, local_logits, target, reduction)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -439,7 +485,8 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         hidden: ``(..., H)``, the same on every rank.
         local_weight: ``(C_local, H)``, this rank's rows (classes) of the output projection.
-        target: ``(...)`` global class ids (``hidden``'s shape without ``H``).
+        target: ``(...)`` global class ids (``hidden``'s shape without ``H``), or this rank's
+            slice ``(..., C_local)`` of probability targets.
         process_group: see :func:`vocab_parallel_cross_entropy`.
         bias: ``(C_local,)`` this rank's slice of the bias, or None.
         reduce_grad_hidden: all-reduce (sum) ``grad_hidden`` over the group in backward, so
@@ -449,7 +496,8 @@ def vocab_parallel_linear_cross_entropy(
         class weights, ``(C,)`` or ``(C_local,)``.
 
     Gradients: ``hidden`` (summed over ranks, see ``reduce_grad_hidden``), ``local_weight`` and
-    ``bias`` (this rank's slice; accumulated in fp32 across chunks). Loss in ``hidden``'s dtype.
+    ``bias`` (this rank's slice; accumulated in fp32 across chunks), a probability ``target``.
+    Loss in ``hidden``'s dtype (promoted with a probability target's).
     """
     check_tensor("hidden", hidden)
     check_tensor("local_weight", local_weight)
@@ -477,6 +525,4 @@ def vocab_parallel_linear_cross_entropy(
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         _rows_of(hidden), local_weight, bias, target_rows, weight, spec, bool(reduce_grad_hidden)
     )
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return loss.to(hidden.dtype)
+    return _output(loss, hidden, target, reduction)

@@ -44,6 +44,7 @@ class Case:
     explicit_partition: bool = False  # pass vocab_start / vocab_size
     bias: bool = True  # linear only
     reduce_grad_hidden: bool = True  # linear only
+    prob: bool = False  # probability targets (each rank its slice), requiring grad
     kwargs: tuple = ()  # (name, value) pairs for the loss
 
     @property
@@ -90,6 +91,14 @@ def _cases() -> list[Case]:
         Case("linear-empty-slice", (4, 0, 7), kind="linear", weight="full", explicit_partition=True,
              kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
         Case("linear-all-ignored", (4, 4, 3), kind="linear", ignored=1.0, kwargs=(("label_smoothing", 0.1),)),
+        Case("ce-prob-mean", (5, 6), prob=True, weight="full", kwargs=(("label_smoothing", 0.1),)),
+        Case("ce-prob-sum-zloss-softcap", (4, 4, 3), prob=True, rows=(3, 5),
+             kwargs=(("reduction", "sum"), ("z_loss", 0.01), ("softcap", 2.0))),  # fmt: skip
+        Case("ce-prob-none-empty-slice", (4, 0, 7), prob=True, weight="local",
+             kwargs=(("reduction", "none"), ("label_smoothing", 0.2))),  # fmt: skip
+        Case("ce-prob-fp32", (5, 6), prob=True, dtype=torch.float32, kwargs=(("z_loss", 0.01),)),
+        Case("linear-prob", (4, 4, 3), kind="linear", prob=True, weight="full",
+             kwargs=(("label_smoothing", 0.1), ("z_loss", 0.01))),  # fmt: skip
         Case("errors", (5, 6), kind="error"),
         Case("compile-fullgraph", (5, 6), kind="compile", rows=(3, 5)),
     ]
@@ -116,6 +125,8 @@ def _data(case: Case, n_hidden: int = 6):
     hidden = torch.randn(*case.rows, n_hidden, generator=g, dtype=torch.float64)
     proj = torch.randn(n_cols, n_hidden, generator=g, dtype=torch.float64) / 2
     bias = torch.randn(n_cols, generator=g, dtype=torch.float64)
+    if case.prob:
+        target = torch.softmax(2 * torch.randn(*case.rows, n_cols, generator=g, dtype=torch.float64), -1)
     return target, weight, upstream, logits, hidden, proj, bias
 
 
@@ -123,23 +134,40 @@ def _reference(logits, target, weight, reduction="mean", ignore_index=-100, labe
                softcap=None):  # fmt: skip
     """torch's loss on the full float64 logits, with the z-loss and soft cap written out."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
-    rows_z, rows_t = z.reshape(-1, z.shape[-1]), target.reshape(-1)
+    prob = target.is_floating_point()
+    rows_z = z.reshape(-1, z.shape[-1])
+    rows_t = target.reshape(rows_z.shape if prob else (-1,))
+    out_shape = target.shape[:-1] if prob else target.shape
     kw = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if z_loss == 0.0:
-        return F.cross_entropy(rows_z, rows_t, reduction=reduction, **kw).reshape(target.shape if reduction == "none" else ())
-    valid = rows_t != ignore_index
+        return F.cross_entropy(rows_z, rows_t, reduction=reduction, **kw).reshape(out_shape if reduction == "none" else ())
+    valid = torch.ones(rows_z.shape[0], dtype=torch.bool) if prob else rows_t != ignore_index
     rows = F.cross_entropy(rows_z, rows_t, reduction="none", **kw) + z_loss * torch.logsumexp(rows_z, 1).square() * valid
     if reduction == "none":
-        return rows.reshape(target.shape)
+        return rows.reshape(out_shape)
     if reduction == "sum":
         return rows.sum()
-    denom = valid.sum() if weight is None else (weight[rows_t.masked_fill(~valid, 0)] * valid).sum()
+    denom = valid.sum() if weight is None or prob else (weight[rows_t.masked_fill(~valid, 0)] * valid).sum()
     return rows.sum() / denom
 
 
 def _upstream(upstream, reduction):
     """The upstream gradient: random per row for "none", a scalar other than 1 otherwise."""
     return upstream if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
+
+
+def _targets(case: Case, target, start, stop):
+    """(the reference's target, this rank's): probabilities are rounded to the case's dtype,
+    require grad, and each rank gets its slice of them."""
+    if not case.prob:
+        return target, target
+    rounded = target.to(case.dtype).double()
+    return rounded.clone().requires_grad_(), rounded[..., start:stop].to(case.dtype).requires_grad_()
+
+
+def _check_target_grad(case: Case, t, ref_grad_t, start, stop):
+    if case.prob:
+        assert_close(t.grad, ref_grad_t[..., start:stop], case.dtype, "grad of the local probability target")
 
 
 def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
@@ -149,16 +177,18 @@ def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
     stop = start + case.splits[rank]
     rounded = logits.to(case.dtype).double()  # the reference sees the same rounded values
     x_ref = rounded.clone().requires_grad_()
-    ref = _reference(x_ref, target, weight if case.weight else None, **kw)
+    t_ref, t = _targets(case, target, start, stop)
+    ref = _reference(x_ref, t_ref, weight if case.weight else None, **kw)
     up = _upstream(upstream, kw.get("reduction", "mean"))
-    (ref_grad,) = torch.autograd.grad(ref, x_ref, up)
+    ref_grads = torch.autograd.grad(ref, [x_ref, t_ref] if case.prob else [x_ref], up)
     x = rounded[..., start:stop].to(case.dtype).requires_grad_()
     w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
-    loss = fusedls.distributed.vocab_parallel_cross_entropy(x, target, weight=w, **group_kwargs, **kw)
+    loss = fusedls.distributed.vocab_parallel_cross_entropy(x, t, weight=w, **group_kwargs, **kw)
     assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
     assert_close(loss, ref, case.dtype, "loss")
     loss.backward(up.to(case.dtype))
-    assert_close(x.grad, ref_grad[..., start:stop], case.dtype, "grad of the local logits")
+    assert_close(x.grad, ref_grads[0][..., start:stop], case.dtype, "grad of the local logits")
+    _check_target_grad(case, t, ref_grads[-1], start, stop)
 
 
 def _run_linear(case: Case, rank: int, group_kwargs: dict) -> None:
@@ -168,16 +198,17 @@ def _run_linear(case: Case, rank: int, group_kwargs: dict) -> None:
     stop = start + case.splits[rank]
     h_ref, p_ref = hidden.clone().requires_grad_(), proj.clone().requires_grad_()
     b_ref = bias.clone().requires_grad_() if case.bias else None
-    ref = _reference(F.linear(h_ref, p_ref, b_ref), target, weight if case.weight else None, **kw)
+    t_ref, t = _targets(case, target, start, stop)
+    ref = _reference(F.linear(h_ref, p_ref, b_ref), t_ref, weight if case.weight else None, **kw)
     up = _upstream(upstream, kw.get("reduction", "mean"))
-    wanted = [t for t in (h_ref, p_ref, b_ref) if t is not None]
+    wanted = [v for v in (h_ref, p_ref, b_ref, t_ref if case.prob else None) if v is not None]
     ref_grads = torch.autograd.grad(ref, wanted, up)
     h = hidden.to(case.dtype).requires_grad_()
     p = proj[start:stop].to(case.dtype).requires_grad_()
     b = bias[start:stop].to(case.dtype).requires_grad_() if case.bias else None
     w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
     loss = fusedls.distributed.vocab_parallel_linear_cross_entropy(
-        h, p, target, bias=b, weight=w, reduce_grad_hidden=case.reduce_grad_hidden, **group_kwargs, **kw
+        h, p, t, bias=b, weight=w, reduce_grad_hidden=case.reduce_grad_hidden, **group_kwargs, **kw
     )
     assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
     assert_close(loss, ref, case.dtype, "loss")
@@ -189,6 +220,7 @@ def _run_linear(case: Case, rank: int, group_kwargs: dict) -> None:
     assert_close(p.grad, ref_grads[1][start:stop], case.dtype, "grad of the local weight rows")
     if case.bias:
         assert_close(b.grad, ref_grads[2][start:stop], case.dtype, "grad of the local bias")
+    _check_target_grad(case, t, ref_grads[-1], start, stop)
 
 
 def _expect(error, match, fn, *args, **kwargs):
@@ -211,7 +243,7 @@ def _run_errors(case: Case, rank: int, group_kwargs: dict) -> None:
     _expect(ValueError, "outside [0, 11)", vp, x, torch.tensor([0, 11, 2, 3]))
     _expect(ValueError, "outside [0, 11)", vp, x, torch.tensor([0, -5, 2, 3]))
     _expect(ValueError, "target must have shape (4,)", vp, x, torch.tensor([0, 1, 2]))
-    _expect(TypeError, "probability targets are not supported", vp, x, torch.rand(4, n_local))
+    _expect(ValueError, f"probability target must have shape (4, {n_local})", vp, x, torch.rand(4, 11))
     _expect(TypeError, "local_logits must have a floating-point dtype", vp, x.long(), t)
     _expect(ValueError, "weight must have shape (11,)", vp, x, t, weight=torch.rand(3))
     _expect(ValueError, "reduction must be one of", vp, x, t, reduction="avg")
