@@ -3,7 +3,8 @@
 Public: :func:`vocab_parallel_cross_entropy`, :func:`vocab_parallel_linear_cross_entropy` and
 :func:`vocab_partition`. Results and gradients equal the single-device ``F.cross_entropy`` on
 the concatenated logits (label smoothing over the GLOBAL number of classes, GLOBAL class
-weights, every reduction, ``ignore_index``), plus z-loss and logit soft-capping.
+weights, every reduction, ``ignore_index``; probability targets as each rank's slice of the
+distribution), plus z-loss and logit soft-capping.
 
 Communication (per call, whatever the number of rows; ``process_group`` or the default group):
 
@@ -12,7 +13,8 @@ Communication (per call, whatever the number of rows; ``process_group`` or the d
 2. forward: ``all_reduce(MAX)`` of the ``(R,)`` local log-sum-exps, then one
    ``all_reduce(SUM)`` of an ``(R, 5)`` fp32 tensor (fp64 for fp64 logits) of per-row scalars:
    ``sum_c exp(z_c - max)``, the target logit (0 on ranks that do not own it), the target's
-   class weight, ``sum_c w_c z_c`` (label smoothing) and the local weight total. Every rank then
+   class weight, ``sum_c w_c z_c`` (label smoothing) and the local weight total (probability
+   targets: ``sum_c w_c t'_c`` and ``sum_c w_c t'_c z_c`` instead of the target's). Every rank then
    computes the same global log-sum-exp, row losses, mean denominator and so the same loss;
 3. backward: nothing for :func:`vocab_parallel_cross_entropy` (the local softmax comes from the
    saved global log-sum-exp); one ``all_reduce(SUM)`` of ``grad_hidden`` for the linear variant.
