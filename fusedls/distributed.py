@@ -186,10 +186,10 @@ def _prepare(
     z_loss = _check_float("z_loss", z_loss, positive=False)
     if softcap is not None:
         softcap = _check_float("softcap", softcap, positive=True)
-    check_same_device(input_name, input, target=target, weight=weight)
     if weight is not None:
         check_tensor("weight", weight)
         check_floating("weight", weight)
+    check_same_device(input_name, input, target=target, weight=weight)
     group = _group(process_group)
     start, total = _placement(n_local, group, input.device, vocab_start, vocab_size)
     if weight is not None:

@@ -170,6 +170,14 @@ def _check_target_grad(case: Case, t, ref_grad_t, start, stop):
         assert_close(t.grad, ref_grad_t[..., start:stop], case.dtype, "grad of the local probability target")
 
 
+def _assert_same_on_every_rank(loss):
+    mine = loss.detach().double().reshape(-1)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    for other in every:
+        torch.testing.assert_close(other, mine, rtol=0, atol=0, equal_nan=True, msg="ranks returned different losses")
+
+
 def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
     kw = dict(case.kwargs)
     target, weight, upstream, logits, *_ = _data(case)
@@ -186,6 +194,7 @@ def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
     loss = fusedls.distributed.vocab_parallel_cross_entropy(x, t, weight=w, **group_kwargs, **kw)
     assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
     assert_close(loss, ref, case.dtype, "loss")
+    _assert_same_on_every_rank(loss)
     loss.backward(up.to(case.dtype))
     assert_close(x.grad, ref_grads[0][..., start:stop], case.dtype, "grad of the local logits")
     _check_target_grad(case, t, ref_grads[-1], start, stop)
@@ -246,6 +255,7 @@ def _run_errors(case: Case, rank: int, group_kwargs: dict) -> None:
     _expect(ValueError, f"probability target must have shape (4, {n_local})", vp, x, torch.rand(4, 11))
     _expect(TypeError, "local_logits must have a floating-point dtype", vp, x.long(), t)
     _expect(ValueError, "weight must have shape (11,)", vp, x, t, weight=torch.rand(3))
+    _expect(TypeError, "weight must be a torch.Tensor", vp, x, t, weight=[1.0] * 11)
     _expect(ValueError, "reduction must be one of", vp, x, t, reduction="avg")
     _expect(ValueError, "label_smoothing must be in [0, 1]", vp, x, t, label_smoothing=1.5)
     _expect(ValueError, "softcap must be a finite float > 0", vp, x, t, softcap=0.0)
