@@ -19,6 +19,7 @@ OP_MODULES = {
     "dropout": "fusedls.bench.dropout",
     "dropout_add": "fusedls.bench.dropout:DROPOUT_ADD",
     "dropout_add_rms_norm": "fusedls.bench.dropout:DROPOUT_ADD_RMS_NORM",
+    "vocab_parallel_cross_entropy": "fusedls.bench.vocab_parallel_cross_entropy",
 }
 
 
