@@ -45,11 +45,17 @@ class Case:
     bias: bool = True  # linear only
     reduce_grad_hidden: bool = True  # linear only
     prob: bool = False  # probability targets (each rank its slice), requiring grad
+    device: str = "cpu"  # "cuda": one rank on NCCL, only where there is a GPU
     kwargs: tuple = ()  # (name, value) pairs for the loss
 
     @property
     def world(self) -> int:
         return len(self.splits)
+
+    @property
+    def group(self) -> tuple[int, str]:
+        """Which spawned group runs it: (world size, device)."""
+        return self.world, self.device
 
 
 def _cases() -> list[Case]:
@@ -100,6 +106,14 @@ def _cases() -> list[Case]:
         Case("linear-prob", (4, 4, 3), kind="linear", prob=True, weight="full",
              kwargs=(("label_smoothing", 0.1), ("z_loss", 0.01))),  # fmt: skip
         Case("errors", (5, 6), kind="error"),
+        # On a GPU machine: CUDA tensors on a one-rank NCCL group.
+        Case("cuda-ce-bf16", (11,), device="cuda", dtype=torch.bfloat16, weight="full",
+             kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
+        Case("cuda-ce-fp32-none-zloss-softcap", (11,), device="cuda", dtype=torch.float32,
+             kwargs=(("reduction", "none"), ("z_loss", 0.01), ("softcap", 2.0))),  # fmt: skip
+        Case("cuda-ce-fp64-prob", (11,), device="cuda", prob=True, weight="local"),
+        Case("cuda-linear-fp32", (11,), device="cuda", kind="linear", dtype=torch.float32,
+             kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
         Case("compile-fullgraph", (5, 6), kind="compile", rows=(3, 5)),
     ]
     return cases
@@ -157,17 +171,23 @@ def _upstream(upstream, reduction):
 
 
 def _targets(case: Case, target, start, stop):
-    """(the reference's target, this rank's): probabilities are rounded to the case's dtype,
-    require grad, and each rank gets its slice of them."""
+    """(the reference's target, this rank's, on the case's device): probabilities are rounded
+    to the case's dtype, require grad, and each rank gets its slice of them."""
     if not case.prob:
-        return target, target
+        return target, target.to(case.device)
     rounded = target.to(case.dtype).double()
-    return rounded.clone().requires_grad_(), rounded[..., start:stop].to(case.dtype).requires_grad_()
+    return rounded.clone().requires_grad_(), rounded[..., start:stop].to(case.dtype).to(case.device).requires_grad_()
 
 
 def _check_target_grad(case: Case, t, ref_grad_t, start, stop):
     if case.prob:
-        assert_close(t.grad, ref_grad_t[..., start:stop], case.dtype, "grad of the local probability target")
+        assert_close(t.grad.cpu(), ref_grad_t[..., start:stop], case.dtype, "grad of the local probability target")
+
+
+def _local_weight(case: Case, weight, start, stop):
+    """The class weights as the case passes them: every class, this rank's, or none."""
+    w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
+    return None if w is None else w.to(case.device)
 
 
 def _assert_same_on_every_rank(loss):
@@ -189,14 +209,14 @@ def _run_ce(case: Case, rank: int, group_kwargs: dict) -> None:
     ref = _reference(x_ref, t_ref, weight if case.weight else None, **kw)
     up = _upstream(upstream, kw.get("reduction", "mean"))
     ref_grads = torch.autograd.grad(ref, [x_ref, t_ref] if case.prob else [x_ref], up)
-    x = rounded[..., start:stop].to(case.dtype).requires_grad_()
-    w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
+    x = rounded[..., start:stop].to(case.dtype).to(case.device).requires_grad_()
+    w = _local_weight(case, weight, start, stop)
     loss = fusedls.distributed.vocab_parallel_cross_entropy(x, t, weight=w, **group_kwargs, **kw)
     assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
-    assert_close(loss, ref, case.dtype, "loss")
+    assert_close(loss.cpu(), ref, case.dtype, "loss")
     _assert_same_on_every_rank(loss)
-    loss.backward(up.to(case.dtype))
-    assert_close(x.grad, ref_grads[0][..., start:stop], case.dtype, "grad of the local logits")
+    loss.backward(up.to(case.dtype).to(case.device))
+    assert_close(x.grad.cpu(), ref_grads[0][..., start:stop], case.dtype, "grad of the local logits")
     _check_target_grad(case, t, ref_grads[-1], start, stop)
 
 
@@ -212,23 +232,23 @@ def _run_linear(case: Case, rank: int, group_kwargs: dict) -> None:
     up = _upstream(upstream, kw.get("reduction", "mean"))
     wanted = [v for v in (h_ref, p_ref, b_ref, t_ref if case.prob else None) if v is not None]
     ref_grads = torch.autograd.grad(ref, wanted, up)
-    h = hidden.to(case.dtype).requires_grad_()
-    p = proj[start:stop].to(case.dtype).requires_grad_()
-    b = bias[start:stop].to(case.dtype).requires_grad_() if case.bias else None
-    w = {"full": weight, "local": weight[start:stop]}.get(case.weight)
+    h = hidden.to(case.dtype).to(case.device).requires_grad_()
+    p = proj[start:stop].to(case.dtype).to(case.device).requires_grad_()
+    b = bias[start:stop].to(case.dtype).to(case.device).requires_grad_() if case.bias else None
+    w = _local_weight(case, weight, start, stop)
     loss = fusedls.distributed.vocab_parallel_linear_cross_entropy(
         h, p, t, bias=b, weight=w, reduce_grad_hidden=case.reduce_grad_hidden, **group_kwargs, **kw
     )
     assert loss.dtype == case.dtype and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
-    assert_close(loss, ref, case.dtype, "loss")
-    loss.backward(up.to(case.dtype))
+    assert_close(loss.cpu(), ref, case.dtype, "loss")
+    loss.backward(up.to(case.dtype).to(case.device))
     grad_h = h.grad
     if not case.reduce_grad_hidden:  # this rank's part only: the caller sums it
         dist.all_reduce(grad_h)
-    assert_close(grad_h, ref_grads[0], case.dtype, "grad hidden")
-    assert_close(p.grad, ref_grads[1][start:stop], case.dtype, "grad of the local weight rows")
+    assert_close(grad_h.cpu(), ref_grads[0], case.dtype, "grad hidden")
+    assert_close(p.grad.cpu(), ref_grads[1][start:stop], case.dtype, "grad of the local weight rows")
     if case.bias:
-        assert_close(b.grad, ref_grads[2][start:stop], case.dtype, "grad of the local bias")
+        assert_close(b.grad.cpu(), ref_grads[2][start:stop], case.dtype, "grad of the local bias")
     _check_target_grad(case, t, ref_grads[-1], start, stop)
 
 
@@ -304,12 +324,15 @@ def _run_compiled(case: Case, rank: int, group_kwargs: dict) -> None:
 _RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors, "compile": _run_compiled}
 
 
-def _worker(rank: int, world: int, init_file: str, results) -> None:
+def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
     torch.set_num_threads(1)
+    world, device = group
     out = {}
     try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            "nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
         # Chunks of 8 elements: a chunk is one or two rows, so the row loop runs many times.
@@ -317,7 +340,7 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
 
         local._CHUNK_ELEMENTS = 8
         for case in CASES:
-            if case.world != world:
+            if case.group != group:
                 continue
             group_kwargs = {}
             if case.explicit_partition:
@@ -334,11 +357,12 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
     results.put((rank, out))
 
 
-def _run_group(world: int, tmp_dir) -> dict:
+def _run_group(group: tuple[int, str], tmp_dir) -> dict:
+    world, device = group
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    init_file = os.path.join(tmp_dir, f"init-{world}")
-    procs = [ctx.Process(target=_worker, args=(rank, world, init_file, results)) for rank in range(world)]
+    init_file = os.path.join(tmp_dir, f"init-{world}-{device}")
+    procs = [ctx.Process(target=_worker, args=(rank, group, init_file, results)) for rank in range(world)]
     for proc in procs:
         proc.start()
     found = {}
@@ -356,16 +380,22 @@ def _run_group(world: int, tmp_dir) -> dict:
     return found
 
 
+def _runnable(group: tuple[int, str]) -> bool:
+    return group[1] == "cpu" or (torch.cuda.is_available() and dist.is_nccl_available())
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """{world size: {rank: {case name: traceback or None}}}, one spawn per world size."""
+    """{(world size, device): {rank: {case name: traceback or None}}}, one spawn per group."""
     tmp_dir = str(tmp_path_factory.mktemp("dist"))
-    return {world: _run_group(world, tmp_dir) for world in sorted({c.world for c in CASES})}
+    return {group: _run_group(group, tmp_dir) for group in sorted({c.group for c in CASES}) if _runnable(group)}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_single_process(outcomes, case):
-    found = outcomes[case.world]
+    if not _runnable(case.group):
+        pytest.skip("needs a CUDA device and NCCL")
+    found = outcomes[case.group]
     failures = []
     for rank in range(case.world):
         if rank not in found:
