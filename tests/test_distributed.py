@@ -5,6 +5,7 @@ configuration inside them; each rank compares its loss and the gradient of its s
 for the linear variant, grad hidden and its weight/bias slices) with ``F.cross_entropy`` in
 float64 on the full logits, and sends back the traceback of each failure. One test per
 configuration then reports what every rank found. Uneven splits include a rank with no class.
+Where there is a GPU (and NCCL), a one-rank NCCL group also runs a few cases on CUDA tensors.
 """
 
 from __future__ import annotations
