@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import _backend
 from ._dtypes import acc_dtype
 from .eager import vocab_parallel_cross_entropy as _local
 from .ops._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
@@ -68,6 +69,11 @@ class _Spec:
     spread: float  # eps / C, C global
     z_loss: float
     softcap: float | None
+    backend: str  # "eager" or "triton": which module does the local math
+
+    @property
+    def impl(self):
+        return _local if self.backend == "eager" else _backend.implementation("vocab_parallel_cross_entropy", self.backend)
 
 
 # --------------------------------------------------------------------------- process group
@@ -203,7 +209,12 @@ def _prepare(
         weight = weight.to(acc_dtype(input)).contiguous()
     if not torch.compiler.is_compiling():  # a data-dependent branch; compiled code gets NaN rows instead
         _check_target_values(target, total, ignore_index, "eager")  # CPU tensors (or FUSEDLS_CHECK_TARGETS=1)
-    spec = _Spec(group, start, total, ignore_index, reduction, 1.0 - eps, eps / total, z_loss, softcap)
+    if torch.compiler.is_compiling():  # the compiler fuses the eager math itself (and cannot import while tracing)
+        backend = "eager"
+    else:
+        features = {"prob_target"} if prob else set()
+        backend = _backend.resolve(input.device, input.dtype, "vocab_parallel_cross_entropy", features)
+    spec = _Spec(group, start, total, ignore_index, reduction, 1.0 - eps, eps / total, z_loss, softcap, backend)
     return spec, weight, _rows_of(target) if prob else target.reshape(-1)
 
 
@@ -228,7 +239,7 @@ def _forward(logits_of, n_rows, n_cols, target, weight, spec: _Spec, acc):
     ``reduction="mean"``) and ``(lse, coef, target_coef, local target, row_scale)``.
     """
     if target.is_floating_point():
-        lse_local, stats = _local.local_statistics(
+        lse_local, stats = spec.impl.local_statistics(
             logits_of, n_rows, n_cols, None, None, target, weight, spec.keep, spec.spread, spec.softcap, acc
         )
         lse = _global_lse(lse_local, stats, spec.group)
@@ -245,7 +256,7 @@ def _forward(logits_of, n_rows, n_cols, target, weight, spec: _Spec, acc):
         y_local = y - spec.start
         owned = (y_local >= 0) & (y_local < n_cols) & ~ignored
         local_target = y_local.masked_fill(~owned, 0)
-        lse_local, stats = _local.local_statistics(
+        lse_local, stats = spec.impl.local_statistics(
             logits_of, n_rows, n_cols, local_target, owned, None, weight, spec.keep, spec.spread, spec.softcap, acc
         )
         lse = _global_lse(lse_local, stats, spec.group)
@@ -279,18 +290,18 @@ def _reduce(loss: torch.Tensor, denom: torch.Tensor | None, reduction: str) -> t
     return total if denom is None else total / denom
 
 
-def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out, acc, target_grad):
+def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out, acc, target_grad, out=None):
     """Yields ``(rows, scale * dl/dlogits, scale * dl/dtarget or None)`` chunk by chunk (no
-    communication)."""
+    communication); the gradient goes into ``out[rows]`` when ``out`` is given, else is in ``acc``."""
     lse, coef, target_coef, local_target, row_scale = saved
     scale = row_scale * grad_out.to(acc)
     if n_cols == 0:
         return
     for rows in _local.row_chunks(n_rows, n_cols):
-        yield rows, *_local.local_grad(
+        yield rows, *spec.impl.local_grad(
             logits_of(rows), lse[rows], coef[rows], local_target[rows],
             None if target_coef is None else target_coef[rows], weight, spec.keep, spec.spread, spec.softcap,
-            scale[rows], acc, target_grad,
+            scale[rows], acc, target_grad, None if out is None else out[rows],
         )  # fmt: skip
 
 
@@ -323,10 +334,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         grad_t = torch.zeros_like(saved[3], memory_format=torch.contiguous_format) if need_t else None
         chunks = _local_grads(
-            lambda rows: logits[rows], n_rows, n_cols, weight, ctx.spec, saved, grad_out, acc_dtype(logits), need_t
-        )
-        for rows, g, gt in chunks:
-            grad[rows] = g
+            lambda rows: logits[rows], n_rows, n_cols, weight, ctx.spec, saved, grad_out, acc_dtype(logits), need_t,
+            grad,
+        )  # fmt: skip
+        for rows, _, gt in chunks:  # the gradient is written into grad
             if need_t:
                 grad_t[rows] = gt
         return grad if need_x else None, grad_t, None, None

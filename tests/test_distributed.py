@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedls
+from fusedls import _backend
 from fusedls.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -47,6 +48,7 @@ class Case:
     reduce_grad_hidden: bool = True  # linear only
     prob: bool = False  # probability targets (each rank its slice), requiring grad
     device: str = "cpu"  # "cuda": one rank on NCCL, only where there is a GPU
+    backend: str = "auto"  # "triton": the local math on the Triton kernels (interpreter on CPU)
     kwargs: tuple = ()  # (name, value) pairs for the loss
 
     @property
@@ -107,6 +109,7 @@ def _cases() -> list[Case]:
         Case("linear-prob", (4, 4, 3), kind="linear", prob=True, weight="full",
              kwargs=(("label_smoothing", 0.1), ("z_loss", 0.01))),  # fmt: skip
         Case("errors", (5, 6), kind="error"),
+        *_triton_cases(),
         # On a GPU machine: CUDA tensors on a one-rank NCCL group.
         Case("cuda-ce-bf16", (11,), device="cuda", dtype=torch.bfloat16, weight="full",
              kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
@@ -117,6 +120,33 @@ def _cases() -> list[Case]:
              kwargs=(("label_smoothing", 0.1),)),  # fmt: skip
         Case("compile-fullgraph", (5, 6), kind="compile", rows=(3, 5)),
     ]
+    return cases
+
+
+def _triton_cases() -> list[Case]:
+    """Class-id cases on the triton backend; slices of 20 and 24 classes sweep two or more
+    chunks of 16 (the worker lowers the chunk), the last one masked."""
+    cases = []
+    for splits in ((20, 17), (13, 0, 24)):
+        tag = "x".join(map(str, splits))
+        for reduction in ("mean", "sum", "none"):
+            for weight, eps in ((None, 0.0), ("full", 0.1), ("local", 0.0), (None, 0.1)):
+                kw = (("reduction", reduction), ("label_smoothing", eps))
+                cases.append(Case(f"triton-ce-{tag}-{reduction}-w{weight}-eps{eps}", splits, weight=weight, kwargs=kw,
+                                  backend="triton"))  # fmt: skip
+            extra = (("reduction", reduction), ("label_smoothing", 0.1), ("z_loss", 0.01), ("softcap", 2.0))
+            cases.append(Case(f"triton-ce-{tag}-{reduction}-zloss-softcap", splits, weight="full", kwargs=extra,
+                              backend="triton"))  # fmt: skip
+            cases.append(Case(f"triton-linear-{tag}-{reduction}", splits, kind="linear", weight="full", kwargs=extra,
+                              backend="triton"))  # fmt: skip
+    cases += [
+        Case("triton-ce-bf16", (20, 17), dtype=torch.bfloat16, weight="full", kwargs=(("label_smoothing", 0.1),),
+             backend="triton"),
+        Case("triton-ce-fp32-all-ignored", (20, 17), dtype=torch.float32, ignored=1.0, backend="triton"),
+        Case("triton-ce-ignore-class-3", (20, 17), kwargs=(("ignore_index", 3),), backend="triton"),
+        Case("cuda-triton-ce-bf16", (37,), device="cuda", dtype=torch.bfloat16, weight="full",
+             kwargs=(("label_smoothing", 0.1), ("softcap", 3.0)), backend="triton"),
+    ]  # fmt: skip
     return cases
 
 
@@ -340,6 +370,11 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
         import fusedls.eager.vocab_parallel_cross_entropy as local
 
         local._CHUNK_ELEMENTS = 8
+        if _triton_ready(device):  # chunks of 16 classes in the kernels
+            import conftest  # noqa: F401  (the interpreter rounds fp32 -> bf16 as a GPU does, as in the parent)
+            from fusedls.kernels import tuning
+
+            tuning.CROSS_ENTROPY_MAX_BLOCK = {2: 16, 4: 16}
         for case in CASES:
             if case.group != group:
                 continue
@@ -348,7 +383,8 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
                 part = fusedls.distributed.vocab_partition(case.splits[rank])
                 group_kwargs = dict(vocab_start=part.start, vocab_size=part.total)
             try:
-                _RUNNERS[case.kind](case, rank, group_kwargs)
+                with fusedls.use_backend(case.backend):
+                    _RUNNERS[case.kind](case, rank, group_kwargs)
                 out[case.name] = None
             except Exception:
                 out[case.name] = traceback.format_exc()
@@ -381,6 +417,11 @@ def _run_group(group: tuple[int, str], tmp_dir) -> dict:
     return found
 
 
+def _triton_ready(device: str) -> bool:
+    """The triton backend runs on this device's tensors (CPU: under TRITON_INTERPRET=1)."""
+    return not _backend.triton_unavailable_reason(torch.device(device))
+
+
 def _runnable(group: tuple[int, str]) -> bool:
     return group[1] == "cpu" or (torch.cuda.is_available() and dist.is_nccl_available())
 
@@ -396,6 +437,8 @@ def outcomes(tmp_path_factory):
 def test_matches_single_process(outcomes, case):
     if not _runnable(case.group):
         pytest.skip("needs a CUDA device and NCCL")
+    if case.backend == "triton" and not _triton_ready(case.device):
+        pytest.skip("the triton backend cannot run here")
     found = outcomes[case.group]
     failures = []
     for rank in range(case.world):

@@ -59,6 +59,19 @@ def _weighted_target(probs: torch.Tensor, weight, keep: float, spread: float, ac
     return t if weight is None else t.mul_(weight)
 
 
+def init_statistics(n_rows, n_cols, y_local, owned, probs, weight, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lse_local`` (all ``-inf``) and ``stats`` (zeros) with the columns that need no logits
+    filled: the target's weight and the weight total (arguments as :func:`local_statistics`)."""
+    device = (y_local if probs is None else probs).device
+    lse_local = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
+    stats = torch.zeros((n_rows, N_STATS), dtype=acc, device=device)
+    if weight is not None:
+        if n_cols and probs is None:
+            stats[:, TARGET_WEIGHT] = torch.where(owned, weight[y_local], 0.0)
+        stats[:, WEIGHT_TOTAL] = weight.sum()
+    return lse_local, stats
+
+
 def local_statistics(
     logits_of: Callable[[slice], torch.Tensor],
     n_rows: int,
@@ -98,13 +111,7 @@ def local_statistics(
         probability targets ``TARGET_WEIGHT`` holds ``sum_c w_c t'_c`` and ``TARGET_LOGIT``
         ``sum_c w_c t'_c z_c``, the row loss being ``TARGET_WEIGHT * lse - TARGET_LOGIT``.
     """
-    device = (y_local if probs is None else probs).device
-    lse_local = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
-    stats = torch.zeros((n_rows, N_STATS), dtype=acc, device=device)
-    if weight is not None:
-        if n_cols and probs is None:
-            stats[:, TARGET_WEIGHT] = torch.where(owned, weight[y_local], 0.0)
-        stats[:, WEIGHT_TOTAL] = weight.sum()
+    lse_local, stats = init_statistics(n_rows, n_cols, y_local, owned, probs, weight, acc)
     if n_cols == 0:
         return lse_local, stats
     for rows in row_chunks(n_rows, n_cols):
@@ -136,6 +143,7 @@ def local_grad(
     scale: torch.Tensor,
     acc: torch.dtype,
     target_grad: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``scale * dl/dx`` of a chunk of local logits, in ``acc`` (see the module docstring), and
     for probability targets that want it ``scale * dl/dt``.
@@ -155,6 +163,8 @@ def local_grad(
         scale: ``(r,)`` upstream factor of each row (0 for ignored rows, NaN for bad targets).
         acc: accumulation dtype.
         target_grad: probability targets: also return ``dl/dt_c = keep * w_c * (lse - z_c)``.
+        out: ``(r, C_local)`` tensor (contiguous rows) to write the gradient into, rounded to
+            its dtype, and return; None returns it in ``acc``.
     """
     z = capped(x.to(acc), softcap)
     g = torch.exp(z - lse[:, None]).mul_(coef[:, None])
@@ -172,4 +182,5 @@ def local_grad(
         g.scatter_add_(1, target[:, None], -target_coef[:, None])
     if softcap is not None:
         g.mul_(1.0 - (z / softcap).square_())
-    return g.mul_(scale[:, None]), grad_target
+    g.mul_(scale[:, None])
+    return (g if out is None else out.copy_(g)), grad_target

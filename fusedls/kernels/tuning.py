@@ -75,6 +75,17 @@ def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) ->
 
 
 # ----------------------------------------------------------------------------------------------
+# vocab_parallel_cross_entropy (fusedls/kernels/vocab_parallel_cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_config(n_cols: int, element_size: int) -> LaunchConfig:
+    """Chunk and warps of the vocabulary-parallel kernels: they sweep a row of a rank's classes
+    as the cross-entropy kernels do, with the same per-thread working set, so the same table."""
+    return cross_entropy_config(n_cols, element_size)
+
+
+# ----------------------------------------------------------------------------------------------
 # dropout (fusedls/kernels/dropout.py)
 # ----------------------------------------------------------------------------------------------
 
