@@ -26,6 +26,11 @@ from .tuning import vocab_parallel_config
 
 UNSUPPORTED = frozenset({"prob_target"})
 
+# Layout of the (R, N_STATS) statistics, as the kernels see it.
+_N_STATS = tl.constexpr(N_STATS)
+_TARGET_LOGIT = tl.constexpr(TARGET_LOGIT)
+_WEIGHTED_SUM = tl.constexpr(WEIGHTED_SUM)
+
 
 @triton.jit
 def _capped(
@@ -48,9 +53,6 @@ def vocab_parallel_stats_kernel(
     stats_ptr,  # *fp32 (R, N_STATS) out: columns TARGET_LOGIT and WEIGHTED_SUM (others untouched)
     n_cols,  # C_local, >= 1
     softcap,  # fp32 cap s (HAS_SOFTCAP only)
-    N_STATS: tl.constexpr,  # columns of stats
-    TARGET_LOGIT: tl.constexpr,  # column of the target logit
-    WEIGHTED_SUM: tl.constexpr,  # column of sum_c w_c z_c
     HAS_WEIGHT: tl.constexpr,  # class weights given
     HAS_SMOOTHING: tl.constexpr,  # eps > 0: sum_c w_c z_c is needed
     HAS_SOFTCAP: tl.constexpr,  # logits soft-capped
@@ -80,9 +82,9 @@ def vocab_parallel_stats_kernel(
     y = tl.load(target_ptr + row)
     if y >= 0:
         x_y = tl.load(logits_row + y).to(tl.float32)
-        tl.store(stats_ptr + row * N_STATS + TARGET_LOGIT, _capped(x_y, softcap, HAS_SOFTCAP))
+        tl.store(stats_ptr + row * _N_STATS + _TARGET_LOGIT, _capped(x_y, softcap, HAS_SOFTCAP))
     if HAS_SMOOTHING:
-        tl.store(stats_ptr + row * N_STATS + WEIGHTED_SUM, sum_wz)
+        tl.store(stats_ptr + row * _N_STATS + _WEIGHTED_SUM, sum_wz)
 
 
 @triton.jit
@@ -159,7 +161,6 @@ def local_statistics(logits_of, n_rows, n_cols, y_local, owned, probs, weight, k
             target[rows], weight if weight is not None else lse_local,
             lse_local[rows], stats[rows],
             n_cols, softcap or 1.0,
-            N_STATS=N_STATS, TARGET_LOGIT=TARGET_LOGIT, WEIGHTED_SUM=WEIGHTED_SUM,
             BLOCK_C=cfg.block_c, **cfg.launch_options(), **_flags(weight, spread, softcap),
         )  # fmt: skip
     return lse_local, stats
