@@ -19,8 +19,12 @@ Communication (per call, whatever the number of rows; ``process_group`` or the d
 3. backward: nothing for :func:`vocab_parallel_cross_entropy` (the local softmax comes from the
    saved global log-sum-exp); one ``all_reduce(SUM)`` of ``grad_hidden`` for the linear variant.
 
-The local math (``fusedls/eager/vocab_parallel_cross_entropy.py``) is plain torch, chunked over
-rows so its fp32 temporaries stay bounded; it has no host synchronisation. Works on any
+The local math has two backends with one interface, chosen per call by ``fusedls``'s backend
+selection: Triton kernels (``fusedls/kernels/vocab_parallel_cross_entropy.py``: one read of the
+local logits for the statistics, one read + one write for the gradient; CUDA, class-id targets)
+and plain torch (``fusedls/eager/vocab_parallel_cross_entropy.py``: probability targets, fp64,
+CPU, and code traced by ``torch.compile``, whose compiler fuses it). Both are chunked over rows
+so temporaries stay bounded, with no host synchronisation. Works on any
 ``torch.distributed`` backend that has these collectives (NCCL for CUDA tensors, gloo for CPU).
 Importing this module needs no initialised process group; torch imports ``torch.distributed``
 anyway, so ``import fusedls`` imports it too at no cost.
@@ -297,7 +301,7 @@ def _local_grads(logits_of, n_rows, n_cols, weight, spec: _Spec, saved, grad_out
     scale = row_scale * grad_out.to(acc)
     if n_cols == 0:
         return
-    for rows in _local.row_chunks(n_rows, n_cols):
+    for rows in spec.impl.row_chunks(n_rows, n_cols):
         yield rows, *spec.impl.local_grad(
             logits_of(rows), lse[rows], coef[rows], local_target[rows],
             None if target_coef is None else target_coef[rows], weight, spec.keep, spec.spread, spec.softcap,

@@ -375,6 +375,7 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
             from fusedls.kernels import tuning
 
             tuning.CROSS_ENTROPY_MAX_BLOCK = {2: 16, 4: 16}
+            tuning.VOCAB_PARALLEL_CHUNK_ELEMENTS = 64  # launches of 3 or 4 rows
         for case in CASES:
             if case.group != group:
                 continue

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..eager.vocab_parallel_cross_entropy import N_STATS, TARGET_LOGIT, WEIGHTED_SUM, init_statistics, row_chunks
+from ..eager.vocab_parallel_cross_entropy import N_STATS, TARGET_LOGIT, WEIGHTED_SUM, init_statistics
+from . import tuning
 from .tuning import vocab_parallel_config
 
 UNSUPPORTED = frozenset({"prob_target"})
@@ -137,6 +138,13 @@ def vocab_parallel_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers: the triton backend's implementation of fusedls/eager/vocab_parallel_cross_entropy.py
 # ----------------------------------------------------------------------------------------------
+
+
+def row_chunks(n_rows: int, n_cols: int):
+    """Slices of rows launched together (about ``tuning.VOCAB_PARALLEL_CHUNK_ELEMENTS`` logits)."""
+    step = max(1, tuning.VOCAB_PARALLEL_CHUNK_ELEMENTS // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
 
 
 def _flags(weight, spread: float, softcap: float | None) -> dict:
