@@ -124,8 +124,9 @@ def _cases() -> list[Case]:
 
 
 def _triton_cases() -> list[Case]:
-    """Class-id cases on the triton backend; slices of 20 and 24 classes sweep two or more
-    chunks of 16 (the worker lowers the chunk), the last one masked."""
+    """Class-id cases on the triton backend, in fp32 (fp64 always runs eagerly); slices of 20
+    and 24 classes sweep two or more chunks of 16 (the worker lowers the chunk), the last one
+    masked."""
     cases = []
     for splits in ((20, 17), (13, 0, 24)):
         tag = "x".join(map(str, splits))
@@ -133,17 +134,17 @@ def _triton_cases() -> list[Case]:
             for weight, eps in ((None, 0.0), ("full", 0.1), ("local", 0.0), (None, 0.1)):
                 kw = (("reduction", reduction), ("label_smoothing", eps))
                 cases.append(Case(f"triton-ce-{tag}-{reduction}-w{weight}-eps{eps}", splits, weight=weight, kwargs=kw,
-                                  backend="triton"))  # fmt: skip
+                                  dtype=torch.float32, backend="triton"))  # fmt: skip
             extra = (("reduction", reduction), ("label_smoothing", 0.1), ("z_loss", 0.01), ("softcap", 2.0))
             cases.append(Case(f"triton-ce-{tag}-{reduction}-zloss-softcap", splits, weight="full", kwargs=extra,
-                              backend="triton"))  # fmt: skip
+                              dtype=torch.float32, backend="triton"))  # fmt: skip
             cases.append(Case(f"triton-linear-{tag}-{reduction}", splits, kind="linear", weight="full", kwargs=extra,
-                              backend="triton"))  # fmt: skip
+                              dtype=torch.float32, backend="triton"))  # fmt: skip
     cases += [
         Case("triton-ce-bf16", (20, 17), dtype=torch.bfloat16, weight="full", kwargs=(("label_smoothing", 0.1),),
              backend="triton"),
         Case("triton-ce-fp32-all-ignored", (20, 17), dtype=torch.float32, ignored=1.0, backend="triton"),
-        Case("triton-ce-ignore-class-3", (20, 17), kwargs=(("ignore_index", 3),), backend="triton"),
+        Case("triton-ce-ignore-class-3", (20, 17), kwargs=(("ignore_index", 3),), dtype=torch.float32, backend="triton"),
         Case("cuda-triton-ce-bf16", (37,), device="cuda", dtype=torch.bfloat16, weight="full",
              kwargs=(("label_smoothing", 0.1), ("softcap", 3.0)), backend="triton"),
     ]  # fmt: skip
@@ -385,6 +386,8 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
                 group_kwargs = dict(vocab_start=part.start, vocab_size=part.total)
             try:
                 with fusedls.use_backend(case.backend):
+                    resolved = _backend.resolve(torch.device(case.device), case.dtype, "vocab_parallel_cross_entropy")
+                    assert case.backend != "triton" or resolved == "triton", f"runs on {resolved}"
                     _RUNNERS[case.kind](case, rank, group_kwargs)
                 out[case.name] = None
             except Exception:
