@@ -5,12 +5,13 @@ Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse; :clas
 :func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`vector_norm` (without fp32
 overflow / underflow), :func:`foreach_norm`, :func:`total_norm`,
 :func:`clip_grad_norm_`, :func:`l1_penalty`, :func:`l2_penalty`, :func:`regularization_penalty`;
-:mod:`fusedls.nn`; backend selection
+:mod:`fusedls.nn`;
+:mod:`fusedls.distributed` (vocabulary-parallel cross-entropy); backend selection
 (:func:`backends`, :func:`set_backend`, :func:`use_backend`). Importing fusedls needs neither
 triton nor a GPU nor a compiler.
 """
 
-from . import nn
+from . import distributed, nn
 from ._backend import BackendInfo, backends, set_backend, use_backend
 from .ops.cross_entropy import CrossEntropyResult, cross_entropy
 from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
@@ -27,6 +28,7 @@ __all__ = [
     "backends",
     "cross_entropy",
     "CrossEntropyResult",
+    "distributed",
     "dropout",
     "dropout_add",
     "dropout_add_layer_norm",

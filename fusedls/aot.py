@@ -7,7 +7,8 @@ bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vec
 dtype, the flag constexprs the launchers can pass (fwd ``WSPGZC``: HAS_WEIGHT, HAS_SMOOTHING,
 PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRBD``: IS_RMS, HAS_RESIDUAL, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRBD``: IS_RMS,
-HAS_DH_NEXT, ...) and each distinct (block, num_warps) that the tuning table picks for the sizes
+HAS_DH_NEXT, ...; vocab-parallel vp_stats / vp_grad ``WSC``: HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+and each distinct (block, num_warps) that the tuning table picks for the sizes
 ``V`` (cross-entropy vocabularies ``VOCABS``, hidden sizes ``HIDDEN``), with arguments
 specialised as triton's launcher does: 16-byte aligned pointers; the row length and strides (``C``)
   16   divisible by 16 (``tt.divisibility``): aligned rows, e.g. V = 32000, 128256, 262144;
@@ -90,6 +91,8 @@ _CE_LOADS = ("tl.load(logits_row + cols", "tl.load(grad_row + cols")
 _NORM_FP32 = frozenset({"mean_ptr", "rstd_ptr", "dweight_ptr", "dbias_ptr"})
 _NORM_LOADS = ("tl.load(x_ptr + offsets", "tl.load(h_ptr + offsets", "tl.load(dy_ptr + offsets")
 _SEED = frozenset({"seed_ptr"})
+_VP = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+_VP_FP32 = frozenset({"weight_ptr", "lse_ptr", "stats_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr"})
 KERNELS = {  # short name -> Kernel
     "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP"),
                   "WSPGZC", "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=2),
@@ -104,6 +107,10 @@ KERNELS = {  # short name -> Kernel
     "norm_bwd": Kernel("dropout", "dropout_add_norm_bwd_kernel",
                        ("IS_RMS", "HAS_DH_NEXT", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"), "MNRBD", "BLOCK_N",
                        _NORM_FP32, _SEED, _NORM_LOADS, ("IS_RMS", "HAS_BIAS")),
+    "vp_stats": Kernel("vocab_parallel_cross_entropy", "vocab_parallel_stats_kernel", _VP, "WSC", "BLOCK_C",
+                       _VP_FP32, frozenset({"target_ptr"}), ("tl.load(logits_row + cols",)),
+    "vp_grad": Kernel("vocab_parallel_cross_entropy", "vocab_parallel_grad_kernel", _VP, "WSC", "BLOCK_C",
+                      _VP_FP32, frozenset({"target_ptr"}), ("tl.load(logits_row + cols",)),
 }  # fmt: skip
 # foreach_norm: one entry per norm kind (KIND, IS_TWO) or map MODE; the merge kernels read fp32
 # partials (their dtype column only types like_ptr, unused there). Flags: merge ``N``:
@@ -235,7 +242,7 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
         for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
             variants[cfg.block_c, cfg.num_warps, spec] = [size]
         return variants
-    sizes = VOCABS if module == "cross_entropy" else HIDDEN
+    sizes = HIDDEN if module == "dropout" else VOCABS  # cross-entropy and vocab-parallel rows
     for v in sizes:
         if module == "dropout":
             if v > dropout_norm_max_n(DTYPES[dtype]):

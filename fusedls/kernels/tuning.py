@@ -75,6 +75,24 @@ def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) ->
 
 
 # ----------------------------------------------------------------------------------------------
+# vocab_parallel_cross_entropy (fusedls/kernels/vocab_parallel_cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+
+# Rows per launch: a chunk of rows holds about this many logits. The kernels need no
+# temporaries, but the linear variant materialises each chunk's logits (and, in backward, an
+# fp32 gradient chunk): 16M elements are 32 MiB of bf16 logits, and ~1k rows of a 16k-class slice
+# (8 programs per SM on an H100). Tests lower it to run the chunk loop.
+VOCAB_PARALLEL_CHUNK_ELEMENTS = 1 << 24
+
+
+def vocab_parallel_config(n_cols: int, element_size: int) -> LaunchConfig:
+    """Chunk and warps of the vocabulary-parallel kernels: they sweep a row of a rank's classes
+    as the cross-entropy kernels do, with the same per-thread working set, so the same table."""
+    return cross_entropy_config(n_cols, element_size)
+
+
+# ----------------------------------------------------------------------------------------------
 # dropout (fusedls/kernels/dropout.py)
 # ----------------------------------------------------------------------------------------------
 
