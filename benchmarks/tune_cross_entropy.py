@@ -37,7 +37,7 @@ def _step(x, y):
 
 
 def _copy_ms(n_bytes: int) -> float:
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    src = torch.empty(n_bytes // 4, dtype=torch.bfloat16, device="cuda")  # n_bytes counts read + write
     dst = torch.empty_like(src)
     return do_bench(lambda: dst.copy_(src), warmup=25, rep=100)
 
