@@ -225,9 +225,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
         opts = (ignore_index, keep, spread, z_loss, softcap, backend)
         if fused:
-            grad_scale = torch.ones((), device=logits.device, dtype=acc_dtype(logits))
-            if denom is not None:
-                grad_scale = grad_scale / denom
+            # One launch: every small op here costs host time comparable to the kernel itself
+            # on a GPU (benchmarks/profile_host.py).
+            if isinstance(denom, torch.Tensor):
+                grad_scale = torch.reciprocal(denom)
+            else:  # None (sum, none) or the row count of probability targets (0: no rows to scale)
+                scale = 1.0 if not denom else 1.0 / denom
+                grad_scale = torch.full((), scale, device=logits.device, dtype=acc_dtype(logits))
             if inplace:
                 loss, lse, coef = _cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *opts)
                 grad = logits
@@ -274,7 +278,7 @@ def mean_denominator(target, weight, ignore_index: int, n_cols: int, acc: torch.
     """torch's denominator of a class-id mean: the summed weights of the rows not ignored."""
     valid = target != ignore_index
     if weight is None:
-        return valid.sum().to(acc)
+        return valid.sum(dtype=acc)
     return (weight[target.clamp(0, n_cols - 1).long()] * valid).sum()
 
 
