@@ -134,6 +134,20 @@ class Timing:
     n: int
 
 
+def backend_why_not(op: str, backend: str, case: "Case", device: torch.device) -> str:
+    """Why the fusedls provider of ``backend`` cannot time ``case`` of ``op`` here ("" when it
+    can): fusedls's own reason when the backend is refused, or the backend it would run on."""
+    import fusedls
+    from fusedls import _backend
+
+    try:
+        with fusedls.use_backend(backend):
+            resolved = _backend.resolve(device, case.torch_dtype, op)
+    except ValueError as exc:  # e.g. "CPU tensors need TRITON_INTERPRET=1 ..."
+        return str(exc)
+    return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"
+
+
 def summarize(times_ms: list[float]) -> Timing:
     if len(times_ms) == 1:
         return Timing(times_ms[0], times_ms[0], times_ms[0], 1)

@@ -24,10 +24,9 @@ import importlib.util
 import torch
 
 import fusedls
-from fusedls import _backend
 from fusedls.testing import reference_cross_entropy, tolerance
 
-from .core import Case, OpBench, Provider, Slice
+from .core import Case, OpBench, Provider, Slice, backend_why_not
 
 SMOOTHING, IGNORE_INDEX, IGNORE_FRACTION = 0.1, -100, 0.01
 VOCABS = (32000, 50257, 128256, 152064, 256000)  # Llama-2, GPT-2, Llama-3, Qwen2.5, Gemma-2
@@ -65,12 +64,7 @@ def _fusedls(backend: str, inplace: bool):
 def _backend_why_not(backend: str, inplace: bool, case: Case, device: torch.device) -> str:
     if inplace and case.mode == "fwd":
         return "inplace_backward only acts when a gradient is computed"
-    try:
-        with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, "cross_entropy")
-    except ValueError as exc:  # fusedls's own reason, e.g. "CPU tensors need TRITON_INTERPRET=1 ..."
-        return str(exc)
-    return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"
+    return backend_why_not("cross_entropy", backend, case, device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,10 +48,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
-from fusedls import _backend
 from fusedls.testing import tolerance
 
-from .core import Case, OpBench, Provider, Slice
+from .core import Case, OpBench, Provider, Slice, backend_why_not
 
 P, EPS = 0.1, 1e-6
 HIDDEN = (2048, 4096, 8192)
@@ -111,13 +110,9 @@ def _compiled(op: str):
 
 
 def _backend_why_not(op: str, backend: str, case: Case, device: torch.device) -> str:
-    try:
-        with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, "dropout")
-    except ValueError as exc:  # fusedls's own reason
-        return str(exc)
-    if resolved != backend:
-        return f"{case.dtype} on {device.type} runs on the {resolved} backend"
+    reason = backend_why_not("dropout", backend, case, device)
+    if reason:
+        return reason
     if op == "dropout_add_rms_norm" and backend == "triton":
         from fusedls.kernels.tuning import DROPOUT_NORM_MAX_N
 

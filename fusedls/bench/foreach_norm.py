@@ -35,10 +35,9 @@ import functools
 import torch
 
 import fusedls
-from fusedls import _backend
 from fusedls.testing import tolerance
 
-from .core import Case, OpBench, Provider, Slice
+from .core import Case, OpBench, Provider, Slice, backend_why_not
 
 VOCAB, TOKENS, MAX_NORM = 32000, 8192, 1.0
 
@@ -108,13 +107,6 @@ def _fusedls(op: str, backend: str):
     return call
 
 
-def _backend_why_not(backend: str, case: Case, device: torch.device) -> str:
-    try:
-        with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, "foreach_norm")
-    except ValueError as exc:
-        return str(exc)
-    return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"
 
 
 def _ratio(actual, expected, scale, dtype) -> float:
@@ -157,7 +149,7 @@ class ForeachBench(OpBench):
         found = [Provider("torch", "torch", functools.partial(_torch, self.name))]
         for backend in (b.name for b in fusedls.backends()):
             found.append(Provider(f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, self.name, backend),
-                                  functools.partial(_backend_why_not, backend)))  # fmt: skip
+                                  functools.partial(backend_why_not, "foreach_norm", backend)))  # fmt: skip
         return found
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
-from fusedls import _backend
 
-from .core import Case, OpBench, Provider, Slice
+from .core import Case, OpBench, Provider, Slice, backend_why_not
 from .cross_entropy import _error_ratio, _liger_import_error
 from fusedls.testing import tolerance
 
@@ -53,13 +52,6 @@ def _fusedls(backend: str):
     return loss
 
 
-def _backend_why_not(backend: str, case: Case, device: torch.device) -> str:
-    try:
-        with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, "cross_entropy")
-    except ValueError as exc:
-        return str(exc)
-    return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"
 
 
 def _liger():
@@ -156,7 +148,7 @@ class LinearCrossEntropyBench(OpBench):
         for backend in (b.name for b in fusedls.backends()):
             found.append(Provider(
                 f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, backend),
-                functools.partial(_backend_why_not, backend),
+                functools.partial(backend_why_not, "cross_entropy", backend),
             ))  # fmt: skip
         return found
 

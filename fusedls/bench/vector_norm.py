@@ -28,10 +28,9 @@ import functools
 import torch
 
 import fusedls
-from fusedls import _backend
 from fusedls.testing import tolerance
 
-from .core import Case, OpBench, Provider, Slice
+from .core import Case, OpBench, Provider, Slice, backend_why_not
 from .dropout import _error_ratio  # max |a - e| / (atol + rtol |e|)
 
 ORD = 2
@@ -61,13 +60,6 @@ def _fusedls(backend: str):
     return call
 
 
-def _backend_why_not(backend: str, case: Case, device: torch.device) -> str:
-    try:
-        with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, "vector_norm")
-    except ValueError as exc:  # fusedls's own reason
-        return str(exc)
-    return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"
 
 
 class _Inputs:
@@ -131,7 +123,7 @@ class VectorNormBench(OpBench):
     def providers(self) -> list[Provider]:
         backends = [b.name for b in fusedls.backends()]
         ours = [Provider(f"fusedls/{b}", "fusedls", functools.partial(_fusedls, b),
-                         functools.partial(_backend_why_not, b)) for b in backends]  # fmt: skip
+                         functools.partial(backend_why_not, "vector_norm", b)) for b in backends]  # fmt: skip
         return [Provider("torch", "torch", lambda: _torch), Provider("torch.compile", "compile", _compiled), *ours]
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:
