@@ -30,6 +30,16 @@ def test_all_rows_ignored(backend, device, weighted, inplace):
     assert check(x, t, w, reduction="sum", inplace=inplace) == 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignored_rows_with_huge_logits(backend, device, reduction, inplace):
+    # exp(1000 - 0) overflows: an ignored row's gradient must still be 0 (torch), not 0 * inf.
+    x = logits((4, 13), torch.float32, device) + 1000.0
+    t = class_ids((4,), 13, device)
+    t[1] = t[3] = -100
+    check(x, t, label_smoothing=0.1, reduction=reduction, inplace=inplace)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_huge_logits(backend, small_chunks, device, dtype):
     big = {torch.float16: 6e4, torch.bfloat16: 1e30, torch.float32: 1e30}[dtype]

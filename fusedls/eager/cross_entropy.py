@@ -125,7 +125,10 @@ def cross_entropy_forward(
             if not prob:
                 scale = scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
             t = target[rows] if prob else None
-            g = _grad_block(x, blk_lse, blk_coef, y, target_term, t, weight, keep, spread, scale[:, None], th)
+            # Ignored rows keep lse = 0 for the caller; +inf here makes their exp() terms 0, not
+            # 0 * inf = NaN for logits beyond ~88 (the kernels write those rows as zeros).
+            g_lse = blk_lse if prob else blk_lse.masked_fill(ignored, float("inf"))
+            g = _grad_block(x, g_lse, blk_coef, y, target_term, t, weight, keep, spread, scale[:, None], th)
             grad[rows] = g
     return loss, lse, coef
 
@@ -155,12 +158,14 @@ def cross_entropy_backward(
         x, th = _capped(logits[rows].to(acc), softcap)
         scale = factor[rows].clone()
         y = target_term = t = None
+        g_lse = lse[rows]
         if prob:
             t = target[rows]
         else:
             y, ignored, bad, target_term = _class_terms(target[rows], weight, n_cols, ignore_index, keep, acc)
             scale = scale.masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-        g = _grad_block(x, lse[rows], coef[rows], y, target_term, t, weight, keep, spread, scale[:, None], th)
+            g_lse = g_lse.masked_fill(ignored, float("inf"))  # as in forward: zero, not NaN, rows
+        g = _grad_block(x, g_lse, coef[rows], y, target_term, t, weight, keep, spread, scale[:, None], th)
         if grad_target is not None:  # before grad is written: grad may alias the logits x views
             dt = lse[rows, None] - x
             if weight is not None:
