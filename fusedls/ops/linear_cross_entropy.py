@@ -176,6 +176,7 @@ class _Dispatch:
     # mm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
     mm_out_dtype_works = True
     addmm_out_dtype_works = True  # the same for addmm(out_dtype=...) (strategy="vocab")
+    UPCAST_ELEMENTS = 1 << 22  # elements of a half operand upcast at once where that is missing
 
 
 class _Grads:
@@ -220,14 +221,18 @@ def _logits_chunks(hidden, weight, bias, chunk_rows):
 
 def _add_fp32_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` for an fp32 ``acc`` and half ``a``, ``b``: one cuBLAS matmul with an fp32
-    output on CUDA (``addmm(out_dtype=float32)``), the operands upcast elsewhere."""
+    output on CUDA (``addmm(out_dtype=float32)``), the operands upcast elsewhere (``a`` a slice
+    of rows at a time: about UPCAST_ELEMENTS temporary elements)."""
     if a.device.type == "cuda" and _Dispatch.addmm_out_dtype_works:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, NotImplementedError, TypeError):  # a torch without addmm(out_dtype)
             _Dispatch.addmm_out_dtype_works = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    b = b.to(acc.dtype)
+    step = max(1, _Dispatch.UPCAST_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], step):
+        acc[start : start + step].addmm_(a[start : start + step].to(acc.dtype), b)
 
 
 def _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts, backend):
