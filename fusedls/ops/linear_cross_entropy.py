@@ -236,8 +236,8 @@ def _add_fp32_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
 
 
 def _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts, backend):
-    """Pass 1 of ``strategy="vocab"`` (and the forward of ``none``): (loss, lse, coef) per row
-    over token chunks, no gradient written; the chunk buffer is freed on return."""
+    """Pass 1 of ``strategy="vocab"``: (loss, lse, coef) per row over token chunks, no gradient
+    written (the cross-entropy forward's ``grad=None`` path); the chunk buffer is freed on return."""
     impl, acc, n_rows = _impl(backend), acc_dtype(hidden), hidden.shape[0]
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
     for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
