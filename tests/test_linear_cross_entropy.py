@@ -148,6 +148,18 @@ def test_vocab_strategy_ignored_rows_with_huge_logits(backend, device, reduction
     check_linear(h, w.requires_grad_(), t, b.requires_grad_(), reduction=reduction, chunk_size=2, strategy="vocab")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_strategy_holds_no_weight_sum(backend, device, monkeypatch, reduction):
+    # strategy="vocab" writes grad_weight block by block: the fp32 (V, d) sum is never built.
+    def refuse(weight):
+        raise RuntimeError("strategy='vocab' built the fp32 (V, d) grad-weight sum")
+
+    monkeypatch.setattr(lce, "_WeightGrad", refuse)
+    h, w, b = (v.requires_grad_() for v in inputs((9,), torch.bfloat16, device))
+    check_linear(h, w, class_ids((9,), V, device), b, reduction=reduction, label_smoothing=0.1, chunk_size=4,
+                 scale=4.0, strategy="vocab")  # fmt: skip
+
+
 def test_vocab_strategy_caps_default_chunks(monkeypatch):
     monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8)
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
