@@ -22,7 +22,7 @@ def case_inputs(request):
     return request.param, BENCH.prepare(request.param, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager"])
+@pytest.mark.parametrize("name", ["torch", "torch.compile", "fusedls/eager", "fusedls/eager+vocab"])
 def test_linear_cross_entropy(benchmark, case_inputs, name):
     case, inputs = case_inputs
     run_benchmark(benchmark, BENCH, PROVIDERS[name], case, inputs)

@@ -18,6 +18,11 @@ V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the la
 def small_vocab_blocks(monkeypatch):
     """grad_weight summed in fp32 blocks of 16 classes: three blocks, the last one short."""
     monkeypatch.setattr(lce._WeightGrad, "VOCAB_BLOCK", 16)
+    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 16)  # strategy="vocab": blocks of 16, 16 and 5 classes
+    monkeypatch.setattr(lce._Dispatch, "UPCAST_ELEMENTS", 64)  # half grad_hidden off CUDA: 4 rows at a time
+
+
+STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab"])
 
 
 def inputs(shape, dtype, device, bias=True, seed=0):
@@ -76,10 +81,11 @@ CONFIGS = [  # (label_smoothing, class weights, z_loss, softcap)
 ]
 
 
+@STRATEGIES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing, weighted, z_loss, softcap", CONFIGS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_parity_fp32(backend, small_chunks, device, reduction, smoothing, weighted, z_loss, softcap, bias):
+def test_parity_fp32(backend, small_chunks, device, reduction, smoothing, weighted, z_loss, softcap, bias, strategy):
     h, w, b = inputs((2, 5), torch.float32, device, bias)
     for v in (h, w, b):
         if v is not None:
@@ -89,38 +95,76 @@ def test_parity_fp32(backend, small_chunks, device, reduction, smoothing, weight
     up = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else 0.6
     check_linear(
         h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, class_weight=cw, z_loss=z_loss,
-        softcap=softcap, chunk_size=3, scale=4.0,
+        softcap=softcap, chunk_size=3, scale=4.0, strategy=strategy,
     )  # fmt: skip
 
 
+@STRATEGIES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_half_precision(backend, small_chunks, device, dtype, reduction):
+def test_half_precision(backend, small_chunks, device, dtype, reduction, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((13,), dtype, device))
     t = class_ids((13,), V, device)
-    check_linear(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=4, scale=4.0)
+    check_linear(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=4, scale=4.0,
+                 strategy=strategy)  # fmt: skip
 
 
-def test_float64_runs_eagerly(device):
+@STRATEGIES
+def test_float64_runs_eagerly(device, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((6,), torch.float64, device))
-    check_linear(h, w, class_ids((6,), V, device), b, label_smoothing=0.1, softcap=2.0, chunk_size=4)
+    check_linear(h, w, class_ids((6,), V, device), b, label_smoothing=0.1, softcap=2.0, chunk_size=4, strategy=strategy)
 
 
+@STRATEGIES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_rows_ignored(backend, device, reduction):
+def test_all_rows_ignored(backend, device, reduction, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((4,), torch.float32, device))
-    out = check_linear(h, w, torch.full((4,), -100, device=device), b, reduction=reduction, chunk_size=3)
+    out = check_linear(h, w, torch.full((4,), -100, device=device), b, reduction=reduction, chunk_size=3,
+                       strategy=strategy)  # fmt: skip
     assert out.loss.isnan().all() if reduction == "mean" else (out.loss == 0).all()
     assert (w.grad is None or (w.grad == 0).all()) and (out.lse == 0).all()
 
 
+@STRATEGIES
 @pytest.mark.parametrize("wants", ["hidden", "weight", "bias", ""])
-def test_some_inputs_without_grad(backend, device, wants):
+def test_some_inputs_without_grad(backend, device, wants, strategy):
     h, w, b = inputs((7,), torch.float32, device)
     for name, v in zip(("hidden", "weight", "bias"), (h, w, b)):
         v.requires_grad_(name == wants)
     for reduction in ("mean", "none"):
-        check_linear(h, w, class_ids((7,), V, device), b, reduction=reduction, label_smoothing=0.1, chunk_size=2)
+        check_linear(h, w, class_ids((7,), V, device), b, reduction=reduction, label_smoothing=0.1, chunk_size=2,
+                     strategy=strategy)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_strategy_ignored_rows_with_huge_logits(backend, device, reduction):
+    # Forward leaves lse = coef = 0 on ignored rows; their exp(logit - lse) must not overflow
+    # into inf * 0 = NaN in the vocabulary blocks.
+    h, w, b = inputs((5,), torch.float32, device)
+    ignored = torch.tensor([1, 3], device=device)
+    h[ignored] *= 60.0  # logits of a few hundred on the ignored rows: exp overflows fp32
+    h.requires_grad_()
+    t = class_ids((5,), V, device).index_fill(0, ignored, -100)
+    check_linear(h, w.requires_grad_(), t, b.requires_grad_(), reduction=reduction, chunk_size=2, strategy="vocab")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_strategy_holds_no_weight_sum(backend, device, monkeypatch, reduction):
+    # strategy="vocab" writes grad_weight block by block: the fp32 (V, d) sum is never built.
+    def refuse(weight):
+        raise RuntimeError("strategy='vocab' built the fp32 (V, d) grad-weight sum")
+
+    monkeypatch.setattr(lce, "_WeightGrad", refuse)
+    h, w, b = (v.requires_grad_() for v in inputs((9,), torch.bfloat16, device))
+    check_linear(h, w, class_ids((9,), V, device), b, reduction=reduction, label_smoothing=0.1, chunk_size=4,
+                 scale=4.0, strategy="vocab")  # fmt: skip
+
+
+def test_vocab_strategy_caps_default_chunks(monkeypatch):
+    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8)
+    # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
 
 
 def test_no_grad_mode(backend, device):
@@ -156,7 +200,8 @@ def test_default_chunking_matches(backend, device, monkeypatch):
     check_linear(h, w, class_ids((11,), V, device), b, label_smoothing=0.1, scale=4.0)
 
 
-def test_compile_fullgraph(backend, device):
+@STRATEGIES
+def test_compile_fullgraph(backend, device, strategy):
     torch._dynamo.reset()
     h, w, b = (v.requires_grad_() for v in inputs((9,), torch.float32, device))
     t = class_ids((9,), V, device)
@@ -164,9 +209,9 @@ def test_compile_fullgraph(backend, device):
     def step(h, w, b, t):
         loss, z, lse = fusedls.linear_cross_entropy(
             h, w, t, b, label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_z_loss=True, return_lse=True,
-            chunk_size=4,
+            chunk_size=4, strategy=strategy,
         )  # fmt: skip
-        rows = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=4)
+        rows = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=4, strategy=strategy)
         return loss + rows.sum(), z, lse
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
@@ -209,6 +254,7 @@ BAD = [
     (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
+    (dict(strategy="classes"), ValueError, "strategy must be one of"),
 ]
 
 
@@ -220,15 +266,19 @@ def test_bad_input(override, error, message):
         fusedls.linear_cross_entropy(**args)
 
 
-def test_out_of_range_targets(backend, device):
+@STRATEGIES
+def test_out_of_range_targets(backend, device, strategy):
     h, w, b = inputs((4,), torch.float32, device)
     t = torch.tensor([1, V, -100, 2], device=device)
     if backend == "eager" and device == "cpu":
         with pytest.raises(ValueError, match=f"target contains class id {V}"):
             fusedls.linear_cross_entropy(h, w, t, b)
         return
-    out = fusedls.linear_cross_entropy(h, w, t, b, reduction="none")  # kernels: NaN rows, no sync
+    h.requires_grad_()
+    out = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", strategy=strategy)  # kernels: NaN rows, no sync
     assert out[1].isnan() and out[[0, 3]].isfinite().all() and out[2] == 0
+    out.backward(torch.ones_like(out))
+    assert h.grad[1].isnan().all() and h.grad[[0, 3]].isfinite().all() and (h.grad[2] == 0).all()
 
 
 def test_no_host_synchronisation_on_gpu(backend, device):

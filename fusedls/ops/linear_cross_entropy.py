@@ -34,6 +34,20 @@ place (skipped on the device where it is exactly 1: ``loss.backward()``); a fact
 rounds them a second time. ``none``: forward keeps only each row's lse and gradient coefficient
 (two fp32 numbers per token); backward recomputes the chunks' logits and writes the gradient with
 the per-row upstream factors, so nothing logits-sized outlives a chunk either way.
+
+Vocabulary blocks (``strategy="vocab"``, opt-in). The token chunks above need the fp32 ``(V, d)``
+grad-weight sum (4 bytes per head element). This strategy never holds one: pass 1 runs the
+token chunks for each row's loss, lse and coef only (no gradient written); pass 2 (in forward
+for ``mean``/``sum``, in backward for ``none``) sweeps blocks of :data:`VOCAB_BLOCK_COLS`
+classes: ``x = H @ W[blk].T (+ b[blk])`` for ALL tokens in one reused ``(N, Cb)`` buffer, turned
+in place into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient
+(``local_grad`` of ``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on
+a slice of the classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul
+over every token, written once in the weight dtype), ``grad_b[blk] = g.sum(0)`` and
+``grad_H += g @ W[blk]`` in an fp32 ``(N, d)`` buffer rounded once at the end. Extra memory about
+``N * Cb * s + N * d * 4`` bytes besides the gradients themselves (Llama-3 8B head, N = 16384,
+d = 4096, bf16: 256 + 256 MiB, plus the 1002 MiB bf16 grad_weight); cost: the logits matmul runs
+twice (4 matmuls of ``N V d`` instead of 3) and ``H`` is read once per block.
 """
 
 from __future__ import annotations
@@ -64,13 +78,22 @@ REDUCTIONS = ("none", "mean", "sum")
 # (12 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
 # at 16k tokens.
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+STRATEGIES = ("tokens", "vocab")
+# strategy="vocab": classes per block of pass 2 (an (N, VOCAB_BLOCK_COLS) buffer of logits); pass
+# 1's token chunks are capped at the same number of logits when chunk_size is not given.
+VOCAB_BLOCK_COLS = 8192
 
 
-def _chunk_rows(n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None) -> int:
-    """Tokens per chunk: ``chunk_size``, or as many as fit CHUNK_BYTES, evened out over chunks."""
+def _chunk_rows(
+    n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens"
+) -> int:
+    """Tokens per chunk: ``chunk_size``, or as many as fit CHUNK_BYTES (for ``strategy="vocab"``
+    no more than pass 2's ``(N, VOCAB_BLOCK_COLS)`` block), evened out over chunks."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n_rows))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    if strategy == "vocab":
+        budget = min(budget, max(1, n_rows) * min(VOCAB_BLOCK_COLS, n_cols) * element_size)
     most = max(1, budget // max(1, n_cols * element_size))
     n_chunks = -(-n_rows // most) if n_rows else 1
     return max(1, -(-n_rows // n_chunks))
@@ -152,6 +175,8 @@ class _WeightGrad:
 class _Dispatch:
     # mm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
     mm_out_dtype_works = True
+    addmm_out_dtype_works = True  # the same for addmm(out_dtype=...) (strategy="vocab")
+    UPCAST_ELEMENTS = 1 << 22  # elements of a half operand upcast at once where that is missing
 
 
 class _Grads:
@@ -194,6 +219,86 @@ def _logits_chunks(hidden, weight, bias, chunk_rows):
         yield rows, logits
 
 
+def _add_fp32_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` and half ``a``, ``b``: one cuBLAS matmul with an fp32
+    output on CUDA (``addmm(out_dtype=float32)``), the operands upcast elsewhere (``a`` a slice
+    of rows at a time: about UPCAST_ELEMENTS temporary elements)."""
+    if a.device.type == "cuda" and _Dispatch.addmm_out_dtype_works:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, NotImplementedError, TypeError):  # a torch without addmm(out_dtype)
+            _Dispatch.addmm_out_dtype_works = False
+    b = b.to(acc.dtype)
+    step = max(1, _Dispatch.UPCAST_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], step):
+        acc[start : start + step].addmm_(a[start : start + step].to(acc.dtype), b)
+
+
+def _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts, backend):
+    """Pass 1 of ``strategy="vocab"``: (loss, lse, coef) per row over token chunks, no gradient
+    written (the cross-entropy forward's ``grad=None`` path); the chunk buffer is freed on return."""
+    impl, acc, n_rows = _impl(backend), acc_dtype(hidden), hidden.shape[0]
+    loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+        loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
+            logits, target[rows], class_weight, None, None, ignore_index, keep, spread, **opts
+        )
+    return loss, lse, coef
+
+
+def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
+                       softcap, need, backend):  # fmt: skip
+    """Pass 2 of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale * loss``
+    (``scale`` 0-dim or (N,)) by blocks of VOCAB_BLOCK_COLS classes; see the module docstring."""
+    (n_rows, d), n_cols, acc = hidden.shape, weight.shape[0], acc_dtype(hidden)
+    local = _backend.implementation(
+        "vocab_parallel_cross_entropy",
+        backend if _backend.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
+    )
+    y = target.long()
+    ignored = y == ignore_index
+    valid = ~ignored & (y >= 0) & (y < n_cols)
+    bad = ~valid & ~ignored
+    # Ignored rows: lse +inf, so p_c = 0 whatever the logits (forward left lse = coef = 0 there).
+    lse = lse.masked_fill(ignored, float("inf"))
+    scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
+    y_safe = y.masked_fill(~valid, 0)
+    target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
+    grad_h = torch.zeros(n_rows, d, dtype=acc, device=hidden.device) if need[0] else None
+    grad_w = torch.empty_like(weight) if need[1] else hidden.new_empty(0)
+    grad_b = torch.empty_like(bias) if need[2] else hidden.new_empty(0)
+    cols = min(VOCAB_BLOCK_COLS, n_cols)
+    buffer = hidden.new_empty(n_rows * cols)
+    for start in range(0, n_cols, cols):
+        blk = slice(start, min(start + cols, n_cols))
+        x = buffer[: n_rows * (blk.stop - start)].view(n_rows, blk.stop - start)  # contiguous, ragged last
+        if bias is None:
+            torch.mm(hidden, weight[blk].t(), out=x)
+        else:
+            torch.addmm(bias[blk], hidden, weight[blk].t(), out=x)
+        owned = valid & (y >= start) & (y < blk.stop)
+        y_local = (y - start).masked_fill(~owned, 0)
+        target_coef = torch.where(owned, target_term, 0.0)
+        w_blk = class_weight[blk] if class_weight is not None else None
+        for rows in local.row_chunks(n_rows, x.shape[1]):  # x becomes g in place (rows read first)
+            local.local_grad(
+                x[rows], lse[rows], coef[rows], y_local[rows], target_coef[rows], w_blk, keep, spread, softcap,
+                scale[rows], acc, out=x[rows],
+            )  # fmt: skip
+        if need[1]:
+            torch.mm(x.t(), hidden, out=grad_w[blk])
+        if need[2]:
+            grad_b[blk] = x.sum(0, dtype=acc)
+        if need[0]:
+            if acc == hidden.dtype:
+                grad_h.addmm_(x, weight[blk])
+            else:
+                _add_fp32_product_(grad_h, x, weight[blk])
+    grad_h = grad_h.to(hidden.dtype) if need[0] else hidden.new_empty(0)
+    return grad_h, grad_w, grad_b
+
+
 # ---------------------------------------------------------------------------------- custom ops
 
 
@@ -215,16 +320,25 @@ def _linear_cross_entropy_fwd(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
     weight, bias) times it; gradients not asked for are empty."""
     n_rows = hidden.shape[0]
     _check_target_values(target, weight.shape[0], ignore_index, backend)
+    write_grad = grad_scale is not None
+    need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
+    opts = _fwd_options(z_loss, softcap)
+    if strategy == "vocab":
+        stats = _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts,
+                           backend)  # fmt: skip
+        if not any(need):
+            return (*stats, *(hidden.new_empty(0) for _ in range(3)))
+        return (*stats, *_vocab_block_grads(hidden, weight, bias, target, class_weight, *stats[1:], grad_scale,
+                                            ignore_index, keep, spread, softcap, need, backend))  # fmt: skip
     impl, acc = _impl(backend), acc_dtype(hidden)
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
-    write_grad = grad_scale is not None
-    grads = _Grads(hidden, weight, bias, *(need and write_grad for need in (need_hidden, need_weight, need_bias)))
-    opts = _fwd_options(z_loss, softcap)
+    grads = _Grads(hidden, weight, bias, *need)
     for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
         loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
             logits, target[rows], class_weight, logits if write_grad else None, grad_scale, ignore_index, keep,
@@ -245,7 +359,7 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 @_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, z_loss, softcap,
-      chunk_rows, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+      chunk_rows, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
     row = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     write = grad_scale is not None
     grads = _fake_grads(hidden, weight, bias, need_hidden and write, need_weight and write, need_bias and write)
@@ -271,9 +385,13 @@ def _linear_cross_entropy_bwd(
     need_weight: bool,
     need_bias: bool,
     backend: str,
+    strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
-    recomputing each chunk's logits; gradients not asked for are empty."""
+    recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
+    if strategy == "vocab":
+        return _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss, ignore_index, keep,
+                                  spread, softcap, (need_hidden, need_weight, need_bias), backend)  # fmt: skip
     impl = _impl(backend)
     grads = _Grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     opts = {} if softcap is None else {"softcap": softcap}
@@ -288,7 +406,7 @@ def _linear_cross_entropy_bwd(
 
 @_linear_cross_entropy_bwd.register_fake
 def _(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread, softcap,
-      chunk_rows, need_hidden, need_weight, need_bias, backend):  # fmt: skip
+      chunk_rows, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -299,13 +417,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss of ``(N, d)`` hidden rows through the ``(V, d)`` head; see the module docstring.
 
     forward(hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-    chunk_rows, backend, grad_enabled, want_z) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
+    chunk_rows, backend, grad_enabled, want_z, strategy) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-        chunk_rows, backend, grad_enabled, want_z,
+        chunk_rows, backend, grad_enabled, want_z, strategy,
     ):  # fmt: skip
         need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         need = (need[0], need[1], need[2] and bias is not None)
@@ -317,7 +435,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if fused:
             grad_scale = torch.ones((), device=hidden.device, dtype=acc_dtype(hidden))
             grad_scale = grad_scale if denom is None else grad_scale / denom
-        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_rows, *need, backend)
+        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_rows, *need, backend, strategy)
         loss, lse, coef, *grads = _linear_cross_entropy_fwd(
             hidden, weight, bias, target, class_weight, grad_scale, *opts
         )
@@ -325,14 +443,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(*grads)
         elif any(need):
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, coef)
-        ctx.fused, ctx.need, ctx.backend = fused, need, backend
+        ctx.fused, ctx.need, ctx.backend, ctx.strategy = fused, need, backend, strategy
         ctx.args = (ignore_index, keep, spread, softcap, chunk_rows)
         return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_z, _grad_lse):
-        rest = (None,) * 12
+        rest = (None,) * 13
         if grad_out is None or not any(ctx.need):
             return (None, None, None, *rest)
         factor = grad_out.to(acc_dtype(grad_out))
@@ -348,7 +466,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ignore_index, keep, spread, softcap, chunk_rows = ctx.args
             grads = _linear_cross_entropy_bwd(
                 factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
-                ignore_index, keep, spread, softcap, chunk_rows, *ctx.need, ctx.backend,
+                ignore_index, keep, spread, softcap, chunk_rows, *ctx.need, ctx.backend, ctx.strategy,
             )  # fmt: skip
         return (*(g if need else None for g, need in zip(grads, ctx.need)), *rest)
 
@@ -406,6 +524,7 @@ def linear_cross_entropy(
     return_z_loss: bool = False,
     return_lse: bool = False,
     chunk_size: int | None = None,
+    strategy: str = "tokens",
 ) -> torch.Tensor | CrossEntropyResult:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without the logits.
 
@@ -421,10 +540,14 @@ def linear_cross_entropy(
     Memory: the logits exist one chunk of ``chunk_size`` tokens at a time (default: about
     ``CHUNK_BYTES`` of logits; see the module docstring for the gradient accumulation), so the
     peak is that chunk plus an fp32 ``(V, d)`` buffer for ``grad_weight``, instead of several
-    ``(N, V)`` tensors. Works under autograd and ``torch.compile`` (custom ops, no graph break).
+    ``(N, V)`` tensors. ``strategy="vocab"`` trades the fp32 ``(V, d)`` buffer for an fp32
+    ``(N, d)`` one and an ``(N, VOCAB_BLOCK_COLS)`` block of logits, at the price of one more
+    logits matmul (module docstring); same values and gradients. Works under autograd and
+    ``torch.compile`` (custom ops, no graph break).
     """
     _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size)
     eps = check_unit_interval("label_smoothing", label_smoothing)
+    check_choice("strategy", strategy, STRATEGIES)
     z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
     n_cols, d = weight.shape
     backend = _backend.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
@@ -434,10 +557,10 @@ def linear_cross_entropy(
     if target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
-    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
+    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size, strategy)
     loss, z, lse = LinearCrossEntropyFunction.apply(
         rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
-        softcap, chunk_rows, backend, torch.is_grad_enabled(), return_z_loss,
+        softcap, chunk_rows, backend, torch.is_grad_enabled(), return_z_loss, strategy,
     )  # fmt: skip
     if reduction == "none":
         loss, z = loss.reshape(target.shape), z.reshape(target.shape) if return_z_loss else z
