@@ -60,7 +60,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """Loss of an LM head without its logits: ``forward(hidden, weight, target, bias=None)`` is
     :func:`fusedls.linear_cross_entropy` with this module's options (``ignore_index``,
     ``reduction``, ``label_smoothing``, ``class_weight`` (a buffer, as torch's ``weight``),
-    ``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``, ``chunk_size``). The head's
+    ``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``, ``chunk_size``, ``strategy``). The head's
     ``weight`` / ``bias`` stay the model's parameters and are passed in."""
 
     def __init__(
@@ -75,12 +75,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return_z_loss: bool = False,
         return_lse: bool = False,
         chunk_size: int | None = None,
+        strategy: str = "tokens",
     ) -> None:
         super().__init__()
         self.register_buffer("class_weight", class_weight)
         self.options = dict(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, return_z_loss=return_z_loss, return_lse=return_lse, chunk_size=chunk_size,
+            strategy=strategy,
         )  # fmt: skip
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias=None):

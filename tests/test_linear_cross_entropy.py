@@ -226,10 +226,11 @@ def test_compile_fullgraph(backend, device, strategy):
         close(got, want.detach(), torch.float32, "compiled", 4.0)
 
 
-def test_module(backend, device):
+@pytest.mark.parametrize("strategy", ["tokens", "vocab"])
+def test_module(backend, device, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((3, 4), torch.float32, device))
     t = class_ids((3, 4), V, device)
-    module = fusedls.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=5)
+    module = fusedls.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=5, strategy=strategy)
     out = module(h, w, t, b)
     out.backward()
     hd, wd, bd = (v.detach().double().requires_grad_() for v in (h, w, b))
@@ -237,7 +238,7 @@ def test_module(backend, device):
     ref.backward()
     close(out, ref.detach(), torch.float32, "loss")
     close(w.grad, wd.grad, torch.float32, "grad weight", 4.0)
-    assert "label_smoothing=0.1" in repr(module)
+    assert "label_smoothing=0.1" in repr(module) and f"strategy='{strategy}'" in repr(module)
 
 
 BAD = [
