@@ -99,7 +99,8 @@ def test_other_variants_pass_the_parity_suite(variant):
     )  # fmt: skip
     assert which.stdout.strip() == variant, which.stderr
     tests = os.path.dirname(os.path.abspath(__file__))
-    suite = [os.path.join(tests, f) for f in ("test_cross_entropy.py", "test_cross_entropy_edges.py")]
+    suite = [os.path.join(tests, f) for f in ("test_cross_entropy.py", "test_cross_entropy_edges.py",
+                                              "test_vector_norm.py")]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpp", *suite], env=env,
         capture_output=True, text=True, timeout=600, cwd=os.path.dirname(tests),
@@ -124,6 +125,37 @@ def test_threads_split_rows_deterministically():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("ord", [2, 1, float("inf"), float("-inf")])
+def test_vector_norm_runs_in_cpp_and_splits_rows_deterministically(monkeypatch, ord):
+    """ord 1, 2, +-inf reach the C++ kernels (not the eager fallback), and the bits do not
+    depend on the thread count (rows of several 4096-element blocks, ties included)."""
+    from fusedls.eager import vector_norm as eager_norm
+
+    def refuse(*args):
+        raise AssertionError("the cpp backend fell back to eager")
+
+    monkeypatch.setattr(eager_norm, "vector_norm_forward", refuse)
+    monkeypatch.setattr(eager_norm, "vector_norm_backward", refuse)
+    x = torch.randn(48, 9000).round()  # many ties for +-inf
+    up = torch.randn(48)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            xa = x.clone().requires_grad_()
+            with fusedls.use_backend("cpp"):
+                out = fusedls.vector_norm(xa, ord, -1)
+            out.backward(up)
+            results.append((out.detach(), xa.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref = torch.linalg.vector_norm(x.double(), ord, -1)
+    assert_close(results[0][0], ref, torch.float32)
 
 
 @needs_cpp

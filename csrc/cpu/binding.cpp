@@ -4,6 +4,7 @@
 //
 //   torch.ops.fusedls_cpp.cross_entropy_forward / cross_entropy_backward /
 //   cross_entropy_scale_grad_   (schemas and contract: csrc/common/torch_binding.h)
+//   torch.ops.fusedls_cpp.vector_norm_forward / vector_norm_backward   (contract: vector_norm.h)
 //   torch.ops.fusedls_cpp.capability() -> str      "DEFAULT", "AVX2" or "AVX512"
 #include <torch/library.h>
 
@@ -16,6 +17,7 @@
 
 #include "../common/torch_binding.h"
 #include "cross_entropy.h"
+#include "vector_norm.h"
 
 namespace fusedls {
 namespace {
@@ -66,5 +68,9 @@ TORCH_LIBRARY(fusedls_cpp, m) {
   m.def(fusedls::kForwardSchema, &fusedls::run_forward<fusedls::Cpu>);
   m.def(fusedls::kBackwardSchema, &fusedls::run_backward<fusedls::Cpu>);
   m.def(fusedls::kScaleGradSchema, &fusedls::run_scale_grad<fusedls::Cpu>);
+  m.def("vector_norm_forward(Tensor rows, float ord, Tensor(a!) norm, Tensor(b!) count) -> ()",
+        &fusedls::cpu::vector_norm_forward);
+  m.def("vector_norm_backward(Tensor grad, Tensor rows, Tensor norm, Tensor count, float ord, Tensor(a!) dx) -> ()",
+        &fusedls::cpu::vector_norm_backward);
   m.def("capability() -> str", &fusedls::capability);
 }

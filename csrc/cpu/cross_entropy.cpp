@@ -25,6 +25,7 @@
 // ignore_index gives a NaN loss and NaN gradient row (the Python layer raises before that on
 // CPU; the kernel never reads outside the row either way).
 #include "cross_entropy.h"
+#include "vec_io.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -51,54 +52,10 @@ namespace fusedls {
 namespace cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kUnit = 2 * kLanes;  // elements per vector step: two fp32 registers
 constexpr int64_t kBlock = 4096;       // default classes per block: 16 KB of fp32, stays in L1
 constexpr int64_t kRowsGrain = 16384;  // elements below which a call stays on one thread
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// kUnit elements of T <-> two fp32 vectors.
-template <typename T>
-struct Io {
-  static_assert(std::is_same_v<T, float> || at::vec::Vectorized<T>::size() == kUnit,
-                "a reduced-precision vector must hold two fp32 vectors' worth of elements");
-  static inline void load(const T* p, Vec& a, Vec& b) {
-    if constexpr (std::is_same_v<T, float>) {
-      a = Vec::loadu(p);
-      b = Vec::loadu(p + kLanes);
-    } else {
-      std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-    }
-  }
-  static inline void store(T* p, const Vec& a, const Vec& b) {
-    if constexpr (std::is_same_v<T, float>) {
-      a.store(p);
-      b.store(p + kLanes);
-    } else {
-      at::vec::convert_from_float<T>(a, b).store(p);  // round to nearest even
-    }
-  }
-};
-
-inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }  // NaN wins, as torch
-
-inline float horizontal_max(const Vec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float m = lanes[0];
-  for (int64_t i = 1; i < kLanes; ++i) m = nan_max(m, lanes[i]);
-  return m;
-}
-
-inline float horizontal_sum(const Vec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
-  return s;
-}
 
 // exp of every lane with ATen's fast polynomial (ULP 20: well within fp32 tolerance); NaN in,
 // NaN out (the AVX2 polynomial alone turns NaN into inf: e.g. x - lse for a row of -inf).
