@@ -1,6 +1,7 @@
 """The native backends (csrc/): dispatch, build and load, instruction-set variants, threads,
-and the nvcc compile report of the CUDA kernels. Their numbers are tested by the parity suite
-(tests/test_cross_entropy*.py runs on every available backend through the ``backend`` fixture).
+and the nvcc compile report of the CUDA kernels. Their numbers are tested by the parity suites
+(tests/test_cross_entropy*.py and tests/test_vector_norm.py run on every available backend
+through the ``backend`` fixture).
 """
 
 import importlib
