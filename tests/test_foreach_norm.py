@@ -26,6 +26,8 @@ def small_chunks(monkeypatch):
 
         monkeypatch.setattr(tuning, "FOREACH_NORM_BLOCK", 16)
         monkeypatch.setattr(tuning, "FOREACH_NORM_MERGE_BLOCK", 4)
+    if "cpp" in AVAILABLE:
+        monkeypatch.setattr("fusedls.cpp.foreach_norm.BLOCK", 16)  # several work items per tensor
 
 
 def _tensors(sizes, dtype, seed=0, scale=1.0, device=DEVICE):
@@ -325,6 +327,10 @@ def _sharded_worker(rank, world, port, backend, results):
         from fusedls.kernels import tuning
 
         tuning.FOREACH_NORM_BLOCK, tuning.FOREACH_NORM_MERGE_BLOCK = 16, 4
+        if backend == "cpp":
+            import fusedls.cpp.foreach_norm as cpp_foreach
+
+            cpp_foreach.BLOCK = 16
         shards = _tensors([(5 + rank,), (37,), (3, 4 + rank)], torch.float32, seed=10 + rank, device="cpu")
         out = {}
         with fusedls.use_backend(backend):
@@ -340,7 +346,7 @@ def _sharded_worker(rank, world, port, backend, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend_name", ["eager", "triton"])
+@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
 def test_process_group_matches_single_process(backend_name):
     """2 processes on gloo, each with its shards (CPU tensors), against the norm of all shards."""
     if backend_name == "triton" and not _backend.interpreting():

@@ -5,6 +5,8 @@
 //   torch.ops.fusedls_cpp.cross_entropy_forward / cross_entropy_backward /
 //   cross_entropy_scale_grad_   (schemas and contract: csrc/common/torch_binding.h)
 //   torch.ops.fusedls_cpp.vector_norm_forward / vector_norm_backward   (contract: vector_norm.h)
+//   torch.ops.fusedls_cpp.foreach_norms / foreach_scale_ / foreach_penalty_backward
+//                                                     (contract: foreach_norm.h)
 //   torch.ops.fusedls_cpp.capability() -> str      "DEFAULT", "AVX2" or "AVX512"
 #include <torch/library.h>
 
@@ -17,6 +19,7 @@
 
 #include "../common/torch_binding.h"
 #include "cross_entropy.h"
+#include "foreach_norm.h"
 #include "vector_norm.h"
 
 namespace fusedls {
@@ -72,5 +75,9 @@ TORCH_LIBRARY(fusedls_cpp, m) {
         &fusedls::cpu::vector_norm_forward);
   m.def("vector_norm_backward(Tensor grad, Tensor rows, Tensor norm, Tensor count, float ord, Tensor(a!) dx) -> ()",
         &fusedls::cpu::vector_norm_backward);
+  m.def("foreach_norms(Tensor[] tensors, float ord, int block) -> Tensor", &fusedls::cpu::foreach_norms);
+  m.def("foreach_scale_(Tensor(a!)[] tensors, Tensor coef, int block) -> ()", &fusedls::cpu::foreach_scale_);
+  m.def("foreach_penalty_backward(Tensor[] tensors, Tensor grad, bool l2, Tensor(a!)[] out, int block) -> ()",
+        &fusedls::cpu::foreach_penalty_backward);
   m.def("capability() -> str", &fusedls::capability);
 }

@@ -238,6 +238,25 @@ void check_rows(const at::Tensor& rows) {
 
 }  // namespace
 
+template <typename T>
+float span_norm_of(const T* x, int64_t n, double ord) {
+  if (ord == 1.0) return row_sum_norm<T, false>(x, n);
+  if (ord == 2.0) return row_sum_norm<T, true>(x, n);
+  return extreme_abs<T, false>(x, n, 0.f);
+}
+
+float span_norm(const void* x, at::ScalarType dtype, int64_t n, double ord) {
+  TORCH_CHECK(ord == 1.0 || ord == 2.0 || ord == std::numeric_limits<double>::infinity(),
+              "span_norm takes ord 1, 2 or inf, got ", ord);
+  if (n == 0) return 0.f;
+  switch (dtype) {
+    case at::kFloat: return span_norm_of(static_cast<const float*>(x), n, ord);
+    case at::kBFloat16: return span_norm_of(static_cast<const c10::BFloat16*>(x), n, ord);
+    case at::kHalf: return span_norm_of(static_cast<const c10::Half*>(x), n, ord);
+    default: TORCH_CHECK(false, "span_norm: fp32, bf16 or fp16 data, got ", dtype);
+  }
+}
+
 void vector_norm_forward(const at::Tensor& rows, double ord, const at::Tensor& norm, const at::Tensor& count) {
   check_rows(rows);
   const Kind kind = kind_of(ord);

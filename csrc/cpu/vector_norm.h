@@ -17,5 +17,9 @@ void vector_norm_forward(const at::Tensor& rows, double ord, const at::Tensor& n
 void vector_norm_backward(const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& norm,
                           const at::Tensor& count, double ord, const at::Tensor& dx);
 
+// One thread's ord 1 or 2 norm (the scaled sums above) or max |x| (ord inf, NaN winning) of
+// x[0, n) of `dtype` (fp32 / bf16 / fp16); 0 when n == 0. Shared with foreach_norm.cpp.
+float span_norm(const void* x, at::ScalarType dtype, int64_t n, double ord);
+
 }  // namespace cpu
 }  // namespace fusedls

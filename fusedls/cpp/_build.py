@@ -30,9 +30,9 @@ import torch
 
 from .. import _native
 
-SOURCES = ("cpu/binding.cpp", "cpu/cross_entropy.cpp", "cpu/vector_norm.cpp")
+SOURCES = ("cpu/binding.cpp", "cpu/cross_entropy.cpp", "cpu/vector_norm.cpp", "cpu/foreach_norm.cpp")
 HEADERS = (
-    "cpu/cross_entropy.h", "cpu/vector_norm.h", "cpu/vec_io.h", "common/cross_entropy_args.h",
+    "cpu/cross_entropy.h", "cpu/vector_norm.h", "cpu/foreach_norm.h", "cpu/vec_io.h", "common/cross_entropy_args.h",
     "common/torch_binding.h",
 )
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
