@@ -61,24 +61,6 @@ void for_items(const std::vector<Item>& items, int64_t block, F&& f) {
   });
 }
 
-// dst[0, n) = op(src[0, n)) elementwise in fp32 (op on fp32 vectors), T the storage type.
-template <typename T, typename Op>
-void map_span(const T* src, T* dst, int64_t n, const Op& op) {
-  const int64_t vec_len = n - n % kUnit;
-  for (int64_t i = 0; i < vec_len; i += kUnit) {
-    Vec a, b;
-    Io<T>::load(src + i, a, b);
-    Io<T>::store(dst + i, op(a), op(b));
-  }
-  if (vec_len < n) {  // the tail, through a zero-padded vector step
-    alignas(64) float in[kUnit] = {}, out[kUnit];
-    for (int64_t i = vec_len; i < n; ++i) in[i - vec_len] = static_cast<float>(src[i]);
-    op(Vec::loadu(in)).store(out);
-    op(Vec::loadu(in + kLanes)).store(out + kLanes);
-    for (int64_t i = vec_len; i < n; ++i) dst[i] = static_cast<T>(out[i - vec_len]);
-  }
-}
-
 template <typename Op>
 void map_item(const at::Tensor& src, const at::Tensor& dst, const Item& it, const Op& op) {
   switch (src.scalar_type()) {

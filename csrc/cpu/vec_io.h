@@ -1,7 +1,8 @@
-// Vector helpers shared by the CPU kernels (cross_entropy.cpp, vector_norm.cpp): fp32
-// at::vec::Vectorized registers, loading / storing fp32, bf16 or fp16 data two registers at a
-// time, and horizontal reductions. Compiled with each library variant's instruction-set flags
-// (fusedls/cpp/_build.py): 16 lanes with AVX512, 8 with AVX2, ATen's scalar loops by default.
+// Vector helpers shared by the CPU kernels (cross_entropy.cpp, vector_norm.cpp, foreach_norm.cpp):
+// fp32 at::vec::Vectorized registers, loading / storing fp32, bf16 or fp16 data two registers at
+// a time, horizontal reductions and an elementwise map. Compiled with each library variant's
+// instruction-set flags (fusedls/cpp/_build.py): 16 lanes with AVX512, 8 with AVX2, ATen's
+// scalar loops by default.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -62,6 +63,25 @@ inline float horizontal_sum(const Vec& v) {
   float s = 0.f;
   for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
   return s;
+}
+
+// dst[0, n) = op(src[0, n)) elementwise in fp32 (op maps fp32 vectors), T the storage type; the
+// tail goes through one zero-padded vector step. src == dst is fine (in place).
+template <typename T, typename Op>
+void map_span(const T* src, T* dst, int64_t n, const Op& op) {
+  const int64_t vec_len = n - n % kUnit;
+  for (int64_t i = 0; i < vec_len; i += kUnit) {
+    Vec a, b;
+    Io<T>::load(src + i, a, b);
+    Io<T>::store(dst + i, op(a), op(b));
+  }
+  if (vec_len < n) {  // the tail, through a zero-padded vector step
+    alignas(64) float in[kUnit] = {}, out[kUnit];
+    for (int64_t i = vec_len; i < n; ++i) in[i - vec_len] = static_cast<float>(src[i]);
+    op(Vec::loadu(in)).store(out);
+    op(Vec::loadu(in + kLanes)).store(out + kLanes);
+    for (int64_t i = vec_len; i < n; ++i) dst[i] = static_cast<T>(out[i - vec_len]);
+  }
 }
 
 }  // namespace cpu

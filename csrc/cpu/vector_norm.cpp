@@ -199,27 +199,13 @@ template <typename T>
 void backward_rows(const float* grad, const at::Tensor& rows, const float* norm, const float* count, Kind kind,
                    T* dx) {
   const int64_t n_cols = rows.size(1), stride = rows.stride(0);
-  const int64_t vec_len = n_cols - n_cols % kUnit;
   const T* base = rows.const_data_ptr<T>();
   at::parallel_for(0, rows.size(0), grain(n_cols), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const bool extreme = kind == Kind::kMax || kind == Kind::kMin;
       const float g = extreme ? grad[row] / count[row] : grad[row];
       const GradRow f{kind, Vec(g), Vec(norm[row]), std::isnan(norm[row])};
-      const T* x = base + row * stride;
-      T* d = dx + row * n_cols;
-      for (int64_t i = 0; i < vec_len; i += kUnit) {
-        Vec a, b;
-        Io<T>::load(x + i, a, b);
-        Io<T>::store(d + i, f(a), f(b));
-      }
-      if (vec_len < n_cols) {  // the tail, through a zero-padded vector step
-        alignas(64) float in[kUnit] = {}, out[kUnit];
-        for (int64_t i = vec_len; i < n_cols; ++i) in[i - vec_len] = static_cast<float>(x[i]);
-        f(Vec::loadu(in)).store(out);
-        f(Vec::loadu(in + kLanes)).store(out + kLanes);
-        for (int64_t i = vec_len; i < n_cols; ++i) d[i] = static_cast<T>(out[i - vec_len]);
-      }
+      map_span(base + row * stride, dx + row * n_cols, n_cols, f);
     }
   });
 }
