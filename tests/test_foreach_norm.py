@@ -155,6 +155,24 @@ def test_bitwise_deterministic(backend):
     assert torch.equal(a, b)
 
 
+def test_cpp_results_independent_of_thread_count(backend):
+    if backend != "cpp":
+        pytest.skip("the cpp backend's (tensor, block) work items over torch's threads")
+    ts = _tensors([(1 + (i * 7) % 50,) for i in range(40)] + [(300,), (17, 9)], torch.float32, seed=5)
+    ts += _tensors([(33,), (70,)], torch.bfloat16, seed=6)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append([fusedls.total_norm(ts, ord) for ord in (2.0, 1.0, math.inf)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert_close(results[0][0], _ref_norm(torch.cat([t.double().flatten() for t in ts]), 2), torch.float32)
+
+
 def test_fixed_number_of_launches(monkeypatch):
     if "triton" not in AVAILABLE:
         pytest.skip("triton unavailable")
