@@ -77,7 +77,7 @@ TORCH_LIBRARY(fusedls_cpp, m) {
         &fusedls::cpu::vector_norm_backward);
   m.def("foreach_norms(Tensor[] tensors, float ord, int block) -> Tensor", &fusedls::cpu::foreach_norms);
   m.def("foreach_scale_(Tensor(a!)[] tensors, Tensor coef, int block) -> ()", &fusedls::cpu::foreach_scale_);
-  m.def("foreach_penalty_backward(Tensor[] tensors, Tensor grad, bool l2, Tensor(a!)[] out, int block) -> ()",
+  m.def("foreach_penalty_backward(Tensor[] tensors, Tensor grad, bool l2, int block) -> Tensor[]",
         &fusedls::cpu::foreach_penalty_backward);
   m.def("capability() -> str", &fusedls::capability);
 }

@@ -16,6 +16,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +46,7 @@ std::vector<Item> items_of(at::TensorList tensors, int64_t block, std::vector<in
     const auto dtype = t.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "foreach_norm: tensors[", i, "] must be fp32, bf16 or fp16, got ", dtype);
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), "foreach_norm: tensors[", i, "] must be dense");
     if (first) first->push_back(static_cast<int64_t>(items.size()));
     for (int64_t b = 0; b < t.numel(); b += block) items.push_back({i, b, std::min(block, t.numel() - b)});
   }
@@ -121,15 +123,12 @@ void foreach_scale_(at::TensorList tensors, const at::Tensor& coef, int64_t bloc
   });
 }
 
-void foreach_penalty_backward(at::TensorList tensors, const at::Tensor& grad, bool l2, at::TensorList out,
-                              int64_t block) {
+std::vector<at::Tensor> foreach_penalty_backward(at::TensorList tensors, const at::Tensor& grad, bool l2,
+                                                 int64_t block) {
   const float g = scalar_of(grad, "grad");
-  TORCH_CHECK(out.size() == tensors.size(), "foreach_penalty_backward: out must have one tensor per tensor");
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(out[i].scalar_type() == tensors[i].scalar_type() && out[i].sizes() == tensors[i].sizes() &&
-                    out[i].strides() == tensors[i].strides(),
-                "foreach_penalty_backward: out[", i, "] must have the dtype, shape and strides of tensors[", i, "]");
-  }
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) out.push_back(at::empty_like(t));  // dense: t's strides
   const std::vector<Item> items = items_of(tensors, block, nullptr);
   const Vec v_g(g), v_2g(2.f * g), zero(0.f);
   for_items(items, block, [&](const Item& it) {
@@ -140,6 +139,7 @@ void foreach_penalty_backward(at::TensorList tensors, const at::Tensor& grad, bo
                [&](const Vec& x) { return (x.gt(zero) - x.lt(zero)) * v_g; });  // gt / lt: 1.0 or 0.0
     }
   });
+  return out;
 }
 
 }  // namespace cpu

@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace fusedls {
 namespace cpu {
 
@@ -16,10 +18,10 @@ at::Tensor foreach_norms(at::TensorList tensors, double ord, int64_t block);
 // t *= coef (a one-element fp32 tensor) for every tensor, in fp32, rounded once to t's dtype.
 void foreach_scale_(at::TensorList tensors, const at::Tensor& coef, int64_t block);
 
-// out_i = grad * sign(t_i) (l2 false) or grad * 2 t_i (l2 true), in fp32 rounded once; out_i
-// has t_i's dtype, shape and strides. `grad`: a one-element fp32 tensor.
-void foreach_penalty_backward(at::TensorList tensors, const at::Tensor& grad, bool l2, at::TensorList out,
-                              int64_t block);
+// The list of grad * sign(t_i) (l2 false) or grad * 2 t_i (l2 true), in fp32 rounded once, each
+// with t_i's dtype, shape and strides. `grad`: a one-element fp32 tensor.
+std::vector<at::Tensor> foreach_penalty_backward(at::TensorList tensors, const at::Tensor& grad, bool l2,
+                                                 int64_t block);
 
 }  // namespace cpu
 }  // namespace fusedls

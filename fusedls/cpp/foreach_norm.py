@@ -82,6 +82,4 @@ def penalty_backward(tensors: list[torch.Tensor], grad: torch.Tensor, kind: str)
     """See :func:`fusedls.eager.foreach_norm.penalty_backward`."""
     if not _native(tensors) or grad.numel() != 1 or grad.dtype not in (torch.float32, torch.float64):
         return _eager.penalty_backward(tensors, grad, kind)
-    out = [torch.empty_like(t) for t in tensors]
-    LIBRARY.ops().foreach_penalty_backward(tensors, grad.float().contiguous(), kind == "l2", out, BLOCK)
-    return out
+    return LIBRARY.ops().foreach_penalty_backward(tensors, grad.float().contiguous(), kind == "l2", BLOCK)
