@@ -1,5 +1,6 @@
 """The ``cpp`` backend: fused C++ CPU kernels (``csrc/cpu``), one module per op here
-(``fusedls/cpp/cross_entropy.py``) with the interface of ``fusedls/eager/<op>.py``.
+(``cross_entropy.py``, ``vector_norm.py``, ``foreach_norm.py``) with the interface of
+``fusedls/eager/<op>.py``.
 
 This package only finds and loads the native library (:mod:`fusedls.cpp._build` says how it
 is built and which instruction-set variant is loaded); importing it loads nothing. fp64 inputs
