@@ -75,7 +75,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return_z_loss: bool = False,
         return_lse: bool = False,
         chunk_size: int | None = None,
-        strategy: str = "tokens",
+        strategy: str = "auto",
     ) -> None:
         super().__init__()
         self.register_buffer("class_weight", class_weight)

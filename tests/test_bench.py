@@ -124,3 +124,34 @@ def test_dropout_byte_model():
     assert do.DROPOUT_ADD_RMS_NORM.bytes(Case("fwd", "bf16", 4096, 2048)) == 4 * n
     assert do.DROPOUT_ADD_RMS_NORM.bytes(Case("fwd+bwd", "bf16", 4096, 2048)) == 9 * n
     assert do.DROPOUT.copy_bytes(Case("fwd", "bf16", 4096, 2048)) == 2 * n
+
+
+def test_live_bytes_counts_storages_made_under_it_while_they_live():
+    from fusedls.bench.live_bytes import LiveBytes
+
+    x = torch.ones(100)  # made before: never counted, nor its views
+    with LiveBytes() as live:
+        a = x * 2  # 400 bytes
+        view = a[10:]  # same storage: nothing more
+        del a  # the view keeps the storage alive
+        b = x[:50] + 1  # 200 bytes: 600 alive
+        assert (live.current, live.peak) == (600, 600)
+        del view  # 400 freed
+        c = torch.empty(25, dtype=torch.float64, device="meta")  # 200 bytes, meta counted alike
+        assert (live.current, live.peak) == (400, 600)
+    assert float(b[0]) == 2.0 and c.shape == (25,)
+
+
+def test_live_bytes_follows_storages_saved_for_backward():
+    # log_softmax's output is saved by autograd through a detached copy sharing its storage: it
+    # stays counted until backward frees the graph.
+    from fusedls.bench.live_bytes import LiveBytes
+
+    x = torch.randn(8, 50, requires_grad=True)
+    with LiveBytes() as live:
+        y = torch.log_softmax(x, 1).sum()
+        after_forward = live.current
+        y.backward()
+        del y
+    assert after_forward >= 8 * 50 * 4  # the saved (8, 50) fp32 output
+    assert live.current == x.grad.untyped_storage().nbytes() == 8 * 50 * 4  # only x.grad is left

@@ -9,6 +9,7 @@ import fusedls
 from fusedls.ops import linear_cross_entropy as lce
 from fusedls.testing import assert_close, reference_cross_entropy_options, tolerance
 
+from conftest import AVAILABLE
 from test_cross_entropy import class_ids
 
 V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the last one masked
@@ -19,7 +20,6 @@ def small_vocab_blocks(monkeypatch):
     """grad_weight summed in fp32 blocks of 16 classes: three blocks, the last one short."""
     monkeypatch.setattr(lce._WeightGrad, "VOCAB_BLOCK", 16)
     monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 16)  # strategy="vocab": blocks of 16, 16 and 5 classes
-    monkeypatch.setattr(lce._Dispatch, "UPCAST_ELEMENTS", 64)  # half grad_hidden off CUDA: 4 rows at a time
 
 
 STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab"])
@@ -165,6 +165,47 @@ def test_vocab_strategy_caps_default_chunks(monkeypatch):
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
+
+
+def _peak_bytes(strategy, reduction, n=64, d=16, v=1024, dtype=torch.bfloat16, device="meta"):
+    from fusedls.bench.live_bytes import LiveBytes, triton_on_meta
+
+    h = torch.randn(n, d, dtype=dtype, device=device).requires_grad_()
+    w = torch.randn(v, d, dtype=dtype, device=device).requires_grad_()
+    t = torch.zeros(n, dtype=torch.long, device=device)
+    with triton_on_meta(), fusedls.use_backend("triton"), LiveBytes() as live:
+        out = fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, reduction=reduction, strategy=strategy)
+        (out.sum() if reduction == "none" else out).backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
+    return live.peak
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="counts the triton launchers' allocations")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_strategy_peak_memory(monkeypatch, reduction):
+    # The whole working memory of strategy="vocab" is one logits buffer of VOCAB_BLOCK_BYTES: the
+    # peak is the two gradients, that buffer and a few per-row vectors; counted on meta tensors
+    # (the launchers run, the kernels do not; fusedls/bench/memory_model.py's count of this kind
+    # matched the H100's max_memory_allocated for torch and the token strategy).
+    n, d, v, s = 64, 16, 1024, 2
+    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8192)  # the bytes, not the cap, set the block
+    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)  # blocks of 128 classes
+    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "cpu", n * 128 * s)
+    peak = _peak_bytes("vocab", reduction)
+    grads, block = (v + n) * d * s, n * 128 * s
+    assert grads + block <= peak <= grads + block + 128 * n  # per-row vectors: < 16 int64 a row
+    # the token strategy holds the fp32 (V, d) grad-weight sum besides grad_weight itself
+    assert _peak_bytes("tokens", reduction) >= grads + v * d * 4
+
+
+def test_auto_strategy_keeps_working_memory_under_one_logits_tensor():
+    # bf16 head (V, d) = (1000, 64): fp32 sum 256000 bytes; logits 2000 bytes a token
+    w = torch.empty(1000, 64, dtype=torch.bfloat16)
+    assert lce._pick_strategy("auto", 200, w, 32) == "tokens"  # 256000 + 64000 <= 400000
+    assert lce._pick_strategy("auto", 100, w, 32) == "vocab"  # 320000 > 200000
+    assert lce._pick_strategy("tokens", 100, w, 32) == "tokens"
+    # an fp32 head's sum is its gradient: no extra buffer, the token chunks always fit
+    assert lce._pick_strategy("auto", 2, w.float(), 2) == "tokens"
 
 
 def test_no_grad_mode(backend, device):

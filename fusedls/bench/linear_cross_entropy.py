@@ -6,8 +6,9 @@ Llama-3 8B head, on GPU; 256 on CPU), no bias, class-id targets with ~1 % ignore
 weight), the gradients cleared before each call (untimed). Providers: the materialised torch
 path ``F.cross_entropy(F.linear(h, W), t, label_smoothing=0.1)``, ``torch.compile`` of it,
 Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when it imports (CUDA only), and
-``fusedls.linear_cross_entropy`` on every fusedls backend, with the default token chunks
-(``fusedls/<backend>``) and with ``strategy="vocab"`` (``fusedls/<backend>+vocab``). The figure of merit is the peak
+``fusedls.linear_cross_entropy`` on every fusedls backend, with the default ``strategy="auto"``
+(``fusedls/<backend>``), and forced to ``"tokens"`` / ``"vocab"`` (``fusedls/<backend>+tokens``,
+``+vocab``). The figure of merit is the peak
 memory (``peak_bytes``, ``memory_vs_torch``) at a time close to torch's.
 
 Check before timing, against float64 computed chunk by chunk on the same rounded inputs: the
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
+from fusedls.ops.linear_cross_entropy import STRATEGIES
 
 from .core import Case, OpBench, Provider, Slice, backend_why_not
 from .cross_entropy import _error_ratio, _liger_import_error
@@ -45,7 +47,7 @@ def _compiled():
     return torch.compile(_torch_loss, backend=COMPILE_BACKEND, dynamic=False)
 
 
-def _fusedls(backend: str, strategy: str = "tokens"):
+def _fusedls(backend: str, strategy: str = "auto"):
     def loss(h, w, t):
         with fusedls.use_backend(backend):
             return fusedls.linear_cross_entropy(
@@ -148,10 +150,10 @@ class LinearCrossEntropyBench(OpBench):
             Provider("torch.compile", "compile", _compiled),
             Provider("liger", "external", _liger, _liger_why_not),
         ]
-        for strategy in ("tokens", "vocab"):  # fusedls/<backend>, then fusedls/<backend>+vocab
+        for strategy in STRATEGIES:  # fusedls/<backend> (auto, the default), then +tokens, +vocab
             for backend in (b.name for b in fusedls.backends()):
                 found.append(Provider(
-                    f"fusedls/{backend}" + ("" if strategy == "tokens" else f"+{strategy}"), "fusedls",
+                    f"fusedls/{backend}" + ("" if strategy == "auto" else f"+{strategy}"), "fusedls",
                     functools.partial(_fusedls, backend, strategy), functools.partial(backend_why_not, "cross_entropy", backend),
                 ))  # fmt: skip
         return found

@@ -35,19 +35,30 @@ rounds them a second time. ``none``: forward keeps only each row's lse and gradi
 (two fp32 numbers per token); backward recomputes the chunks' logits and writes the gradient with
 the per-row upstream factors, so nothing logits-sized outlives a chunk either way.
 
-Vocabulary blocks (``strategy="vocab"``, opt-in). The token chunks above need the fp32 ``(V, d)``
-grad-weight sum (4 bytes per head element). This strategy never holds one: pass 1 runs the
-token chunks for each row's loss, lse and coef only (no gradient written); pass 2 (in forward
-for ``mean``/``sum``, in backward for ``none``) sweeps blocks of :data:`VOCAB_BLOCK_COLS`
-classes: ``x = H @ W[blk].T (+ b[blk])`` for ALL tokens in one reused ``(N, Cb)`` buffer, turned
-in place into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient
-(``local_grad`` of ``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on
-a slice of the classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul
-over every token, written once in the weight dtype), ``grad_b[blk] = g.sum(0)`` and
-``grad_H += g @ W[blk]`` in an fp32 ``(N, d)`` buffer rounded once at the end. Extra memory about
-``N * Cb * s + N * d * 4`` bytes besides the gradients themselves (Llama-3 8B head, N = 16384,
-d = 4096, bf16: 256 + 256 MiB, plus the 1002 MiB bf16 grad_weight); cost: the logits matmul runs
-twice (4 matmuls of ``N V d`` instead of 3) and ``H`` is read once per block.
+Which strategy: ``strategy="auto"`` (the default) takes the token chunks above when their
+working memory (fp32 sum + one chunk) is at most one ``(N, V)`` logits tensor, else the vocabulary
+blocks below (:func:`_pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
+
+Vocabulary blocks (``strategy="vocab"``): no fp32 buffer of either gradient. The token
+chunks above need the fp32 ``(V, d)`` grad-weight sum (4 bytes per head element: 2 GB for the
+Llama-3 8B head). With ``strategy="vocab"`` the token chunks compute only what is complete within
+a chunk, each row's loss, lse, coef and ``grad_hidden[chunk] = g @ W`` (one matmul over all V,
+fp32 accumulation inside it); then a second pass sweeps blocks of classes (at most
+:data:`VOCAB_BLOCK_COLS`, and at most :data:`VOCAB_BLOCK_BYTES` of logits):
+``x = H @ W[blk].T (+ b[blk])`` for ALL tokens in one reused ``(N, Cb)`` buffer, turned in place
+into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient (``local_grad`` of
+``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on a slice of the
+classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul over every
+token, fp32 accumulation inside it, written once in the weight dtype) and ``grad_b[blk] =
+g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does);
+``none`` runs them in backward with the per-row factors (forward keeps lse and coef).
+
+Memory besides the inputs and the gradients themselves: one buffer of logits (a token chunk, then
+a vocabulary block; never both), at most ``VOCAB_BLOCK_BYTES``. Llama-3 8B head (N = 16384,
+d = 4096, V = 128256, bf16): 1002 MiB grad_weight + 128 MiB grad_hidden + 256 MiB of logits,
+~1.4 GB against ~12 GB for ``F.linear`` + torch's cross-entropy. Cost: the logits matmul runs twice
+(4 matmuls of ``N V d`` instead of 3; 5 for ``none``, whose backward recomputes the token chunks
+for grad_hidden), and the bf16 cross-entropy work over the logits twice.
 """
 
 from __future__ import annotations
@@ -77,11 +88,15 @@ REDUCTIONS = ("none", "mean", "sum")
 # On CUDA every chunk after the first also costs one read-add-write of the fp32 grad-weight sum
 # (12 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
 # at 16k tokens.
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
-STRATEGIES = ("tokens", "vocab")
-# strategy="vocab": classes per block of pass 2 (an (N, VOCAB_BLOCK_COLS) buffer of logits); pass
-# 1's token chunks are capped at the same number of logits when chunk_size is not given.
+# "meta": tensors without data stand for a GPU's (memory planning, fusedls/bench/live_bytes.py).
+CHUNK_BYTES = {"cuda": 1 << 30, "meta": 1 << 30, "cpu": 32 << 20}
+STRATEGIES = ("auto", "tokens", "vocab")
+# strategy="vocab": at most this many classes per block of the second pass and at most
+# VOCAB_BLOCK_BYTES of logits (an (N, cols) buffer); the token chunks of the first pass are capped
+# at the same bytes when chunk_size is not given, so one buffer of that size is the whole working
+# memory. 256 MiB: 8192 classes for 16k bf16 tokens (matmuls of 16384 x 4096 x 8192 stay efficient).
 VOCAB_BLOCK_COLS = 8192
+VOCAB_BLOCK_BYTES = {"cuda": 256 << 20, "meta": 256 << 20, "cpu": 32 << 20}
 
 
 def _chunk_rows(
@@ -93,10 +108,37 @@ def _chunk_rows(
         return max(1, min(chunk_size, n_rows))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if strategy == "vocab":
-        budget = min(budget, max(1, n_rows) * min(VOCAB_BLOCK_COLS, n_cols) * element_size)
+        budget = min(budget, max(1, n_rows) * _block_cols(n_rows, n_cols, element_size, device) * element_size)
     most = max(1, budget // max(1, n_cols * element_size))
     n_chunks = -(-n_rows // most) if n_rows else 1
     return max(1, -(-n_rows // n_chunks))
+
+
+def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows: int) -> str:
+    """``"auto"``: the token chunks (3 matmuls) when their working memory, the fp32 ``(V, d)``
+    grad-weight sum of a half-precision head plus one chunk of logits, is no more than one
+    ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
+    (one buffer of at most VOCAB_BLOCK_BYTES, a 4th matmul). Llama-3 8B head (d = 4096, V =
+    128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096 tokens the
+    token chunks would take 4040 MiB against torch's 3006)."""
+    if strategy != "auto":
+        return strategy
+    n_cols, d = weight.shape
+    acc_bytes = torch.empty((), dtype=acc_dtype(weight)).element_size()
+    weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() else 0
+    logits_row = n_cols * weight.element_size()
+    return "tokens" if weight_sum + min(chunk_rows, n_rows) * logits_row <= n_rows * logits_row else "vocab"
+
+
+def _block_cols(n_rows: int, n_cols: int, element_size: int, device: torch.device) -> int:
+    """Classes per vocabulary block of ``strategy="vocab"``: VOCAB_BLOCK_COLS, fewer when N is
+    large enough that the block would pass VOCAB_BLOCK_BYTES (a multiple of 128, at least 128)."""
+    budget = VOCAB_BLOCK_BYTES.get(device.type, VOCAB_BLOCK_BYTES["cpu"])
+    fit = budget // max(1, n_rows * element_size)
+    cols = min(VOCAB_BLOCK_COLS, n_cols)
+    if fit < cols:
+        cols = min(cols, max(128, fit // 128 * 128))
+    return max(1, cols)
 
 
 def _impl(backend: str):
@@ -134,7 +176,7 @@ class _WeightGrad:
 
     def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
         exact = self.whole is not None
-        cuda = g.device.type == "cuda" and _Dispatch.mm_out_dtype_works
+        cuda = g.device.type in _Dispatch.MM_OUT_DTYPE_DEVICES and _Dispatch.mm_out_dtype_works
         if not (exact or cuda):
             g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
             exact = True
@@ -173,10 +215,10 @@ class _WeightGrad:
 
 
 class _Dispatch:
-    # mm(out_dtype=...) is CUDA-only in torch; remembered once it has failed.
+    # mm(out_dtype=...) is CUDA-only in torch (meta: planning runs follow the CUDA path);
+    # remembered once it has failed.
+    MM_OUT_DTYPE_DEVICES = ("cuda", "meta")
     mm_out_dtype_works = True
-    addmm_out_dtype_works = True  # the same for addmm(out_dtype=...) (strategy="vocab")
-    UPCAST_ELEMENTS = 1 << 22  # elements of a half operand upcast at once where that is missing
 
 
 class _Grads:
@@ -219,39 +261,53 @@ def _logits_chunks(hidden, weight, bias, chunk_rows):
         yield rows, logits
 
 
-def _add_fp32_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc`` and half ``a``, ``b``: one cuBLAS matmul with an fp32
-    output on CUDA (``addmm(out_dtype=float32)``), the operands upcast elsewhere (``a`` a slice
-    of rows at a time: about UPCAST_ELEMENTS temporary elements)."""
-    if a.device.type == "cuda" and _Dispatch.addmm_out_dtype_works:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, NotImplementedError, TypeError):  # a torch without addmm(out_dtype)
-            _Dispatch.addmm_out_dtype_works = False
-    b = b.to(acc.dtype)
-    step = max(1, _Dispatch.UPCAST_ELEMENTS // max(1, a.shape[1]))
-    for start in range(0, a.shape[0], step):
-        acc[start : start + step].addmm_(a[start : start + step].to(acc.dtype), b)
-
-
-def _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts, backend):
-    """Pass 1 of ``strategy="vocab"``: (loss, lse, coef) per row over token chunks, no gradient
-    written (the cross-entropy forward's ``grad=None`` path); the chunk buffer is freed on return."""
+def _forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, opts,
+                    chunk_rows, need, backend):  # fmt: skip
+    """Forward over token chunks: (loss, lse, coef) per row and, for ``grad_scale`` given, the
+    gradients in ``need`` = (hidden, weight, bias) of ``grad_scale * loss`` (empty if not needed).
+    The chunk buffer dies with this frame (``strategy="vocab"`` allocates its block after it)."""
     impl, acc, n_rows = _impl(backend), acc_dtype(hidden), hidden.shape[0]
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
+    grads = _Grads(hidden, weight, bias, *need)
+    write = grad_scale is not None and any(need)
     for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
         loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
-            logits, target[rows], class_weight, None, None, ignore_index, keep, spread, **opts
-        )
-    return loss, lse, coef
+            logits, target[rows], class_weight, logits if write else None, grad_scale if write else None,
+            ignore_index, keep, spread, **opts,
+        )  # fmt: skip
+        if write:
+            grads.add(rows, logits, hidden[rows], weight)
+    return (loss, lse, coef, *grads.result(bias))
+
+
+def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread,
+                     softcap, chunk_rows, need, backend):  # fmt: skip
+    """Gradients in ``need`` for per-row upstream factors ``grad_loss``, recomputing each token
+    chunk's logits (empty for those not needed)."""
+    grads = _Grads(hidden, weight, bias, *need)
+    if not any(need):
+        return grads.result(bias)
+    impl = _impl(backend)
+    opts = {} if softcap is None else {"softcap": softcap}
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+        impl.cross_entropy_backward(
+            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
+            keep, spread, **opts,
+        )  # fmt: skip
+        grads.add(rows, logits, hidden[rows], weight)
+    return grads.result(bias)
 
 
 def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
                        softcap, need, backend):  # fmt: skip
-    """Pass 2 of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale * loss``
-    (``scale`` 0-dim or (N,)) by blocks of VOCAB_BLOCK_COLS classes; see the module docstring."""
-    (n_rows, d), n_cols, acc = hidden.shape, weight.shape[0], acc_dtype(hidden)
+    """Second pass of ``strategy="vocab"``: (grad_weight, grad_bias) of ``scale * loss``
+    (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (weight, bias); see the
+    module docstring."""
+    n_rows, n_cols, acc = hidden.shape[0], weight.shape[0], acc_dtype(hidden)
+    grad_w = torch.empty_like(weight) if need[0] else hidden.new_empty(0)
+    grad_b = torch.empty_like(bias) if need[1] else hidden.new_empty(0)
+    if not any(need):
+        return grad_w, grad_b
     local = _backend.implementation(
         "vocab_parallel_cross_entropy",
         backend if _backend.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
@@ -265,10 +321,7 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
     scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
     y_safe = y.masked_fill(~valid, 0)
     target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
-    grad_h = torch.zeros(n_rows, d, dtype=acc, device=hidden.device) if need[0] else None
-    grad_w = torch.empty_like(weight) if need[1] else hidden.new_empty(0)
-    grad_b = torch.empty_like(bias) if need[2] else hidden.new_empty(0)
-    cols = min(VOCAB_BLOCK_COLS, n_cols)
+    cols = _block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
     buffer = hidden.new_empty(n_rows * cols)
     for start in range(0, n_cols, cols):
         blk = slice(start, min(start + cols, n_cols))
@@ -286,17 +339,11 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
                 x[rows], lse[rows], coef[rows], y_local[rows], target_coef[rows], w_blk, keep, spread, softcap,
                 scale[rows], acc, out=x[rows],
             )  # fmt: skip
-        if need[1]:
-            torch.mm(x.t(), hidden, out=grad_w[blk])
-        if need[2]:
-            grad_b[blk] = x.sum(0, dtype=acc)
         if need[0]:
-            if acc == hidden.dtype:
-                grad_h.addmm_(x, weight[blk])
-            else:
-                _add_fp32_product_(grad_h, x, weight[blk])
-    grad_h = grad_h.to(hidden.dtype) if need[0] else hidden.new_empty(0)
-    return grad_h, grad_w, grad_b
+            torch.mm(x.t(), hidden, out=grad_w[blk])
+        if need[1]:
+            grad_b[blk] = x.sum(0, dtype=acc)
+    return grad_w, grad_b
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -324,29 +371,19 @@ def _linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
     weight, bias) times it; gradients not asked for are empty."""
-    n_rows = hidden.shape[0]
     _check_target_values(target, weight.shape[0], ignore_index, backend)
     write_grad = grad_scale is not None
     need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
-    opts = _fwd_options(z_loss, softcap)
+    # strategy="vocab": the token chunks give grad_hidden only, the vocabulary blocks the rest
+    per_chunk = need if strategy == "tokens" else (need[0], False, False)
+    loss, lse, coef, grad_h, grad_w, grad_b = _forward_chunks(
+        hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, _fwd_options(z_loss, softcap),
+        chunk_rows, per_chunk, backend,
+    )  # fmt: skip
     if strategy == "vocab":
-        stats = _row_stats(hidden, weight, bias, target, class_weight, chunk_rows, ignore_index, keep, spread, opts,
-                           backend)  # fmt: skip
-        if not any(need):
-            return (*stats, *(hidden.new_empty(0) for _ in range(3)))
-        return (*stats, *_vocab_block_grads(hidden, weight, bias, target, class_weight, *stats[1:], grad_scale,
-                                            ignore_index, keep, spread, softcap, need, backend))  # fmt: skip
-    impl, acc = _impl(backend), acc_dtype(hidden)
-    loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
-    grads = _Grads(hidden, weight, bias, *need)
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
-        loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
-            logits, target[rows], class_weight, logits if write_grad else None, grad_scale, ignore_index, keep,
-            spread, **opts,
-        )  # fmt: skip
-        if write_grad:
-            grads.add(rows, logits, hidden[rows], weight)
-    return (loss, lse, coef, *grads.result(bias))
+        grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
+                                            ignore_index, keep, spread, softcap, need[1:], backend)  # fmt: skip
+    return loss, lse, coef, grad_h, grad_w, grad_b
 
 
 def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
@@ -389,19 +426,14 @@ def _linear_cross_entropy_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
     recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
+    need = (need_hidden, need_weight, need_bias)
+    per_chunk = need if strategy == "tokens" else (need_hidden, False, False)
+    grad_h, grad_w, grad_b = _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef,
+                                              ignore_index, keep, spread, softcap, chunk_rows, per_chunk, backend)  # fmt: skip
     if strategy == "vocab":
-        return _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss, ignore_index, keep,
-                                  spread, softcap, (need_hidden, need_weight, need_bias), backend)  # fmt: skip
-    impl = _impl(backend)
-    grads = _Grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
-    opts = {} if softcap is None else {"softcap": softcap}
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
-        impl.cross_entropy_backward(
-            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
-            keep, spread, **opts,
-        )  # fmt: skip
-        grads.add(rows, logits, hidden[rows], weight)
-    return grads.result(bias)
+        grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss,
+                                            ignore_index, keep, spread, softcap, need[1:], backend)  # fmt: skip
+    return grad_h, grad_w, grad_b
 
 
 @_linear_cross_entropy_bwd.register_fake
@@ -524,7 +556,7 @@ def linear_cross_entropy(
     return_z_loss: bool = False,
     return_lse: bool = False,
     chunk_size: int | None = None,
-    strategy: str = "tokens",
+    strategy: str = "auto",
 ) -> torch.Tensor | CrossEntropyResult:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without the logits.
 
@@ -537,13 +569,20 @@ def linear_cross_entropy(
     :class:`~fusedls.CrossEntropyResult` when an extra is asked for; ``lse`` in fp32, 0 on ignored
     rows). The loss has ``hidden``'s dtype, as torch's would.
 
-    Memory: the logits exist one chunk of ``chunk_size`` tokens at a time (default: about
-    ``CHUNK_BYTES`` of logits; see the module docstring for the gradient accumulation), so the
-    peak is that chunk plus an fp32 ``(V, d)`` buffer for ``grad_weight``, instead of several
-    ``(N, V)`` tensors. ``strategy="vocab"`` trades the fp32 ``(V, d)`` buffer for an fp32
-    ``(N, d)`` one and an ``(N, VOCAB_BLOCK_COLS)`` block of logits, at the price of one more
-    logits matmul (module docstring); same values and gradients. Works under autograd and
-    ``torch.compile`` (custom ops, no graph break).
+    Memory: the logits never exist whole. ``strategy="tokens"``: one chunk of ``chunk_size``
+    tokens at a time (default: about ``CHUNK_BYTES`` of logits; see the module docstring for the
+    gradient accumulation), so the peak is that chunk plus an fp32 ``(V, d)`` buffer for
+    ``grad_weight`` (for a bf16/fp16 head), instead of several ``(N, V)`` tensors.
+    ``strategy="vocab"`` holds no fp32 buffer at all: besides the gradients,
+    one buffer of at most ``VOCAB_BLOCK_BYTES`` of logits (a token chunk, then a block of
+    classes), at the price of one more logits matmul (module docstring); same values and
+    gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
+    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 4136 MiB, ``"vocab"`` 1387 MiB.
+    ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
+    one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
+    head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks
+    would need more memory than torch. Works under autograd and ``torch.compile`` (custom ops,
+    no graph break).
     """
     _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size)
     eps = check_unit_interval("label_smoothing", label_smoothing)
@@ -557,7 +596,10 @@ def linear_cross_entropy(
     if target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
-    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size, strategy)
+    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
+    strategy = _pick_strategy(strategy, rows.shape[0], weight, chunk_rows)
+    if strategy == "vocab" and chunk_size is None:
+        chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size, strategy)
     loss, z, lse = LinearCrossEntropyFunction.apply(
         rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
         softcap, chunk_rows, backend, torch.is_grad_enabled(), return_z_loss, strategy,
