@@ -356,6 +356,16 @@ def _run_compiled(case: Case, rank: int, group_kwargs: dict) -> None:
 _RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors, "compile": _run_compiled}
 
 
+def _load_tests_conftest() -> None:
+    """Runs tests/conftest.py in a worker process, by path: ``import conftest`` would find
+    benchmarks/conftest.py first when pytest collected both folders."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_fusedls_tests_conftest", Path(__file__).with_name("conftest.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
     torch.set_num_threads(1)
     world, device = group
@@ -372,7 +382,7 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
 
         local._CHUNK_ELEMENTS = 8
         if _triton_ready(device):  # chunks of 16 classes in the kernels
-            import conftest  # noqa: F401  (the interpreter rounds fp32 -> bf16 as a GPU does, as in the parent)
+            _load_tests_conftest()  # the interpreter rounds fp32 -> bf16 as a GPU does, as in the parent
             from fusedls.kernels import tuning
 
             tuning.CROSS_ENTROPY_MAX_BLOCK = {2: 16, 4: 16}
