@@ -115,7 +115,8 @@ KERNELS = {  # short name -> Kernel
 # foreach_norm: one entry per norm kind (KIND, IS_TWO) or map MODE; the merge kernels read fp32
 # partials (their dtype column only types like_ptr, unused there). Flags: merge ``N``:
 # WRITE_NORM; total ``SOC``: SQUARE, NORM_OF_NORMS, WRITE_COEF; partial ``A``: ALIGNED; map ``AO``:
-# ALIGNED, OUT_ALIGNED (an unaligned group loads one element at a time).
+# ALIGNED, OUT_ALIGNED (an unaligned group loads one element at a time). BLOCK_C of partial and
+# map is the chunk; their CHUNKS (chunks per work item) is tuning's FOREACH_NORM_CHUNKS.
 _FN_I64 = frozenset({"table_ptr", "src_table_ptr", "dst_table_ptr", "numel_ptr", "item_tensor_ptr", "item_start_ptr",
                      "first_ptr", "out_index_ptr"})
 _FN_FP32 = frozenset({"part_a_ptr", "part_b_ptr", "tensor_a_ptr", "tensor_b_ptr", "norm_ptr", "total_ptr", "coef_ptr"})

@@ -110,6 +110,25 @@ def test_work_item_boundaries(backend, ord):
             assert_close(w.grad, 3.0 * grad(t.double()), torch.float32)
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 8])
+def test_other_chunks_per_item(backend, monkeypatch, chunks):
+    if backend != "triton":
+        pytest.skip("FOREACH_NORM_CHUNKS is the triton kernels' setting")
+    from fusedls.kernels import tuning
+
+    monkeypatch.setattr(tuning, "FOREACH_NORM_CHUNKS", chunks)
+    ts = _tensors(ITEM_SIZES + [(3 * ITEM + 2 * CHUNK,)], torch.float32, seed=9)
+    flat = torch.cat([t.double().flatten() for t in ts])
+    for ord in (2.0, 3.0, -math.inf):
+        assert_close(torch.stack(fusedls.foreach_norm(ts, ord)), torch.stack([_ref_norm(t, ord) for t in ts]),
+                     torch.float32, roundings=2)  # fmt: skip
+        assert_close(fusedls.total_norm(ts, ord), _ref_norm(flat, ord), torch.float32, roundings=2)
+    ws = [t.clone().requires_grad_() for t in ts]
+    fusedls.l2_penalty(ws).backward()
+    for w, t in zip(ws, ts):
+        assert_close(w.grad, 2 * t.double(), torch.float32)
+
+
 def test_table_work_items():
     if "triton" not in AVAILABLE:
         pytest.skip("triton unavailable")

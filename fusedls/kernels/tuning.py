@@ -141,28 +141,34 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
 # chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks.
 FOREACH_NORM_BLOCK = 4096
 FOREACH_NORM_WARPS = 8
-# Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements at once, after
-# one lookup of its tensor, and writes one partial. Model (H100 SXM, bf16):
-# - in flight: ~3.35 TB/s x ~0.7 us DRAM latency ~ 2.3 MB, ~18 KB per SM (132 SMs) at every
-#   instant; more, since a program is not loading while it looks up its tensor (three dependent
-#   ~0.3-0.7 us loads: item -> tensor -> offset / numel) or reduces and stores.
-# - CHUNKS 1: 8 KB per program, ~40 registers (6-8 programs per SM, 48-64 KB at best), but each
-#   program spends as long on its lookup as on its data: measured 70 % of copy bandwidth.
-# - CHUNKS 4: 32 KB per program; the p-norms keep the item in registers between the max and the
-#   scaled sum (64 fp32 a thread, ~100 registers: 2 programs per SM, 64 KB in flight, >= 32 KB
-#   while one of them is between loads); the lookup is paid once per 32 KB (4x less often).
-# - CHUNKS 8: 128 fp32 a thread, ~170 registers: one program per SM, idle during its lookup.
+# Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements as one tile
+# (all its loads in flight together) after one lookup of its tensor (three dependent loads: item
+# -> tensor -> offset / numel), and writes one partial. Model (H100 SXM, bf16, 16-byte loads):
+# - needed: ~3.35 TB/s x ~0.7 us DRAM latency ~ 2.3 MB in flight, ~18 KB per SM (132 SMs) at
+#   every instant; a program has nothing in flight during its lookup and its reduction / store,
+#   so the SM needs several programs, and a maximum of about twice that.
+# - registers cap it: bytes in flight need registers, and ptxas (sm_90a, `python -m fusedls.aot`)
+#   takes for partial p=2 / map scale, per thread: CHUNKS 1: 32 / 44, 2: 48 / 75, 4: 96 / 128,
+#   8: 168 / 254 (capped lower, they spill: 64 elements a thread need ~100). Programs of 256
+#   threads per SM (64K registers, at most 8): 8 / 5, 5 / 3, 2 / 2, 1 / 1, so at most
+#   64 / 40, 80 / 48, 64 / 64, 64 / 64 KB of reads in flight per SM.
+# - the old kernel (CHUNKS 1, 40 registers: 6 programs, 48 KB, a lookup per 8 KB) reached 70 %
+#   of copy bandwidth: a program spends about as long on its lookup as on its data.
+# - CHUNKS 2: the most in flight for the norms (80 KB over 5 programs, one's lookup overlapping
+#   the others' loads), half the lookups, 48 KB for the map kernels (clipping, penalties'
+#   gradients). CHUNKS 4: a quarter of the lookups but 2 programs (none in flight when both look
+#   up); 8: one program per SM. benchmarks/tune_foreach_norm.py sweeps 1, 2, 4, 8.
 # - the merge tail: the largest tensor (a 128256 x 2048 embedding, 262.7M elements) has
-#   ceil(262.7M / (CHUNKS x BLOCK)) partials = 64,130 (CHUNKS 1) or 16,033 (CHUNKS 4).
-FOREACH_NORM_CHUNKS = 4
+#   ceil(262.7M / (CHUNKS x BLOCK)) partials: 64,128 (CHUNKS 1), 32,064 (2), 16,032 (4).
+FOREACH_NORM_CHUNKS = 2
 # The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
-# Stage 2 merges a tensor's partials in one program, ceil(partials / MERGE_BLOCK) dependent
-# steps per pass, two passes for the p-norms (max, then the scaled sum), each step ~0.5-1 us
-# (a load from L2 or DRAM): with CHUNKS 4, the 16,033 partials of the largest tensor take
-# 2 x 4 = 8 steps at 4096 (~5 us, < 1 % of its 1.2 ms), against 2 x 63 = 126 (~0.1 ms) for
-# CHUNKS 1 and 1024. 4096 fp32 on 4 warps: 32 a thread, for a and b.
-FOREACH_NORM_MERGE_BLOCK = 4096
-FOREACH_NORM_MERGE_WARPS = 4
+# Stage 2 merges a tensor's partials in one program after stage 1: ceil(partials / MERGE_BLOCK)
+# dependent steps per pass, two passes for the p-norms (max, then the scaled sum), each step
+# ~1 us (its loads, from DRAM: the embedding's partials are written first). The largest tensor:
+# 2 x 63 = 126 steps (~0.1 ms of 1.2) at CHUNKS 1 and 1024; 2 x 4 = 8 (~10 us) at CHUNKS 2 and
+# 8192 (32 fp32 a thread on 8 warps, for a and b: ~180-220 registers, one program per tensor).
+FOREACH_NORM_MERGE_BLOCK = 8192
+FOREACH_NORM_MERGE_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
