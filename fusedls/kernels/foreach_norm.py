@@ -20,10 +20,8 @@ program of the elementwise kernels handles one work item: a launch covers every 
 group. The program looks its tensor up once (three dependent loads: item -> tensor -> offset and
 numel) and then loads the whole item as one (CHUNKS, BLOCK) tile, so the loads of all its chunks
 are in flight together (``CHUNKS * BLOCK / (32 * num_warps)`` elements a thread); the partial
-kernel writes one partial pair per item. An item that ends inside its tensor (every item but,
-perhaps, a tensor's last) loads without a mask; the tensor's last item, when the tensor ends
-inside it, takes a masked branch (chunks past the end load nothing). tuning.py's
-``FOREACH_NORM_CHUNKS`` has the model behind the default.
+kernel writes one partial pair per item. Only a tensor's last item, when the tensor ends inside
+it, takes a masked branch. tuning.py's ``FOREACH_NORM_CHUNKS`` has the model behind the default.
 
 Why offsets and not raw addresses: ``tl.load(table + t).to(tl.pointer_type(tl.bfloat16))`` works
 (interpreter and compiler) but an integer-to-pointer cast carries no alignment, so every load is
@@ -126,9 +124,8 @@ def _item_offsets(
     CHUNKS: tl.constexpr,  # chunks per work item
     BLOCK: tl.constexpr,  # elements per chunk
 ):
-    # (CHUNKS, BLOCK) int32 element offsets in the work item: chunk c in row c. int32 and relative
-    # to the item's first element (a scalar int64 pointer): the item holds CHUNKS * BLOCK < 2^31
-    # elements, and 64 int64 offsets a thread would take 128 registers.
+    # (CHUNKS, BLOCK) int32 offsets from the item's first element (a scalar pointer), chunk c in
+    # row c: int64 offsets would take two registers per element (the item has < 2^31 elements).
     return tl.arange(0, CHUNKS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
 
 
@@ -197,21 +194,20 @@ def _item_partial(
     return a, b
 
 
+# Reductions of a (CHUNKS, BLOCK) tile: across the chunks (within each thread) first, then across
+# threads; a fixed tree, the layout being fixed at compile time.
 @triton.jit
 def _tile_max(x):
-    # max of a (CHUNKS, BLOCK) tile: across the chunks (within each thread) first, then across threads
     return tl.max(tl.max(x, 0), 0)
 
 
 @triton.jit
 def _tile_min(x):
-    # min of a (CHUNKS, BLOCK) tile, in the order of _tile_max
     return tl.min(tl.min(x, 0), 0)
 
 
 @triton.jit
 def _tile_sum(x):
-    # sum of a (CHUNKS, BLOCK) tile: a fixed tree (the layout is fixed at compile time)
     return tl.sum(tl.sum(x, 0), 0)
 
 
