@@ -3,7 +3,7 @@
 
     python benchmarks/tune_foreach_norm.py
 
-On the benchmark's Llama-like parameter list (d = 2048, 22 layers: 201 bf16 tensors, 1.1e9
+On the benchmark's Llama-like parameter list (d = 2048, 22 layers: 201 bf16 tensors, 1.26e9
 elements), for each (FOREACH_NORM_BLOCK, FOREACH_NORM_CHUNKS, FOREACH_NORM_WARPS): the time of
 foreach_norm (reads every element once) and clip_grad_norm_ (reads twice, writes once), with the
 fraction of the copy bandwidth (copy: read + write of the same bytes); then, at the configured
