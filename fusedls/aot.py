@@ -115,16 +115,23 @@ KERNELS = {  # short name -> Kernel
 # foreach_norm: one entry per norm kind (KIND, IS_TWO) or map MODE; the merge kernels read fp32
 # partials (their dtype column only types like_ptr, unused there). Flags: merge ``N``:
 # WRITE_NORM; total ``SOC``: SQUARE, NORM_OF_NORMS, WRITE_COEF; partial ``A``: ALIGNED; map ``AO``:
-# ALIGNED, OUT_ALIGNED (an unaligned group loads one element at a time).
+# ALIGNED, OUT_ALIGNED (an unaligned group loads one element at a time). BLOCK_C of partial and
+# map is the chunk; their CHUNKS (chunks per work item) is tuning's FOREACH_NORM_CHUNKS.
 _FN_I64 = frozenset({"table_ptr", "src_table_ptr", "dst_table_ptr", "numel_ptr", "item_tensor_ptr", "item_start_ptr",
                      "first_ptr", "out_index_ptr"})
 _FN_FP32 = frozenset({"part_a_ptr", "part_b_ptr", "tensor_a_ptr", "tensor_b_ptr", "norm_ptr", "total_ptr", "coef_ptr"})
-_FN_LOADS = ("x = tl.load(src + offs",)
+_FN_LOADS = ("x = tl.load(src + rel",)
+
+
+def _fn_chunks(row) -> dict:  # the elementwise kernels' chunks per work item
+    return {"CHUNKS": tuning.foreach_norm_config().chunks}
+
+
 for _kind, (_k, _two) in {"p2": (0, True), "p": (0, False), "l1": (1, False), "max": (2, False), "min": (3, False),
                           "l0": (4, False)}.items():
     _fixed = (("KIND", _k), ("IS_TWO", _two))
     KERNELS[f"fn_partial_{_kind}"] = Kernel("foreach_norm", "foreach_norm_partial_kernel", ("ALIGNED",), "A", "BLOCK",
-                                            _FN_FP32, _FN_I64, _FN_LOADS, constants=_fixed)
+                                            _FN_FP32, _FN_I64, _FN_LOADS, constants=_fixed, derived=_fn_chunks)
     KERNELS[f"fn_merge_{_kind}"] = Kernel("foreach_norm", "foreach_norm_merge_kernel", ("WRITE_NORM",), "N", "BLOCK",
                                           _FN_FP32, _FN_I64, constants=_fixed)
     KERNELS[f"fn_total_{_kind}"] = Kernel("foreach_norm", "foreach_norm_total_kernel",
@@ -132,7 +139,7 @@ for _kind, (_k, _two) in {"p2": (0, True), "p": (0, False), "l1": (1, False), "m
                                           constants=_fixed)
 for _name, _mode in (("scale", 0), ("sign", 1), ("twice", 2)):
     KERNELS[f"fn_map_{_name}"] = Kernel("foreach_norm", "foreach_map_kernel", ("ALIGNED", "OUT_ALIGNED"), "AO", "BLOCK",
-                                        _FN_FP32, _FN_I64, _FN_LOADS, constants=(("MODE", _mode),))
+                                        _FN_FP32, _FN_I64, _FN_LOADS, constants=(("MODE", _mode),), derived=_fn_chunks)
 _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _ROW_SIZES = {"n_cols", "n_elements"}
 

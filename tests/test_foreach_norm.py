@@ -1,6 +1,7 @@
 """foreach_norm, total_norm, clip_grad_norm_, l1/l2 penalties: against torch in float64, on both
-backends (the triton one under the interpreter on CPU), with chunks of 16 elements and merge
-steps of 4 partials so every loop of the kernels runs several times."""
+backends (the triton one under the interpreter on CPU), with chunks of 16 elements, work items of
+4 chunks (64 elements) and merge steps of 4 partials so every loop of the kernels runs several
+times."""
 
 import math
 import socket
@@ -17,6 +18,13 @@ from conftest import AVAILABLE, DEVICE
 ORDS = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0, 0.5, -1.0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [(1,), (5,), (17,), (40,), (3, 7), (0,), (64,)]
+CHUNK, CHUNKS = 16, 4  # the elementwise kernels' chunk and chunks per work item in these tests
+ITEM = CHUNK * CHUNKS
+# Tensors against work items of ITEM elements: ending exactly at an item boundary (one item, two
+# items), in a later item at a chunk boundary, mid-chunk in the first / a later chunk of a later
+# item, and a tensor of one element past a boundary.
+ITEM_SIZES = [(ITEM,), (2 * ITEM,), (ITEM + 2 * CHUNK,), (2 * ITEM + 5,), (ITEM + 3 * CHUNK + 7,), (3, ITEM // 3 + 1),
+              (ITEM + 1,)]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +32,8 @@ def small_chunks(monkeypatch):
     if "triton" in AVAILABLE:
         from fusedls.kernels import tuning
 
-        monkeypatch.setattr(tuning, "FOREACH_NORM_BLOCK", 16)
+        monkeypatch.setattr(tuning, "FOREACH_NORM_BLOCK", CHUNK)
+        monkeypatch.setattr(tuning, "FOREACH_NORM_CHUNKS", CHUNKS)
         monkeypatch.setattr(tuning, "FOREACH_NORM_MERGE_BLOCK", 4)
     if "cpp" in AVAILABLE:
         monkeypatch.setattr("fusedls.cpp.foreach_norm.BLOCK", 16)  # several work items per tensor
@@ -71,6 +80,65 @@ def test_total_norm_mixed_dtypes(backend, ord):
     assert [n.dtype for n in norms] == [t.dtype for t in ts]
     for n, t in zip(norms, ts):
         assert_close(n, _ref_norm(t, ord).to(t.dtype).double(), t.dtype)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_work_item_boundaries(backend, ord):
+    # several items per tensor, tensors ending at / inside an item, at / inside a chunk: the norms
+    # (every kind), the total, and the map kernels (scaling in place, the penalties' gradients)
+    for dtype in (torch.float32, torch.bfloat16):
+        ts = _tensors(ITEM_SIZES, dtype, seed=7)
+        for g, t in zip(fusedls.foreach_norm(ts, ord), ts):
+            assert_close(g.float(), _ref_norm(t, ord).to(dtype).double(), dtype, msg=f"ord {ord} numel {t.numel()}")
+        want = _ref_norm(torch.cat([t.double().flatten() for t in ts]), ord)
+        assert_close(fusedls.total_norm(ts, ord).float(), want.to(dtype).double(), dtype, msg=f"ord {ord}")
+    if ord != 2.0:
+        return
+    ts = _tensors(ITEM_SIZES, torch.float32, seed=8)
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in ts]
+    for p, t in zip(params, ts):
+        p.grad = t.clone()
+    total = fusedls.clip_grad_norm_(params, 1.0)
+    coef = 1.0 / (_ref_norm(torch.cat([t.double().flatten() for t in ts]), 2).item() + 1e-6)
+    assert_close(total, torch.tensor(1.0 / coef - 1e-6, dtype=torch.float64), torch.float32)
+    for p, t in zip(params, ts):
+        assert_close(p.grad, t.double() * coef, torch.float32)
+    for fn, grad in ((fusedls.l1_penalty, torch.sign), (fusedls.l2_penalty, lambda w: 2 * w)):
+        ws = [t.clone().requires_grad_() for t in ts]
+        (3.0 * fn(ws)).backward()
+        for w, t in zip(ws, ts):
+            assert_close(w.grad, 3.0 * grad(t.double()), torch.float32)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 8])
+def test_other_chunks_per_item(backend, monkeypatch, chunks):
+    if backend != "triton":
+        pytest.skip("FOREACH_NORM_CHUNKS is the triton kernels' setting")
+    from fusedls.kernels import tuning
+
+    monkeypatch.setattr(tuning, "FOREACH_NORM_CHUNKS", chunks)
+    ts = _tensors(ITEM_SIZES + [(3 * ITEM + 2 * CHUNK,)], torch.float32, seed=9)
+    flat = torch.cat([t.double().flatten() for t in ts])
+    for ord in (2.0, 3.0, -math.inf):
+        assert_close(torch.stack(fusedls.foreach_norm(ts, ord)), torch.stack([_ref_norm(t, ord) for t in ts]),
+                     torch.float32, roundings=2)  # fmt: skip
+        assert_close(fusedls.total_norm(ts, ord), _ref_norm(flat, ord), torch.float32, roundings=2)
+    ws = [t.clone().requires_grad_() for t in ts]
+    fusedls.l2_penalty(ws).backward()
+    for w, t in zip(ws, ts):
+        assert_close(w.grad, 2 * t.double(), torch.float32)
+
+
+def test_table_work_items():
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton unavailable")
+    from fusedls.kernels import foreach_norm as K
+
+    ts = _tensors([(ITEM,), (0,), (2 * ITEM + 5,), (7,)], torch.float32)
+    tab = K.table(ts, ITEM)
+    assert tab.first.tolist() == [0, 1, 1, 4, 5]
+    assert tab.item_tensor.tolist() == [0, 2, 2, 2, 3]
+    assert tab.item_start.tolist() == [0, 0, ITEM, 2 * ITEM, 0]
 
 
 def test_unaligned_views(backend):

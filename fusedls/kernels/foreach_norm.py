@@ -12,18 +12,24 @@ once):
   numel[t]       its number of elements
   out_index[t]   where its per-tensor norm goes in the caller's order
   first[t]       its first work item (first[n] = the number of items)
-  item_tensor[i] the tensor of work item i, item_start[i] the offset of its chunk
+  item_tensor[i] the tensor of work item i, item_start[i] its first element
 
-One work item is one chunk of ``BLOCK`` elements of one tensor, and one program of the
-elementwise kernels handles one work item: a launch covers every tensor of a dtype group.
+Work items. One work item is ``CHUNKS`` consecutive chunks of ``BLOCK`` elements of one tensor
+(item_start is a multiple of ``CHUNKS * BLOCK``; a tensor's last item may be shorter), and one
+program of the elementwise kernels handles one work item: a launch covers every tensor of a dtype
+group. The program looks its tensor up once (three dependent loads: item -> tensor -> offset and
+numel) and then loads the whole item as one (CHUNKS, BLOCK) tile, so the loads of all its chunks
+are in flight together (``CHUNKS * BLOCK / (32 * num_warps)`` elements a thread); the partial
+kernel writes one partial pair per item. Only a tensor's last item, when the tensor ends inside
+it, takes a masked branch. tuning.py's ``FOREACH_NORM_CHUNKS`` has the model behind the default.
 
 Why offsets and not raw addresses: ``tl.load(table + t).to(tl.pointer_type(tl.bfloat16))`` works
 (interpreter and compiler) but an integer-to-pointer cast carries no alignment, so every load is
 scalar (2 bytes for bf16: far from the bandwidth). ``like_ptr + offset`` keeps like_ptr's
 16-byte alignment (triton's launcher specialises it) and, when every tensor of the group is
 16-byte aligned (``ALIGNED``), ``tl.multiple_of(offset, 16 bytes)`` tells the compiler so: full
-chunks then load 16 bytes per instruction; a chunk's tail (``start + BLOCK > numel``) takes a
-masked branch. A group with an unaligned tensor (a view at an odd offset) runs unaligned
+items then load 16 bytes per instruction; a tensor's tail (``start + CHUNKS * BLOCK > numel``)
+takes a masked branch. A group with an unaligned tensor (a view at an odd offset) runs unaligned
 (scalar loads, still correct). The interpreter dereferences ``like_ptr + offset`` as a raw
 address too, so the CPU tests run exactly the GPU path.
 
@@ -31,10 +37,10 @@ Dtype groups. A pointer's element type is a compile-time property, so tensors ar
 dtype and the elementwise kernels run once per group (one launch per dtype: bf16, fp16 and fp32
 in one list make three); the merge kernels read fp32 partials and run once for all groups.
 
-Norm kinds (``KIND``) and the fp32 partial pair (a, b) of a chunk:
+Norm kinds (``KIND``) and the fp32 partial pair (a, b) of a work item:
 
   KIND_POW  ord p not in {0, 1, inf, -inf} (IS_TWO: p = 2): a = max |x| = s,
-            b = sum (|x| / s)^p. Scaling by the chunk's largest element makes the sum
+            b = sum (|x| / s)^p. Scaling by the item's largest element makes the sum
             overflow-safe (LAPACK nrm2's idea): fp32 gradients of 1e30 give a finite norm.
             s is 0 (all zeros) or inf (an inf element): then b is the unscaled sum.
   KIND_L1   a = sum |x|
@@ -43,7 +49,7 @@ Norm kinds (``KIND``) and the fp32 partial pair (a, b) of a chunk:
   KIND_L0   a = number of non-zero elements (NaN counts)
 
 Two merges in a fixed order, so the bits do not depend on scheduling (no atomics):
-stage 2 (one program per tensor) merges the tensor's chunk partials in item order, stage 3 (one
+stage 2 (one program per tensor) merges the tensor's item partials in item order, stage 3 (one
 program) merges the per-tensor pairs in tensor order. Merging scaled pairs (s_i, b_i):
 s = max s_i, b = sum b_i (s_i / s)^p, and the norm is s * b^(1/p) (0^(1/p) when b = 0); when
 s is 0 or inf, b is kept unscaled (the norm is b^(1/p): p < 0 with an inf element).
@@ -94,19 +100,115 @@ def _tensor_ptr(
 
 
 @triton.jit
-def _load_chunk(
-    src,  # *T the tensor
-    offs,  # int64 element offsets of the chunk (start + arange(BLOCK))
-    start,  # first element of the chunk
-    n,  # elements of the tensor
-    BLOCK: tl.constexpr,  # chunk size
+def _work_item(
+    item_tensor_ptr,  # *i64 (items,) tensor of each work item
+    item_start_ptr,  # *i64 (items,) first element of each work item
+    numel_ptr,  # *i64 (n,) elements of each tensor
+    table_ptr,  # *i64 (n,) offset of each tensor from like_ptr, in elements
+    like_ptr,  # *T the base of every offset
+    item_base,  # first work item of this launch
+    ALIGNED: tl.constexpr,  # every tensor of the group starts 16-byte aligned
+    SIZE: tl.constexpr,  # elements per work item (CHUNKS * BLOCK): item starts are multiples of it
 ):
-    # fp32 chunk (0 past the end); a full chunk without a mask, so its loads vectorise.
-    if start + BLOCK <= n:
-        x = tl.load(src + offs).to(tl.float32)
+    # This program's work item: (item, tensor, first element, pointer to it, elements of the
+    # tensor from there on). Three dependent loads: item -> tensor -> offset and numel.
+    item = item_base + tl.program_id(0).to(tl.int64)
+    t = tl.load(item_tensor_ptr + item)
+    start = tl.multiple_of(tl.load(item_start_ptr + item), SIZE)
+    src = _tensor_ptr(like_ptr, table_ptr, t, ALIGNED) + start
+    return item, t, start, src, tl.load(numel_ptr + t) - start
+
+
+@triton.jit
+def _item_offsets(
+    CHUNKS: tl.constexpr,  # chunks per work item
+    BLOCK: tl.constexpr,  # elements per chunk
+):
+    # (CHUNKS, BLOCK) int32 offsets from the item's first element (a scalar pointer), chunk c in
+    # row c: int64 offsets would take two registers per element (the item has < 2^31 elements).
+    return tl.arange(0, CHUNKS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+
+
+@triton.jit
+def _load_item(
+    src,  # *T the item's first element
+    rel,  # (CHUNKS, BLOCK) int32 offsets in the item (_item_offsets)
+    left,  # int32 elements of the tensor from src on (MASKED only: fewer than CHUNKS * BLOCK)
+    MASKED: tl.constexpr,  # the tensor ends inside the item
+):
+    # fp32 item (0 past the end). An item inside the tensor loads without a mask, so its loads
+    # vectorise and, being one tile, are all issued before the first is used.
+    if MASKED:
+        x = tl.load(src + rel, mask=rel < left, other=0.0).to(tl.float32)
     else:
-        x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+        x = tl.load(src + rel).to(tl.float32)
     return x
+
+
+@triton.jit
+def _valid(
+    v,  # (CHUNKS, BLOCK) values
+    rel,  # (CHUNKS, BLOCK) int32 offsets in the item
+    left,  # int32 elements of the tensor in the item (MASKED only)
+    fill,  # the value past the end
+    MASKED: tl.constexpr,  # the tensor ends inside the item
+):
+    # v, with ``fill`` past the tensor's end (a full item: v itself, no mask kept in registers)
+    if MASKED:
+        v = tl.where(rel < left, v, fill)
+    return v
+
+
+@triton.jit
+def _item_partial(
+    src,  # *T the item's first element
+    rel,  # (CHUNKS, BLOCK) int32 offsets in the item
+    left,  # int32 elements of the tensor in the item (MASKED only)
+    p,  # fp32 the order (KIND_POW only)
+    KIND: tl.constexpr,  # as in foreach_norm_partial_kernel
+    IS_TWO: tl.constexpr,  # p == 2 (KIND_POW)
+    MASKED: tl.constexpr,  # the tensor ends inside the item
+):
+    # The partial pair (a, b) of one work item (see the module docstring). Masked-out elements
+    # load as 0, which is neutral for every kind but p < 0 (0^p = inf) and MIN: those are masked.
+    x = tl.abs(_load_item(src, rel, left, MASKED))
+    b = 0.0
+    if KIND == 0:  # KIND_POW: s = max |x|, b = sum (|x| / s)^p over the whole item
+        a = _tile_max(x)
+        scaled = (a > 0.0) & (a < float("inf"))
+        # x / s without overflowing 1 / s when s is subnormal: lift both by 2^64 first
+        lift = tl.where(a < 1e-19, 18446744073709551616.0, 1.0)
+        inv = tl.where(scaled, 1.0 / (a * lift), 1.0)
+        v = x * tl.where(scaled, lift, 1.0) * inv
+        b = _tile_sum(_valid(_pow(v, p, IS_TWO), rel, left, 0.0, MASKED and not IS_TWO))
+    elif KIND == 1:  # KIND_L1
+        a = _tile_sum(x)
+    elif KIND == 4:  # KIND_L0 (NaN != 0 counts, as in torch)
+        a = _tile_sum(tl.where(x != 0.0, 1.0, 0.0))
+    else:  # KIND_MAX / KIND_MIN, and whether a NaN was seen
+        b = _tile_max(tl.where(x != x, 1.0, 0.0))
+        if KIND == 2:
+            a = _tile_max(x)
+        else:
+            a = _tile_min(_valid(x, rel, left, float("inf"), MASKED))
+    return a, b
+
+
+# Reductions of a (CHUNKS, BLOCK) tile: across the chunks (within each thread) first, then across
+# threads; a fixed tree, the layout being fixed at compile time.
+@triton.jit
+def _tile_max(x):
+    return tl.max(tl.max(x, 0), 0)
+
+
+@triton.jit
+def _tile_min(x):
+    return tl.min(tl.min(x, 0), 0)
+
+
+@triton.jit
+def _tile_sum(x):
+    return tl.sum(tl.sum(x, 0), 0)
 
 
 @triton.jit
@@ -114,44 +216,25 @@ def foreach_norm_partial_kernel(
     table_ptr,  # *i64 (n,) offset of each tensor from like_ptr, in elements
     numel_ptr,  # *i64 (n,) elements of each tensor
     item_tensor_ptr,  # *i64 (items,) tensor of each work item
-    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
+    item_start_ptr,  # *i64 (items,) first element of each work item (a multiple of CHUNKS * BLOCK)
     like_ptr,  # *T the first tensor of this launch's dtype group: the base of every offset
-    part_a_ptr,  # *fp32 (items,) out: first partial of each chunk (see the module docstring)
-    part_b_ptr,  # *fp32 (items,) out: second partial of each chunk
+    part_a_ptr,  # *fp32 (items,) out: first partial of each work item (see the module docstring)
+    part_b_ptr,  # *fp32 (items,) out: second partial of each work item
     item_base,  # first work item of this launch (its dtype group)
     p,  # fp32 the order (KIND_POW only)
     KIND: tl.constexpr,  # KIND_POW, KIND_L1, KIND_MAX, KIND_MIN or KIND_L0
     IS_TWO: tl.constexpr,  # p == 2 (KIND_POW)
     ALIGNED: tl.constexpr,  # every tensor of the group starts 16-byte aligned
-    BLOCK: tl.constexpr,  # elements per work item
+    CHUNKS: tl.constexpr,  # chunks per work item (a power of two)
+    BLOCK: tl.constexpr,  # elements per chunk
 ):
-    item = item_base + tl.program_id(0).to(tl.int64)
-    t = tl.load(item_tensor_ptr + item)
-    src = _tensor_ptr(like_ptr, table_ptr, t, ALIGNED)
-    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
-    n = tl.load(numel_ptr + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    x = tl.abs(_load_chunk(src, offs, start, n, BLOCK))
-    b = 0.0
-    if KIND == 0:  # KIND_POW: s = max |x|, b = sum (|x| / s)^p
-        a = tl.max(x, 0)
-        scaled = (a > 0.0) & (a < float("inf"))
-        # x / s without overflowing 1 / s when s is subnormal: lift both by 2^64 first
-        lift = tl.where(a < 1e-19, 18446744073709551616.0, 1.0)
-        inv = tl.where(scaled, 1.0 / (a * lift), 1.0)
-        v = x * tl.where(scaled, lift, 1.0) * inv
-        b = tl.sum(tl.where(mask, _pow(v, p, IS_TWO), 0.0), 0)
-    elif KIND == 1:  # KIND_L1
-        a = tl.sum(x, 0)
-    elif KIND == 4:  # KIND_L0 (NaN != 0 counts, as in torch)
-        a = tl.sum(tl.where(mask & (x != 0.0), 1.0, 0.0), 0)
-    else:  # KIND_MAX / KIND_MIN, and whether a NaN was seen
-        b = tl.max(tl.where(mask & (x != x), 1.0, 0.0), 0)
-        if KIND == 2:
-            a = tl.max(x, 0)
-        else:
-            a = tl.min(tl.where(mask, x, float("inf")), 0)
+    item, _, _, src, left = _work_item(item_tensor_ptr, item_start_ptr, numel_ptr, table_ptr, like_ptr, item_base,
+                                       ALIGNED, CHUNKS * BLOCK)  # fmt: skip
+    rel = _item_offsets(CHUNKS, BLOCK)
+    if left >= CHUNKS * BLOCK:
+        a, b = _item_partial(src, rel, left, p, KIND, IS_TWO, False)
+    else:
+        a, b = _item_partial(src, rel, left.to(tl.int32), p, KIND, IS_TWO, True)
     tl.store(part_a_ptr + item, a)
     tl.store(part_b_ptr + item, b)
 
@@ -231,7 +314,7 @@ def _finish(
 def foreach_norm_merge_kernel(
     first_ptr,  # *i64 (n + 1,) first work item of each tensor
     out_index_ptr,  # *i64 (n,) position of each tensor's norm in norm_ptr
-    part_a_ptr,  # *fp32 (items,) chunk partials from foreach_norm_partial_kernel
+    part_a_ptr,  # *fp32 (items,) work item partials from foreach_norm_partial_kernel
     part_b_ptr,  # *fp32 (items,)
     tensor_a_ptr,  # *fp32 (n,) out: merged pair of each tensor (table order)
     tensor_b_ptr,  # *fp32 (n,)
@@ -281,12 +364,27 @@ def foreach_norm_total_kernel(
 
 
 @triton.jit
+def _map_value(
+    x,  # fp32 source elements
+    g,  # fp32 the factor
+    MODE: tl.constexpr,  # as in foreach_map_kernel
+    OUT: tl.constexpr,  # the destination's element type
+):
+    # g x, g sign(x) or g 2x, in the destination's dtype
+    if MODE == 1:  # d|x|/dx = sign(x): 0 at 0, NaN at NaN
+        x = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))
+    elif MODE == 2:  # d x^2 / dx = 2x
+        x = 2.0 * x
+    return (x * g).to(OUT)
+
+
+@triton.jit
 def foreach_map_kernel(
     src_table_ptr,  # *i64 (n,) offset of each source tensor from like_ptr, in elements
     dst_table_ptr,  # *i64 (n,) offset of each destination from out_like_ptr (in place: src_table_ptr)
     numel_ptr,  # *i64 (n,) elements of each tensor
     item_tensor_ptr,  # *i64 (items,) tensor of each work item
-    item_start_ptr,  # *i64 (items,) first element of each work item's chunk (a multiple of BLOCK)
+    item_start_ptr,  # *i64 (items,) first element of each work item (a multiple of CHUNKS * BLOCK)
     coef_ptr,  # *fp32 () the factor g (clip coefficient or upstream gradient)
     like_ptr,  # *T the first source tensor of this launch's dtype group
     out_like_ptr,  # *To the first destination tensor of the group
@@ -294,26 +392,20 @@ def foreach_map_kernel(
     MODE: tl.constexpr,  # MAP_SCALE: g x, MAP_SIGN: g sign(x), MAP_TWICE: g 2x
     ALIGNED: tl.constexpr,  # every source tensor of the group starts 16-byte aligned
     OUT_ALIGNED: tl.constexpr,  # every destination tensor of the group starts 16-byte aligned
-    BLOCK: tl.constexpr,  # elements per work item
+    CHUNKS: tl.constexpr,  # chunks per work item (a power of two)
+    BLOCK: tl.constexpr,  # elements per chunk
 ):
-    item = item_base + tl.program_id(0).to(tl.int64)
-    t = tl.load(item_tensor_ptr + item)
-    src = _tensor_ptr(like_ptr, src_table_ptr, t, ALIGNED)
-    dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED)
-    start = tl.multiple_of(tl.load(item_start_ptr + item), BLOCK)
-    n = tl.load(numel_ptr + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    x = _load_chunk(src, offs, start, n, BLOCK)
+    _, t, start, src, left = _work_item(item_tensor_ptr, item_start_ptr, numel_ptr, src_table_ptr, like_ptr, item_base,
+                                        ALIGNED, CHUNKS * BLOCK)  # fmt: skip
+    dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED) + start
+    rel = _item_offsets(CHUNKS, BLOCK)
     g = tl.load(coef_ptr)
-    if MODE == 1:  # d|x|/dx = sign(x): 0 at 0, NaN at NaN
-        x = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))
-    elif MODE == 2:  # d x^2 / dx = 2x
-        x = 2.0 * x
-    y = (x * g).to(out_like_ptr.dtype.element_ty)
-    if start + BLOCK <= n:
-        tl.store(dst + offs, y)
+    if left >= CHUNKS * BLOCK:
+        tl.store(dst + rel, _map_value(_load_item(src, rel, left, False), g, MODE, out_like_ptr.dtype.element_ty))
     else:
-        tl.store(dst + offs, y, mask=offs < n)
+        tail = left.to(tl.int32)  # fewer than CHUNKS * BLOCK
+        y = _map_value(_load_item(src, rel, tail, True), g, MODE, out_like_ptr.dtype.element_ty)
+        tl.store(dst + rel, y, mask=rel < tail)
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -372,29 +464,30 @@ def dtype_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def table(tensors: list[torch.Tensor], block: int) -> Table:
-    """The (cached) table of ``tensors``: its content is a function of the key alone. Tensors of
-    the same dtypes in the same order (gradients made by ``empty_like``) get the same groups."""
-    key = (tensors[0].device, block, tuple(map(_DATA_PTR, tensors)), tuple(map(_NUMEL, tensors)),
+def table(tensors: list[torch.Tensor], item: int) -> Table:
+    """The (cached) table of ``tensors`` in work items of ``item`` elements (CHUNKS * BLOCK): its
+    content is a function of the key alone. Tensors of the same dtypes in the same order
+    (gradients made by ``empty_like``) get the same groups."""
+    key = (tensors[0].device, item, tuple(map(_DATA_PTR, tensors)), tuple(map(_NUMEL, tensors)),
            tuple(map(_DTYPE, tensors)))  # fmt: skip
     found = _CACHE.get(key)
     if found is None:
-        found = _build(tensors, [i for g in dtype_groups(tensors) for i in g], block)
+        found = _build(tensors, [i for g in dtype_groups(tensors) for i in g], item)
         if len(_CACHE) >= CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = found
     return found
 
 
-def _build(tensors: list[torch.Tensor], order: list[int], block: int) -> Table:
+def _build(tensors: list[torch.Tensor], order: list[int], item: int) -> Table:
     ordered = [tensors[i] for i in order]
     n = len(ordered)
     numel = torch.tensor([t.numel() for t in ordered], dtype=torch.int64)
-    chunks = (numel + block - 1) // block
+    items = (numel + item - 1) // item
     first = torch.zeros(n + 1, dtype=torch.int64)
-    torch.cumsum(chunks, 0, out=first[1:])
-    item_tensor = torch.repeat_interleave(torch.arange(n), chunks)
-    item_start = (torch.arange(len(item_tensor)) - first[item_tensor]) * block
+    torch.cumsum(items, 0, out=first[1:])
+    item_tensor = torch.repeat_interleave(torch.arange(n), items)
+    item_start = (torch.arange(len(item_tensor)) - first[item_tensor]) * item
     groups, start, offset = [], 0, []
     for g in dtype_groups(ordered):
         end = start + len(g)
@@ -422,7 +515,7 @@ def _kind(ord: float) -> int:
 def _reduce(tensors, ord, write_norm, norms=None):
     """Stages 1 and 2: (table, per-tensor a, per-tensor b); per-tensor norms into ``norms``."""
     cfg = foreach_norm_config()
-    tab = table(tensors, cfg.block_c)
+    tab = table(tensors, cfg.item)
     kind, p = _kind(ord), float(ord)
     dev = tensors[0].device
     part_a = torch.empty(tab.items, device=dev, dtype=torch.float32)
@@ -431,7 +524,8 @@ def _reduce(tensors, ord, write_norm, norms=None):
         if i1 > i0:
             foreach_norm_partial_kernel[lambda meta, k=i1 - i0: (k,)](
                 tab.offset, tab.numel, tab.item_tensor, tab.item_start, tensors[tab.order[t0]], part_a, part_b, i0,
-                p, KIND=kind, IS_TWO=p == 2.0, ALIGNED=aligned, BLOCK=cfg.block_c, **cfg.launch_options(),
+                p, KIND=kind, IS_TWO=p == 2.0, ALIGNED=aligned, CHUNKS=cfg.chunks, BLOCK=cfg.block_c,
+                **cfg.launch_options(),
             )  # fmt: skip
     tensor_a = torch.empty(tab.n, device=dev, dtype=torch.float32)
     tensor_b = torch.empty_like(tensor_a)
@@ -473,15 +567,15 @@ def total_norm(
 
 def _map(sources: list[torch.Tensor], dests: list[torch.Tensor], coef: torch.Tensor, mode: int) -> None:
     cfg = foreach_norm_config()
-    tab = table(sources, cfg.block_c)
-    dst = tab if dests is sources else table(dests, cfg.block_c)
+    tab = table(sources, cfg.item)
+    dst = tab if dests is sources else table(dests, cfg.item)
     for (t0, _, i0, i1, aligned), out_group in zip(tab.groups, dst.groups):
         if i1 > i0:
             first = tab.order[t0]
             foreach_map_kernel[lambda meta, k=i1 - i0: (k,)](
                 tab.offset, dst.offset, tab.numel, tab.item_tensor, tab.item_start, coef, sources[first],
-                dests[first], i0, MODE=mode, ALIGNED=aligned, OUT_ALIGNED=out_group[4], BLOCK=cfg.block_c,
-                **cfg.launch_options(),
+                dests[first], i0, MODE=mode, ALIGNED=aligned, OUT_ALIGNED=out_group[4], CHUNKS=cfg.chunks,
+                BLOCK=cfg.block_c, **cfg.launch_options(),
             )  # fmt: skip
 
 

@@ -137,18 +137,56 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
 # foreach_norm, total_norm, clip_grad_norm_, l1/l2 penalties (fusedls/kernels/foreach_norm.py)
 # ----------------------------------------------------------------------------------------------
 
-# Elementwise multi-tensor kernels: elements per work item (one chunk of one tensor, one program)
-# and warps (16 elements per thread). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks.
+# Elementwise multi-tensor kernels: elements per chunk and warps (16 elements per thread per
+# chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks.
 FOREACH_NORM_BLOCK = 4096
 FOREACH_NORM_WARPS = 8
+# Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements as one tile
+# (all its loads in flight together) after one lookup of its tensor (three dependent loads: item
+# -> tensor -> offset / numel), and writes one partial. Model (H100 SXM, bf16, 16-byte loads):
+# - needed: ~3.35 TB/s x ~0.7 us DRAM latency ~ 2.3 MB in flight, ~18 KB per SM (132 SMs) at
+#   every instant; a program has nothing in flight during its lookup and its reduction / store,
+#   so the SM needs several programs, and a maximum of about twice that.
+# - registers cap it: bytes in flight need registers, and ptxas (sm_90a, `python -m fusedls.aot`)
+#   takes for partial p=2 / map scale, per thread: CHUNKS 1: 32 / 44, 2: 48 / 75, 4: 96 / 128,
+#   8: 168 / 254 (capped lower, they spill: 64 elements a thread need ~100). Programs of 256
+#   threads per SM (64K registers, at most 8): 8 / 5, 5 / 3, 2 / 2, 1 / 1, so at most
+#   64 / 40, 80 / 48, 64 / 64, 64 / 64 KB of reads in flight per SM.
+# - the old kernel (CHUNKS 1, 40 registers: 6 programs, 48 KB, a lookup per 8 KB) reached 70 %
+#   of copy bandwidth (measured), as if a program spent about as long on its lookup as on its
+#   data (inferred, not profiled).
+# - CHUNKS 2: the most in flight for the norms (80 KB over 5 programs, one's lookup overlapping
+#   the others' loads), half the lookups, 48 KB for the map kernels (clipping, penalties'
+#   gradients). CHUNKS 4: a quarter of the lookups but 2 programs (none in flight when both look
+#   up); 8: one program per SM. benchmarks/tune_foreach_norm.py sweeps 1, 2, 4, 8.
+# - the merge tail: a 128256 x 2048 embedding (262.7M elements) has ceil(262.7M / (CHUNKS x
+#   BLOCK)) partials: 64,128 (CHUNKS 1), 32,064 (2), 16,032 (4); the benchmark list's largest
+#   (fusedls/bench/foreach_norm.py: 32000 x 2048, 65.5M) 16,000, 8,000, 4,000.
+FOREACH_NORM_CHUNKS = 2
 # The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
-FOREACH_NORM_MERGE_BLOCK = 1024
-FOREACH_NORM_MERGE_WARPS = 4
+# Stage 2 merges a tensor's partials in one program after stage 1: ceil(partials / MERGE_BLOCK)
+# dependent steps per pass, two passes for the p-norms (max, then the scaled sum), each step
+# ~1 us (its loads, from DRAM: the embedding's partials are written first). A 262.7M-element
+# tensor: 2 x 63 = 126 steps (~0.1 ms of 1.2) at CHUNKS 1 and 1024; 2 x 4 = 8 (~10 us) at CHUNKS
+# 2 and 8192; the benchmark's 65.5M: 2 x 16 = 32 steps, now 2 x 1 = 2. 8192 fp32 on 8 warps: 32
+# a thread, for a and b (~180-220 registers; one program per tensor, so occupancy is moot).
+FOREACH_NORM_MERGE_BLOCK = 8192
+FOREACH_NORM_MERGE_WARPS = 8
 
 
-def foreach_norm_config() -> LaunchConfig:
-    """Chunk (``block_c``: elements per work item) and warps of the elementwise kernels."""
-    return LaunchConfig(block_c=FOREACH_NORM_BLOCK, num_warps=FOREACH_NORM_WARPS)
+@dataclasses.dataclass(frozen=True)
+class ForeachNormConfig(LaunchConfig):
+    chunks: int = 1  # chunks of block_c elements per work item (elementwise kernels)
+
+    @property
+    def item(self) -> int:
+        """Elements per work item."""
+        return self.chunks * self.block_c
+
+
+def foreach_norm_config() -> ForeachNormConfig:
+    """Chunk (``block_c``), chunks per work item and warps of the elementwise kernels."""
+    return ForeachNormConfig(block_c=FOREACH_NORM_BLOCK, num_warps=FOREACH_NORM_WARPS, chunks=FOREACH_NORM_CHUNKS)
 
 
 def foreach_norm_merge_config() -> LaunchConfig:
