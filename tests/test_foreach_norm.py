@@ -309,6 +309,27 @@ def test_clip_grad_norm_mixed_dtypes_and_layouts(backend):
         assert_close(p.grad, g * coef, p.grad.dtype, roundings=2)
 
 
+def test_clip_that_clips_nothing_leaves_every_bit(backend):
+    # coef = min(max_norm / norm, 1) = 1: the kernels skip the scaling pass (x * 1 = x); the
+    # gradients keep every bit, -0.0 included, as torch's multiplication by 1 does.
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d, device=DEVICE)) for s in ((37,), (3, 50)) for d in DTYPES]
+    for p in params:
+        g = torch.randn(p.shape, dtype=torch.float64) * 1e-3
+        g.view(-1)[:3] = torch.tensor([-0.0, 5e-3, -7e-3])
+        p.grad = g.to(p.dtype).to(DEVICE)
+    before = [p.grad.clone() for p in params]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for q, b in zip(theirs, before):
+        q.grad = b.clone()
+    total = fusedls.clip_grad_norm_(params, max_norm=1e4)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm=1e4)
+    assert_close(total, torch.cat([b.double().reshape(-1) for b in before]).norm(), torch.float32)
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    for p, q, b in zip(params, theirs, before):
+        assert torch.equal(p.grad.view(bits[p.dtype]), b.view(bits[p.dtype]))
+        assert torch.equal(p.grad.view(bits[p.dtype]), q.grad.view(bits[p.dtype]))
+
+
 def test_clip_only_non_dense_grads(backend):
     params = [torch.nn.Parameter(torch.ones(5, device=DEVICE)) for _ in range(2)]
     for p in params:

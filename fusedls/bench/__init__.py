@@ -23,6 +23,7 @@ OP_MODULES = {
     "foreach_norm": "fusedls.bench.foreach_norm",
     "foreach_norm_act": "fusedls.bench.foreach_norm:FOREACH_NORM_ACT",
     "clip_grad_norm": "fusedls.bench.foreach_norm:CLIP_GRAD_NORM",
+    "clip_grad_norm_within": "fusedls.bench.foreach_norm:CLIP_GRAD_NORM_WITHIN",
     "l2_penalty": "fusedls.bench.foreach_norm:L2_PENALTY",
     "l1_penalty": "fusedls.bench.foreach_norm:L1_PENALTY",
     "vector_norm": "fusedls.bench.vector_norm",

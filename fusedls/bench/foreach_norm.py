@@ -14,12 +14,13 @@ All the tensors are views into one flat buffer (as an optimizer's flat parameter
 be), which is also the copy baseline's source.
 
 Providers: ``torch._foreach_norm(ts, 2)``; ``torch.nn.utils.clip_grad_norm_(params, 1.0,
-foreach=True)``; for the penalties the Python loop ``sum(w.square().sum() for w in ws)`` (or
+foreach=True)`` (``clip_grad_norm_within``: max_norm 1e30, a clip that clips nothing); for the penalties the Python loop ``sum(w.square().sum() for w in ws)`` (or
 ``w.abs()``) and its backward; against the fusedls function on every backend that can run here.
 
 Byte model (s bytes per element, n elements in all): foreach_norm reads n s; clip_grad_norm reads
 the gradients for the norm, then reads and writes them to scale (the coefficient depends on all
-of them, so no scaling can start before every element is read): 3 n s; a penalty fwd+bwd reads the
+of them, so no scaling can start before every element is read): 3 n s; clip_grad_norm_within
+(coef = 1, nothing to scale): n s; a penalty fwd+bwd reads the
 weights (forward), reads them again and writes the gradients (backward): 3 n s. Copy baseline: read
 + write of the flat buffer (2 n s).
 
@@ -40,6 +41,7 @@ from fusedls.testing import tolerance
 from .core import Case, OpBench, Provider, Slice, backend_why_not
 
 VOCAB, TOKENS, MAX_NORM = 32000, 8192, 1.0
+WITHIN_MAX_NORM = 1e30  # clip_grad_norm_within: a max_norm no gradient norm reaches
 
 
 def _param_shapes(layers: int, d: int) -> list[tuple[int, ...]]:
@@ -76,11 +78,15 @@ class _Inputs:
         return [t.detach().requires_grad_() for t in self.tensors]
 
 
+def _max_norm(op: str) -> float:
+    return WITHIN_MAX_NORM if op == "clip_grad_norm_within" else MAX_NORM
+
+
 def _torch(op: str):
     if op.startswith("foreach_norm"):
         return lambda data: torch._foreach_norm(data.tensors, 2)
-    if op == "clip_grad_norm":
-        return lambda data: torch.nn.utils.clip_grad_norm_(data.params, MAX_NORM, foreach=True)
+    if op.startswith("clip_grad_norm"):
+        return lambda data: torch.nn.utils.clip_grad_norm_(data.params, _max_norm(op), foreach=True)
     term = torch.Tensor.square if op == "l2_penalty" else torch.Tensor.abs
 
     def loop(data):
@@ -97,8 +103,8 @@ def _fusedls(op: str, backend: str):
         with fusedls.use_backend(backend):
             if op.startswith("foreach_norm"):
                 return fusedls.foreach_norm(data.tensors)
-            if op == "clip_grad_norm":
-                return fusedls.clip_grad_norm_(data.params, MAX_NORM)
+            if op.startswith("clip_grad_norm"):
+                return fusedls.clip_grad_norm_(data.params, _max_norm(op))
             ws = data.leaves()
             total = (fusedls.l2_penalty if op == "l2_penalty" else fusedls.l1_penalty)(ws)
             total.backward()
@@ -153,7 +159,7 @@ class ForeachBench(OpBench):
         return found
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:
-        return _Inputs(self.kind, case, device, self.name == "clip_grad_norm")
+        return _Inputs(self.kind, case, device, self.name.startswith("clip_grad_norm"))
 
     def copy_source(self, data: _Inputs) -> torch.Tensor:
         return data.flat
@@ -164,11 +170,11 @@ class ForeachBench(OpBench):
             got = torch.stack(fn(data)).double()
             want = torch.stack([torch.linalg.vector_norm(t.double()) for t in data.tensors])
             return _ratio(got, want, want, dtype)
-        if self.name == "clip_grad_norm":
+        if self.name.startswith("clip_grad_norm"):
             data.restore()
             norms = torch.stack([torch.linalg.vector_norm(t.double()) for t in data.tensors])
             want = torch.linalg.vector_norm(norms)
-            coef = min(1.0, MAX_NORM / (want.item() + 1e-6))
+            coef = min(1.0, _max_norm(self.name) / (want.item() + 1e-6))
             errors = [_ratio(fn(data), want, want, dtype)]
             errors += [_ratio(g.flatten(), b.double() * coef, (b.double() * coef).abs(), dtype)
                        for g, b in zip(data.tensors, data.backup.split([t.numel() for t in data.tensors]))]
@@ -184,7 +190,7 @@ class ForeachBench(OpBench):
         return max(errors)
 
     def timed_call(self, fn, provider: Provider, case: Case, data: _Inputs):
-        if self.name == "clip_grad_norm":
+        if self.name.startswith("clip_grad_norm"):
             return data.restore, lambda: fn(data)
         return None, lambda: fn(data)
 
@@ -192,6 +198,9 @@ class ForeachBench(OpBench):
 FOREACH_NORM = ForeachBench("foreach_norm", "params", 1, "fwd")
 FOREACH_NORM_ACT = ForeachBench("foreach_norm_act", "activations", 1, "fwd")
 CLIP_GRAD_NORM = ForeachBench("clip_grad_norm", "params", 3, "fwd")
+# The same with max_norm above the norm (coef = 1): nothing needs to change, so the useful bytes
+# are one read (n s); torch still reads, multiplies by 1 and writes (3 n s), fusedls skips that.
+CLIP_GRAD_NORM_WITHIN = ForeachBench("clip_grad_norm_within", "params", 1, "fwd")
 L2_PENALTY = ForeachBench("l2_penalty", "params", 3, "fwd+bwd")
 L1_PENALTY = ForeachBench("l1_penalty", "params", 3, "fwd+bwd")
 BENCH = FOREACH_NORM

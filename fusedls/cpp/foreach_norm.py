@@ -70,6 +70,8 @@ def scale_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
     if not _native(tensors) or coef.dtype != torch.float32 or coef.numel() != 1:
         _eager.scale_(tensors, coef)
         return
+    if float(coef) == 1.0:  # x * 1 = x: a clip that clips nothing (a CPU tensor: reading it is free)
+        return
     LIBRARY.ops().foreach_scale_(tensors, coef.contiguous(), BLOCK)
 
 

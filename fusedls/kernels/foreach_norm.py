@@ -389,23 +389,31 @@ def foreach_map_kernel(
     like_ptr,  # *T the first source tensor of this launch's dtype group
     out_like_ptr,  # *To the first destination tensor of the group
     item_base,  # first work item of this launch (its dtype group)
-    MODE: tl.constexpr,  # MAP_SCALE: g x, MAP_SIGN: g sign(x), MAP_TWICE: g 2x
+    MODE: tl.constexpr,  # MAP_SCALE: g x (in place only), MAP_SIGN: g sign(x), MAP_TWICE: g 2x
     ALIGNED: tl.constexpr,  # every source tensor of the group starts 16-byte aligned
     OUT_ALIGNED: tl.constexpr,  # every destination tensor of the group starts 16-byte aligned
     CHUNKS: tl.constexpr,  # chunks per work item (a power of two)
     BLOCK: tl.constexpr,  # elements per chunk
 ):
-    _, t, start, src, left = _work_item(item_tensor_ptr, item_start_ptr, numel_ptr, src_table_ptr, like_ptr, item_base,
-                                        ALIGNED, CHUNKS * BLOCK)  # fmt: skip
-    dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED) + start
-    rel = _item_offsets(CHUNKS, BLOCK)
     g = tl.load(coef_ptr)
-    if left >= CHUNKS * BLOCK:
-        tl.store(dst + rel, _map_value(_load_item(src, rel, left, False), g, MODE, out_like_ptr.dtype.element_ty))
-    else:
-        tail = left.to(tl.int32)  # fewer than CHUNKS * BLOCK
-        y = _map_value(_load_item(src, rel, tail, True), g, MODE, out_like_ptr.dtype.element_ty)
-        tl.store(dst + rel, y, mask=rel < tail)
+    work = True
+    if MODE == 0:
+        # MAP_SCALE is in place (scale_, the clip): a factor of exactly 1 (a clip that clips
+        # nothing: coef = min(max_norm / norm, 1)) leaves every element as it is (x * 1 = x in
+        # fp32, then the same rounding back), so the program reads and writes nothing: such a
+        # clip_grad_norm_ moves the gradients' bytes once (the norm), not three times.
+        work = g != 1.0
+    if work:
+        _, t, start, src, left = _work_item(item_tensor_ptr, item_start_ptr, numel_ptr, src_table_ptr, like_ptr,
+                                            item_base, ALIGNED, CHUNKS * BLOCK)  # fmt: skip
+        dst = _tensor_ptr(out_like_ptr, dst_table_ptr, t, OUT_ALIGNED) + start
+        rel = _item_offsets(CHUNKS, BLOCK)
+        if left >= CHUNKS * BLOCK:
+            tl.store(dst + rel, _map_value(_load_item(src, rel, left, False), g, MODE, out_like_ptr.dtype.element_ty))
+        else:
+            tail = left.to(tl.int32)  # fewer than CHUNKS * BLOCK
+            y = _map_value(_load_item(src, rel, tail, True), g, MODE, out_like_ptr.dtype.element_ty)
+            tl.store(dst + rel, y, mask=rel < tail)
 
 
 # ---------------------------------------------------------------------------------- the table
