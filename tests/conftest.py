@@ -85,6 +85,7 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_MAX_BLOCK", {2: 16, 4: 16})
         monkeypatch.setattr(tuning, "INTERPRETER_PROGRAMS", 3)
     monkeypatch.setattr("fusedls.eager.cross_entropy._BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr("fusedls.eager.cross_entropy._DEVICE_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr("fusedls.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps
 
 
