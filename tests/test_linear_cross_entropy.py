@@ -10,7 +10,9 @@ from fusedls.ops import linear_cross_entropy as lce
 from fusedls.testing import assert_close, reference_cross_entropy_options, tolerance
 
 from conftest import AVAILABLE
-from test_cross_entropy import class_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cross_entropy import PROPERTY_SETTINGS, class_ids
 
 V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the last one masked
 
@@ -22,7 +24,7 @@ def small_vocab_blocks(monkeypatch):
     monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 16)  # strategy="vocab": blocks of 16, 16 and 5 classes
 
 
-STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab"])
+STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab", "auto"])
 
 
 def inputs(shape, dtype, device, bias=True, seed=0):
@@ -136,6 +138,18 @@ def test_some_inputs_without_grad(backend, device, wants, strategy):
                      strategy=strategy)  # fmt: skip
 
 
+@STRATEGIES
+def test_one_class_gives_exact_zero_gradients(backend, device, strategy):
+    # p = 1 for the only class: every gradient is exactly 0, soft cap included, which needs the
+    # vocabulary blocks to cap the logits bit for bit as the forward that gave lse did.
+    h, w, b = (v.requires_grad_() for v in inputs((5,), torch.float32, device))
+    w1, b1 = w.detach()[:1].clone().requires_grad_(), b.detach()[:1].clone().requires_grad_()
+    t = torch.zeros(5, dtype=torch.long, device=device)
+    fusedls.linear_cross_entropy(h, w1, t, b1, softcap=2.0, strategy=strategy).backward()
+    for grad in (h.grad, w1.grad, b1.grad):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_strategy_ignored_rows_with_huge_logits(backend, device, reduction):
     # Forward leaves lse = coef = 0 on ignored rows; their exp(logit - lse) must not overflow
@@ -165,6 +179,42 @@ def test_vocab_strategy_caps_default_chunks(monkeypatch):
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
+
+
+@settings(max_examples=30, **PROPERTY_SETTINGS)
+@given(
+    n_rows=st.integers(0, 9),
+    # from 2: with one class every gradient is 0 by cancellation (p = 1) and the relative
+    # tolerance of close() has no scale; test_all_rows_ignored & co. cover exact zeros
+    n_cols=st.integers(2, 40),
+    d=st.integers(1, 9),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    weighted=st.booleans(),
+    bias=st.booleans(),
+    ignored=st.floats(0.0, 1.0),
+    z_loss=st.sampled_from([0.0, 0.05]),
+    softcap=st.sampled_from([None, 2.0]),
+    strategy=st.sampled_from(lce.STRATEGIES),
+    chunk_size=st.sampled_from([None, 1, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_configurations(
+    backend, small_chunks, device, n_rows, n_cols, d, dtype, reduction, smoothing, weighted, bias, ignored, z_loss,
+    softcap, strategy, chunk_size, seed,
+):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n_rows, d, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    w = (torch.randn(n_cols, d, generator=g, dtype=torch.float64) * 2 / d**0.5).to(dtype).to(device).requires_grad_()
+    b = torch.randn(n_cols, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_() if bias else None
+    t = class_ids((n_rows,), n_cols, device, ignored=ignored, seed=seed)
+    cw = (torch.rand(n_cols, generator=g) + 0.1).to(device) if weighted else None
+    up = torch.randn(n_rows, generator=g, dtype=torch.float64) if reduction == "none" else 0.7
+    check_linear(
+        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, class_weight=cw, z_loss=z_loss,
+        softcap=softcap, chunk_size=chunk_size, scale=4.0, strategy=strategy,
+    )  # fmt: skip
 
 
 def _peak_bytes(strategy, reduction, n=64, d=16, v=1024, dtype=torch.bfloat16, device="meta"):

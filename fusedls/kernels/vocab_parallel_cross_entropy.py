@@ -11,7 +11,10 @@ and sweeps it in chunks of ``BLOCK_C`` classes:
   fp32 from the global ``lse`` and ``coef`` and rounded once:
   ``g_c = scale * (coef * p_c - spread * w_c - [c = y] * target_coef) * (1 - (z_c / s)**2)``.
 
-Soft cap: ``z = s * tanh(x / s)`` with ``tanh(u) = 2 * sigmoid(2u) - 1``. Probability targets run
+Soft cap: ``z = s * tanh(x / s)`` with the cross-entropy kernels' ``_tanh`` (accurate near 0, where
+``2 sigmoid(2u) - 1`` cancels), so the capped logits are bit for bit those of the cross-entropy
+forward: ``linear_cross_entropy(strategy="vocab")`` takes its lse from that forward and its
+gradient from these kernels (one class: p = 1 exactly, a zero gradient). Probability targets run
 on the eager backend (``UNSUPPORTED``).
 """
 
@@ -23,6 +26,7 @@ import triton.language as tl
 
 from ..eager.vocab_parallel_cross_entropy import N_STATS, TARGET_LOGIT, WEIGHTED_SUM, init_statistics
 from . import tuning
+from .cross_entropy import _tanh
 from .tuning import vocab_parallel_config
 
 UNSUPPORTED = frozenset({"prob_target"})
@@ -40,7 +44,7 @@ def _capped(
     HAS_SOFTCAP: tl.constexpr,  # apply s * tanh(x / s)
 ):
     if HAS_SOFTCAP:
-        return softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        return softcap * _tanh(x / softcap)
     return x
 
 
