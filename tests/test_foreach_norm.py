@@ -3,6 +3,7 @@ backends (the triton one under the interpreter on CPU), with chunks of 16 elemen
 4 chunks (64 elements) and merge steps of 4 partials so every loop of the kernels runs several
 times."""
 
+import functools
 import math
 import socket
 
@@ -14,6 +15,9 @@ from fusedls import _backend
 from fusedls.testing import assert_close, tolerance
 
 from conftest import AVAILABLE, DEVICE
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cross_entropy import PROPERTY_SETTINGS
 
 ORDS = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0, 0.5, -1.0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -509,3 +513,42 @@ def test_compile_fullgraph(backend):
     assert_close(clip(), want.double())
     assert_close(fusedls.total_norm([p.grad for p in model.parameters()]), torch.tensor(0.01, dtype=torch.float64),
                  torch.bfloat16)
+
+
+@settings(max_examples=30, **PROPERTY_SETTINGS)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 9), max_size=2).map(tuple), min_size=1, max_size=6),
+    long=st.integers(0, 3 * ITEM + 3),  # one tensor across several work items, maybe
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=3),
+    ord=st.sampled_from(ORDS),
+    max_norm=st.sampled_from([0.3, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_lists(backend, shapes, long, dtypes, ord, max_norm, seed):
+    # Random lists (empty tensors, scalars, mixed dtypes): per-tensor norms, the total and the
+    # clipped gradients against float64.
+    shapes = [*shapes, (long,)]
+    gen = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtypes[i % len(dtypes)]).to(DEVICE)
+          for i, s in enumerate(shapes)]  # fmt: skip
+    if (ord < 0 or ord == math.inf) and any(t.numel() == 0 for t in ts):
+        with pytest.raises((RuntimeError, ValueError)):  # torch refuses these orders on empty tensors
+            fusedls.foreach_norm(ts, ord)
+        return
+    norms = [_ref_norm(t, ord) for t in ts]
+    for n, t, want in zip(fusedls.foreach_norm(ts, ord), ts, norms):
+        assert_close(n, want.to(t.dtype).double(), t.dtype, msg=f"ord {ord}")
+    out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in ts])  # torch's get_total_norm
+    total = _ref_norm(torch.cat([t.double().flatten() for t in ts]), ord)
+    got = fusedls.total_norm(ts, ord)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got.double(), total.to(out_dtype).double(), **_tol_sum(out_dtype, ord))
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in ts]
+    for p, t in zip(params, ts):
+        p.grad = t.clone()
+    clip_total = torch.linalg.vector_norm(torch.stack(norms), ord)  # torch: the norm of the norms
+    got = fusedls.clip_grad_norm_(params, max_norm, ord)
+    torch.testing.assert_close(got.double(), clip_total.to(out_dtype).double(), **_tol_sum(out_dtype, ord))
+    coef = min(1.0, max_norm / (float(got) + 1e-6))
+    for p, t in zip(params, ts):
+        assert_close(p.grad, t.double() * coef, t.dtype, msg=f"clipped grad ord {ord}", roundings=2)

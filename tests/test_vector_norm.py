@@ -8,6 +8,9 @@ import torch
 
 import fusedls
 from fusedls.testing import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cross_entropy import PROPERTY_SETTINGS
 
 INF = float("inf")
 NAN = float("nan")
@@ -337,3 +340,34 @@ def test_gradcheck_fp64(device, ord, dim):
     signs = torch.tensor([1.0, -1.0] * 15, device=device).view(2, 3, 5)
     x = ((data((2, 3, 5), torch.float64, device).abs() + 0.1) * signs).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fusedls.vector_norm(t, ord, dim), (x,))
+
+
+@settings(max_examples=40, **PROPERTY_SETTINGS)
+@given(
+    # one long row (chunk loop, split path) or a few short dims (tiles of several rows); small
+    # enough for the interpreter
+    shape=st.one_of(st.lists(st.integers(0, 70), max_size=1), st.lists(st.integers(0, 9), min_size=2, max_size=3)),
+    dims=st.data(),
+    keepdim=st.booleans(),
+    ord=st.sampled_from(ORDS),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    zeros=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes_and_dims(backend, small_tiles, device, shape, dims, keepdim, ord, dtype, zeros, seed):
+    ndim = len(shape)
+    dim = dims.draw(st.one_of(
+        st.none(),
+        st.integers(-ndim, ndim - 1) if ndim else st.none(),
+        st.lists(st.integers(0, ndim - 1), unique=True, max_size=ndim).map(tuple) if ndim else st.none(),
+    ))  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x.masked_fill(torch.rand(shape, generator=g) < zeros, 0.0).to(dtype).to(device)
+    try:
+        torch.linalg.vector_norm(x, ord, dim, keepdim)
+    except (RuntimeError, IndexError, ValueError) as exc:  # torch refuses: so must fusedls, with the same class
+        with pytest.raises(type(exc)):
+            fusedls.vector_norm(x, ord, dim, keepdim)
+        return
+    check(x, ord, dim, keepdim, seed=seed)
