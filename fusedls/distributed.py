@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._dtypes import acc_dtype
 from .eager import vocab_parallel_cross_entropy as _local
+from .ops.linear_cross_entropy import _WeightGrad
 from .ops._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from .ops.cross_entropy import _check_target_values
 
@@ -351,7 +352,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     """forward(hidden (R, H), weight (C_local, H), bias (C_local,) or None, target (R,) or
     (R, C_local), class_weight (C_local,) acc dtype or None, spec, reduce_grad_hidden) -> loss in
     the accumulation dtype. The logits exist a chunk of rows at a time, in forward and again
-    (recomputed) in backward; grad_weight and grad_bias accumulate in fp32 across chunks."""
+    (recomputed) in backward; grad_weight (each chunk's product in fp32, as linear_cross_entropy's
+    token chunks) and grad_bias accumulate in fp32 across chunks."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, class_weight, spec, reduce_grad_hidden):
@@ -375,7 +377,9 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         acc = acc_dtype(hidden)
         (n_rows, n_hidden), n_cols = hidden.shape, weight.shape[0]
         grad_h = hidden.new_zeros((n_rows, n_hidden), dtype=acc) if need_h else None
-        grad_w = weight.new_zeros(weight.shape, dtype=acc) if need_w else None
+        # summed in fp32 like linear_cross_entropy's: each chunk's product in fp32 (no rounding
+        # of a chunk's partial sum to bf16), rounded once at the end
+        grad_w = _WeightGrad(weight) if need_w else None
         grad_b = weight.new_zeros((n_cols,), dtype=acc) if need_b else None
         grad_t = torch.zeros_like(saved[3], memory_format=torch.contiguous_format) if need_t else None
         chunks = _local_grads(
@@ -388,7 +392,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             if need_h:
                 grad_h[rows] = g_in @ weight
             if need_w:
-                grad_w += g_in.t() @ hidden[rows]
+                grad_w.add(g_in, hidden[rows])
             if need_b:
                 grad_b += g.sum(0)
             if need_t:
@@ -398,7 +402,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.spec.group)
         return (
             grad_h.to(hidden.dtype) if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
+            grad_w.result() if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
             grad_t, None, None, None,
         )  # fmt: skip
