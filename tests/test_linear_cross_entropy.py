@@ -258,6 +258,14 @@ def test_auto_strategy_keeps_working_memory_under_one_logits_tensor():
     assert lce._pick_strategy("auto", 2, w.float(), 2) == "tokens"
 
 
+def test_auto_strategy_on_the_llama3_head():
+    # the README's claim: token chunks at 16k tokens per call, vocabulary blocks at 4k
+    w = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
+    for n_rows, want in ((16384, "tokens"), (4096, "vocab")):
+        chunk = lce._chunk_rows(n_rows, w.shape[0], 2, torch.device("cuda"), None)
+        assert lce._pick_strategy("auto", n_rows, w, chunk) == want
+
+
 def test_no_grad_mode(backend, device):
     h, w, b = (v.requires_grad_() for v in inputs((5,), torch.float32, device))
     with torch.no_grad():
