@@ -78,15 +78,11 @@ class _Inputs:
         return [t.detach().requires_grad_() for t in self.tensors]
 
 
-def _max_norm(op: str) -> float:
-    return WITHIN_MAX_NORM if op == "clip_grad_norm_within" else MAX_NORM
-
-
-def _torch(op: str):
+def _torch(op: str, max_norm: float | None):
     if op.startswith("foreach_norm"):
         return lambda data: torch._foreach_norm(data.tensors, 2)
-    if op.startswith("clip_grad_norm"):
-        return lambda data: torch.nn.utils.clip_grad_norm_(data.params, _max_norm(op), foreach=True)
+    if max_norm is not None:
+        return lambda data: torch.nn.utils.clip_grad_norm_(data.params, max_norm, foreach=True)
     term = torch.Tensor.square if op == "l2_penalty" else torch.Tensor.abs
 
     def loop(data):
@@ -98,13 +94,13 @@ def _torch(op: str):
     return loop
 
 
-def _fusedls(op: str, backend: str):
+def _fusedls(op: str, max_norm: float | None, backend: str):
     def call(data):
         with fusedls.use_backend(backend):
             if op.startswith("foreach_norm"):
                 return fusedls.foreach_norm(data.tensors)
-            if op.startswith("clip_grad_norm"):
-                return fusedls.clip_grad_norm_(data.params, _max_norm(op))
+            if max_norm is not None:
+                return fusedls.clip_grad_norm_(data.params, max_norm)
             ws = data.leaves()
             total = (fusedls.l2_penalty if op == "l2_penalty" else fusedls.l1_penalty)(ws)
             total.backward()
@@ -128,8 +124,9 @@ class ForeachBench(OpBench):
         "fraction of fusedls.testing.tolerance(dtype) (sums: relative to the sum of |terms|)"
     )
 
-    def __init__(self, name: str, kind: str, traffic: int, mode: str):
-        self.name, self.kind, self.traffic, self.mode = name, kind, traffic, mode
+    def __init__(self, name: str, kind: str, traffic: int, mode: str, max_norm: float | None = None):
+        # max_norm: a clip_grad_norm_ bench (None: a norm or a penalty)
+        self.name, self.kind, self.traffic, self.mode, self.max_norm = name, kind, traffic, mode, max_norm
         what = "a Llama-like parameter list (rows = layers)" if kind == "params" else f"rows x ({TOKENS}, d) tensors"
         self.workload = f"{what}, d = hidden size; views of one flat randn buffer"
         self.byte_model = (f"s = bytes per element, n = elements in all; {mode}: {traffic} n s (see "
@@ -152,14 +149,14 @@ class ForeachBench(OpBench):
         return 2 * self._numel(case) * case.torch_dtype.itemsize
 
     def providers(self) -> list[Provider]:
-        found = [Provider("torch", "torch", functools.partial(_torch, self.name))]
+        found = [Provider("torch", "torch", functools.partial(_torch, self.name, self.max_norm))]
         for backend in (b.name for b in fusedls.backends()):
-            found.append(Provider(f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, self.name, backend),
+            found.append(Provider(f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, self.name, self.max_norm, backend),
                                   functools.partial(backend_why_not, "foreach_norm", backend)))  # fmt: skip
         return found
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:
-        return _Inputs(self.kind, case, device, self.name.startswith("clip_grad_norm"))
+        return _Inputs(self.kind, case, device, self.max_norm is not None)
 
     def copy_source(self, data: _Inputs) -> torch.Tensor:
         return data.flat
@@ -170,11 +167,11 @@ class ForeachBench(OpBench):
             got = torch.stack(fn(data)).double()
             want = torch.stack([torch.linalg.vector_norm(t.double()) for t in data.tensors])
             return _ratio(got, want, want, dtype)
-        if self.name.startswith("clip_grad_norm"):
+        if self.max_norm is not None:
             data.restore()
             norms = torch.stack([torch.linalg.vector_norm(t.double()) for t in data.tensors])
             want = torch.linalg.vector_norm(norms)
-            coef = min(1.0, _max_norm(self.name) / (want.item() + 1e-6))
+            coef = min(1.0, self.max_norm / (want.item() + 1e-6))
             errors = [_ratio(fn(data), want, want, dtype)]
             errors += [_ratio(g.flatten(), b.double() * coef, (b.double() * coef).abs(), dtype)
                        for g, b in zip(data.tensors, data.backup.split([t.numel() for t in data.tensors]))]
@@ -190,17 +187,17 @@ class ForeachBench(OpBench):
         return max(errors)
 
     def timed_call(self, fn, provider: Provider, case: Case, data: _Inputs):
-        if self.name.startswith("clip_grad_norm"):
+        if self.max_norm is not None:
             return data.restore, lambda: fn(data)
         return None, lambda: fn(data)
 
 
 FOREACH_NORM = ForeachBench("foreach_norm", "params", 1, "fwd")
 FOREACH_NORM_ACT = ForeachBench("foreach_norm_act", "activations", 1, "fwd")
-CLIP_GRAD_NORM = ForeachBench("clip_grad_norm", "params", 3, "fwd")
+CLIP_GRAD_NORM = ForeachBench("clip_grad_norm", "params", 3, "fwd", MAX_NORM)
 # The same with max_norm above the norm (coef = 1): nothing needs to change, so the useful bytes
 # are one read (n s); torch still reads, multiplies by 1 and writes (3 n s), fusedls skips that.
-CLIP_GRAD_NORM_WITHIN = ForeachBench("clip_grad_norm_within", "params", 1, "fwd")
+CLIP_GRAD_NORM_WITHIN = ForeachBench("clip_grad_norm_within", "params", 1, "fwd", WITHIN_MAX_NORM)
 L2_PENALTY = ForeachBench("l2_penalty", "params", 3, "fwd+bwd")
 L1_PENALTY = ForeachBench("l1_penalty", "params", 3, "fwd+bwd")
 BENCH = FOREACH_NORM

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fusedls
 
-from .live_bytes import LiveBytes, triton_on_meta
+from .live_bytes import peak_live_bytes, triton_on_meta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOOTHING = 0.1
@@ -35,10 +35,9 @@ SMOOTHING = 0.1
 
 def _peak(loss_fn, h: torch.Tensor, w: torch.Tensor) -> int:
     h.grad = w.grad = None
-    with LiveBytes() as live:
-        loss_fn().backward()
+    peak = peak_live_bytes(lambda: loss_fn().backward())
     h.grad = w.grad = None
-    return live.peak
+    return peak
 
 
 def model(tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> list[dict]:

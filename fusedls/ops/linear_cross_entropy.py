@@ -124,7 +124,7 @@ def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows:
     if strategy != "auto":
         return strategy
     n_cols, d = weight.shape
-    acc_bytes = torch.empty((), dtype=acc_dtype(weight)).element_size()
+    acc_bytes = acc_dtype(weight).itemsize
     weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() else 0
     logits_row = n_cols * weight.element_size()
     return "tokens" if weight_sum + min(chunk_rows, n_rows) * logits_row <= n_rows * logits_row else "vocab"
