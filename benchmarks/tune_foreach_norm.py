@@ -45,7 +45,7 @@ def main() -> None:
     shapes = _param_shapes(22, 2048)
     flat = torch.randn(sum(torch.Size(s).numel() for s in shapes), device="cuda", dtype=torch.bfloat16)
     tensors = [v.view(s) for v, s in zip(flat.split([torch.Size(s).numel() for s in shapes]), shapes)]
-    params = [torch.nn.Parameter(torch.empty(0, device="cuda")) for _ in tensors]
+    params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]  # grads must match in shape and dtype
     for p, g in zip(params, tensors):
         p.grad = g
     n_bytes = flat.numel() * flat.element_size()

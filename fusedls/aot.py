@@ -143,8 +143,8 @@ for _name, _mode in (("scale", 0), ("sign", 1), ("twice", 2)):
 _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad_target"}
 _ROW_SIZES = {"n_cols", "n_elements"}
 
-# vector_norm: fwd ``MNPSZF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
-# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
+# vector_norm: fwd ``MNPSZTF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
+# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), TIES (for ord +-inf), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
 # sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R as for many rows.
 VECTOR_NORM_SIZES = (7, 1000, 4096, 1 << 20)
 _VNORM_KINDS = ("-----", "---S-", "--P--", "-NP--", "M----", "MN---", "----Z")
@@ -157,9 +157,10 @@ def _vnorm_block_r(row) -> dict:
 
 
 KERNELS.update({
-    "vnorm_fwd": Kernel("vector_norm", "vector_norm_fwd_kernel", _VNORM_FLAGS + ("FINAL",), "MNPSZF", "BLOCK_N",
-                        _VNORM_FP32, frozenset(), ("tl.load(x_rows + cols",),
-                        flag_sets=tuple(k + f for k in _VNORM_KINDS for f in "-F"), derived=_vnorm_block_r),
+    "vnorm_fwd": Kernel("vector_norm", "vector_norm_fwd_kernel", _VNORM_FLAGS + ("TIES", "FINAL"), "MNPSZTF",
+                        "BLOCK_N", _VNORM_FP32, frozenset(), ("tl.load(x_rows + cols",),
+                        flag_sets=tuple(k + t + f for k in _VNORM_KINDS for t in ("-T" if k[0] == "M" else "-")
+                                        for f in "-F"), derived=_vnorm_block_r),
     "vnorm_merge": Kernel("vector_norm", "vector_norm_merge_kernel", _VNORM_FLAGS, "MNPSZ", "BLOCK_S", _VNORM_FP32,
                           frozenset(), ("tl.load(part_r_ptr + at",), flag_sets=_VNORM_KINDS),
     "vnorm_bwd": Kernel("vector_norm", "vector_norm_bwd_kernel", ("MAXIMUM", "POWER", "SQUARE"), "MPS", "BLOCK_N",

@@ -137,6 +137,34 @@ def test_no_overflow_or_underflow_in_fp64(backend, device, ord, magnitude):
     assert_close(x.grad, ref_grad)
 
 
+@pytest.mark.parametrize("ord", [2, 1, INF, -INF, 0])
+def test_plain_and_scaled_sums_side_by_side(backend, small_tiles, device, ord):
+    # ord 1 and 2 take a plain fp32 sum where it is safe and sweep again with scaling where it
+    # is not (sums outside [2^-64, 2^100]); both kinds of state must meet correctly in one tile
+    # (rows of 1e30, 1 and 1e-30 side by side) and among one row's partials (4 slices of 128 in
+    # the interpreter, 16 of 32 on an H100): the first's sum just outside the bound and the
+    # others' inside, with comparable norms.
+    # The other ords read the same data.
+    x = data((6, 7), torch.float32, device)
+    x[0] *= 1e30
+    x[2] *= 1e-30
+    check(x, ord, -1)
+    p = 1 if ord == 1 else 2
+    splits, per = 4, 128  # the eager backend's slices do not matter; the Triton one's on this device:
+    if "triton" in [b.name for b in fusedls.backends() if b.available]:
+        from fusedls.kernels import tuning
+
+        splits, per = tuning.vector_norm_split(torch.device(device), 1, 512, 32)
+    assert splits >= 2
+    g = torch.Generator().manual_seed(3)
+    for bound, k, safe in [(2.0**-64, 0.5, 4.0), (2.0**100, 2.0, 0.25)]:
+        unsafe = (k * bound / per) ** (1 / p)  # per terms of unsafe^p sum to k bound
+        y = (0.9 + 0.1 * torch.rand(512, generator=g, dtype=torch.float64)).to(device)
+        y[:per] *= unsafe
+        y[per:] *= unsafe * safe
+        check(y.float(), ord, None)
+
+
 @pytest.mark.parametrize("ord,value,torch_fp32", [(2, 1e30, INF), (3, 1e30, INF), (2, 1e-30, 0.0), (-2, 1e-30, 0.0)])
 def test_where_torch_overflows_or_underflows(backend, device, ord, value, torch_fp32):
     x = torch.full((4,), value, device=device)
@@ -177,6 +205,23 @@ def test_ties_share_the_gradient(backend, small_tiles, device, ord):
     x[:, [3, 100, 299]] = torch.tensor([peak, -peak, peak], device=device)
     check(x, ord, -1)
     check(x, ord, None)
+
+
+@pytest.mark.parametrize("ord", [INF, -INF])
+@pytest.mark.parametrize("special", [None, NAN, INF])
+def test_extremes_without_a_gradient(backend, small_tiles, device, ord, special):
+    # Without a backward to follow, the ties are not counted (the Triton kernel skips them):
+    # the norm must not change, in the row and split paths, ties, NaN and inf included.
+    x = data((3, 300), torch.float32, device)
+    x[:, [3, 100, 299]] = x[:, [5]]
+    if special is not None:
+        x[1, 150] = special
+    expected = [torch.linalg.vector_norm(x, ord, dim) for dim in (-1, None)]
+    with torch.no_grad():
+        got = [fusedls.vector_norm(x.clone().requires_grad_(), ord, dim) for dim in (-1, None)]
+    got += [fusedls.vector_norm(x, ord, dim) for dim in (-1, None)]
+    for out, ref in zip(got, expected + expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("ord", [2, 1, 3, 1.5, 0.5, -1])

@@ -32,6 +32,8 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     if not _native(rows, ord) or norm.dtype != torch.float32:
         _eager.vector_norm_forward(rows, ord, out, norm, count)
         return
+    if math.isinf(ord) and count.numel() == 0:  # the tie counts are not wanted; the library writes them
+        count = torch.empty_like(norm)
     LIBRARY.ops().vector_norm_forward(rows, float(ord), norm, count)
     out.copy_(norm)
 

@@ -38,7 +38,7 @@ def vector_norm_forward(
 ) -> None:
     """Norm of each row of ``rows`` (R, N), N >= 1: written into ``out`` (R,) in the output
     dtype and ``norm`` (R,) in the accumulation dtype; for ord +-inf the number of elements tied
-    at the norm goes into ``count`` (R,) (unused otherwise)."""
+    at the norm goes into ``count`` (R,) when it is not empty (unused otherwise)."""
     if rows.shape[0] == 0:
         return
     a = rows.to(norm.dtype).abs() if ord == 0 or _is_max(ord) or not _fp64_is_safe(rows, ord) else None
@@ -46,7 +46,8 @@ def vector_norm_forward(
         result = (a != 0).sum(1, dtype=norm.dtype)  # NaN != 0: counted, as in torch
     elif _is_max(ord):
         result = a.amax(1) if ord > 0 else a.amin(1)  # both propagate NaN
-        count.copy_((a == result[:, None]).sum(1, dtype=norm.dtype))
+        if count.numel():
+            count.copy_((a == result[:, None]).sum(1, dtype=norm.dtype))
     elif a is None:
         result = torch.linalg.vector_norm(rows, ord, dim=1, dtype=torch.float64)
     else:

@@ -138,9 +138,13 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 # Elementwise multi-tensor kernels: elements per chunk and warps (16 elements per thread per
-# chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks.
-FOREACH_NORM_BLOCK = 4096
-FOREACH_NORM_WARPS = 8
+# chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks. Measured (H100, 2026-11-22,
+# the bench's 201-tensor bf16 list, medians of 5 interleaved rounds; foreach_norm % of copy /
+# clip_grad_norm_ that scales, % of copy): (block, chunks, warps) (4096, 2, 8) 87.5 / 92.7;
+# (4096, 4, 8) 95.4 / 85.8; (2048, 8, 8) 95.9 / 86.0; (4096, 4, 4) 92.3 / 96.0 but its map
+# kernels spill; (2048, 4, 4) 93.0 / 94.4, no spills: chosen (64 elements a thread per item).
+FOREACH_NORM_BLOCK = 2048
+FOREACH_NORM_WARPS = 4
 # Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements as one tile
 # (all its loads in flight together) after one lookup of its tensor (three dependent loads: item
 # -> tensor -> offset / numel), and writes one partial. Model (H100 SXM, bf16, 16-byte loads):
@@ -162,7 +166,9 @@ FOREACH_NORM_WARPS = 8
 # - the merge tail: a 128256 x 2048 embedding (262.7M elements) has ceil(262.7M / (CHUNKS x
 #   BLOCK)) partials: 64,128 (CHUNKS 1), 32,064 (2), 16,032 (4); the benchmark list's largest
 #   (fusedls/bench/foreach_norm.py: 32000 x 2048, 65.5M) 16,000, 8,000, 4,000.
-FOREACH_NORM_CHUNKS = 2
+# - measured (above): 4 chunks of 2048 beat the model's 2 of 4096; the model's register figures
+#   are for 8 warps of 4096-element chunks.
+FOREACH_NORM_CHUNKS = 4
 # The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
 # Stage 2 merges a tensor's partials in one program after stage 1: ceil(partials / MERGE_BLOCK)
 # dependent steps per pass, two passes for the p-norms (max, then the scaled sum), each step

@@ -26,6 +26,16 @@ State. Every partial result is a pair (r, s) per row, merged left to right:
   gradient, as in torch); NaN is tracked apart (tl.maximum may drop it) and makes r NaN.
 * ord 0: s = the count; r unused.
 
+Sweeps (one task's columns, chunk by chunk). Reducing each chunk across the program (max, then
+the scaled sum) puts barriers between a chunk's loads and the next's: 82 % of the copy bandwidth
+on an H100. So the common ords keep per-lane state over the whole task, reduced once at its end:
+ord 1 and 2 a plain fp32 sum of |x| or x^2 (97-98 % of copy), used as the state (1, sum) when it
+lies in [SAFE_LOW, SAFE_HIGH], else the task is swept again the scaled way (``_sweep_chunks``);
+ord 0 the count; ord +-inf the extreme |x| (fp32 min / max propagating NaN) and, only when a
+backward will need them (TIES), the tie counts: ~69 % of copy without, ~64 % with (bf16; the
+compares and selects per element limit it). General p keeps the chunk-wise scaled sweep
+(each term costs a log2 and an exp2: ~32 % of copy in bf16).
+
 Launches. ``vector_norm_fwd_kernel`` is persistent: programs loop over tasks = (row block,
 split) and sweep the task's columns in chunks of BLOCK_N. Short rows: (BLOCK_R, BLOCK_N) tiles
 of several rows. Long rows, too few to occupy every SM (dim=None over a big tensor): each row
@@ -214,6 +224,102 @@ def _store_final(
         tl.store(count_ptr + rows, s, mask=row_mask)
 
 
+# A plain fp32 sum of squares (or |x|) is used when it lies in [SAFE_LOW, SAFE_HIGH]: no partial
+# sum can then have overflowed (the terms are >= 0, so every partial is <= the total), and
+# squares that fell below the normal range (|x| < 2^-63) are off by at most 2^-149 each, under
+# 2^-80 of the total for any row of fewer than 2^60 elements. Its state is (r, s) = (1, sum).
+# The upper bound leaves room to merge 2^27 such partials.
+SAFE_LOW = tl.constexpr(2.0**-64)
+SAFE_HIGH = tl.constexpr(2.0**100)
+
+
+# The sweeps of one task below share their first arguments: x_rows, (BLOCK_R, 1) pointers to the
+# rows' first elements; row_mask, (BLOCK_R,) the rows that exist; [start, end), the task's
+# columns; n_cols = N.
+
+
+@triton.jit
+def _abs_chunk(x_rows, row_mask, c, n_cols, BLOCK_N: tl.constexpr):
+    # |x| in fp32 of the columns [c, c + BLOCK_N) of the rows, 0 where absent, and the mask.
+    cols = c + tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    return tl.abs(tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)), mask
+
+
+@triton.jit
+def _sum_lanes(
+    x_rows, row_mask, start, end, n_cols,
+    SQUARE: tl.constexpr,  # sum x^2 (else |x|, or the non-zero count)
+    NONZERO: tl.constexpr,  # count the non-zero elements (NaN counts)
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Each lane keeps its own running sum over the chunks, reduced across the program once at
+    # the end: no barrier inside the loop, so the next chunk's loads issue at once.
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for c in range(start, end, BLOCK_N):
+        a, mask = _abs_chunk(x_rows, row_mask, c, n_cols, BLOCK_N)
+        if NONZERO:
+            acc += tl.where(a != 0.0, 1.0, 0.0)
+        elif SQUARE:
+            acc += a * a
+        else:
+            acc += a
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _extreme_lanes(
+    x_rows, row_mask, start, end, n_cols,
+    NEGATIVE: tl.constexpr,  # the minimum |x| (else the maximum)
+    TIES: tl.constexpr,  # count the elements equal to it (else s = 0)
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # (r, s) of ord +-inf with per-lane state: the extreme |x| each lane has seen (fp32 min / max
+    # that propagate NaN: one instruction) and, with TIES, how many elements equal it.
+    if NEGATIVE:
+        m = tl.full([BLOCK_R, BLOCK_N], float("inf"), tl.float32)
+    else:
+        m = tl.full([BLOCK_R, BLOCK_N], -1.0, tl.float32)  # below every |x|: absent elements
+    ties = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for c in range(start, end, BLOCK_N):
+        a, mask = _abs_chunk(x_rows, row_mask, c, n_cols, BLOCK_N)
+        if NEGATIVE:
+            m_new = tl.minimum(m, tl.where(mask, a, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+        else:
+            m_new = tl.maximum(m, tl.where(mask, a, -1.0), propagate_nan=tl.PropagateNan.ALL)
+        if TIES:  # about as many operations again: the loop becomes compute-bound (bf16)
+            ties = tl.where(m_new == m, ties, 0.0) + tl.where(mask & (a == m_new), 1.0, 0.0)
+        m = m_new
+    nan = tl.max((m != m).to(tl.int32), 1) > 0
+    if NEGATIVE:
+        best = tl.min(tl.where(m == m, m, float("inf")), 1)
+    else:
+        best = tl.max(tl.where(m == m, m, -1.0), 1)
+    s = tl.sum(tl.where(m == best[:, None], ties, 0.0), 1)
+    # no element: r = -1 (the max) or inf (the min) with no ties, which merges as no element
+    r = tl.where(nan, float("nan"), best)
+    return r, s
+
+
+@triton.jit
+def _sweep_chunks(
+    x_rows, row_mask, start, end, n_cols,
+    rows,  # (BLOCK_R,) row indices
+    p,  # fp32 the order
+    MAXIMUM: tl.constexpr, NEGATIVE: tl.constexpr, POWER: tl.constexpr, SQUARE: tl.constexpr,
+    NONZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # (r, s) reduced chunk by chunk (each chunk's scaled state merged into the running one): the
+    # path of general p, and of ord 1 and 2 when the plain sum is unsafe.
+    r, s = _initial(rows, MAXIMUM, NEGATIVE, POWER)
+    for c in range(start, end, BLOCK_N):
+        a, mask = _abs_chunk(x_rows, row_mask, c, n_cols, BLOCK_N)
+        rc, sc = _reduce(a, 1.0, mask, p, MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO)
+        r, s = _merge(r, s, rc, sc, p, MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO)
+    return r, s
+
+
 @triton.jit
 def vector_norm_fwd_kernel(
     x_ptr,  # *T (R, N) rows; columns contiguous, rows stride_row elements apart
@@ -233,6 +339,7 @@ def vector_norm_fwd_kernel(
     POWER: tl.constexpr,  # general p (not 0, 1, 2, +-inf)
     SQUARE: tl.constexpr,  # ord 2
     NONZERO: tl.constexpr,  # ord 0
+    TIES: tl.constexpr,  # MAXIMUM and a backward may follow: count the ties (else count 0)
     FINAL: tl.constexpr,  # one split: write the norm, not partials
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
@@ -247,17 +354,25 @@ def vector_norm_fwd_kernel(
         start = split.to(tl.int64) * chunks_per_split * BLOCK_N
         end = tl.minimum(start + chunks_per_split * BLOCK_N, n_cols)
         x_rows = x_ptr + rows[:, None] * stride_row
-        r, s = _initial(rows, MAXIMUM, NEGATIVE, POWER)
-        for c in range(start, end, BLOCK_N):
-            cols = c + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            a = tl.abs(tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-            if NONZERO:
-                ones = tl.where(a != 0.0, 1.0, 0.0)  # NaN != 0: counted, as in torch
-            else:
-                ones = 1.0
-            rc, sc = _reduce(a, ones, mask, p, MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO)
-            r, s = _merge(r, s, rc, sc, p, MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO)
+        if MAXIMUM:
+            r, s = _extreme_lanes(x_rows, row_mask, start, end, n_cols, NEGATIVE, TIES, BLOCK_R, BLOCK_N)
+        elif NONZERO:
+            r, s = _initial(rows, MAXIMUM, NEGATIVE, POWER)
+            s = _sum_lanes(x_rows, row_mask, start, end, n_cols, False, True, BLOCK_R, BLOCK_N)
+        elif POWER:
+            r, s = _sweep_chunks(x_rows, row_mask, start, end, n_cols, rows, p,
+                                 MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO, BLOCK_N)  # fmt: skip
+        else:
+            # ord 1, 2: the plain sum, unless a row's sum is outside [SAFE_LOW, SAFE_HIGH] (or not
+            # finite): then the scaled sweep again, for the rows' sake (see the module docstring).
+            plain = _sum_lanes(x_rows, row_mask, start, end, n_cols, SQUARE, False, BLOCK_R, BLOCK_N)
+            safe = (plain >= SAFE_LOW) & (plain <= SAFE_HIGH)
+            r, s = _initial(rows, MAXIMUM, NEGATIVE, POWER)
+            if tl.sum((row_mask & ~safe).to(tl.int32)) > 0:
+                r, s = _sweep_chunks(x_rows, row_mask, start, end, n_cols, rows, p,
+                                     MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO, BLOCK_N)  # fmt: skip
+            r = tl.where(safe, 1.0, r)
+            s = tl.where(safe, plain, s)
         if FINAL:
             _store_final(rows, row_mask, r, s, p, out_ptr, norm_ptr, count_ptr, MAXIMUM, POWER, SQUARE, NONZERO)
         else:
@@ -364,6 +479,9 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     if n_rows == 0:
         return
     flags = kind_flags(ord)
+    ties = flags["MAXIMUM"] and count.numel() > 0
+    if flags["MAXIMUM"] and not ties:  # no backward will read the counts: somewhere to write 0s
+        count = torch.empty_like(norm)
     cfg = tuning.vector_norm_config(n_rows, n_cols, rows.element_size())
     n_row_blocks = triton.cdiv(n_rows, cfg.block_r)
     splits, per_split = tuning.vector_norm_split(rows.device, n_row_blocks, n_cols, cfg.block_n)
@@ -378,7 +496,7 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     vector_norm_fwd_kernel[grid](
         rows, rows.stride(0), out, norm, count if count.numel() else norm, part_r, part_s,
         n_rows, n_cols, triton.cdiv(per_split, cfg.block_n), splits, float(ord),
-        FINAL=splits == 1, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **flags, **cfg.launch_options(),
+        TIES=ties, FINAL=splits == 1, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **flags, **cfg.launch_options(),
     )  # fmt: skip
     if splits > 1:
         block_s = min(triton.next_power_of_2(splits), tuning.VECTOR_NORM_MERGE_BLOCK)

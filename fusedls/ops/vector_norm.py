@@ -39,8 +39,10 @@ def _is_max(ord: float) -> bool:
     return math.isinf(ord)
 
 
-def _count(rows: torch.Tensor, ord: float, acc: torch.dtype) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0] if _is_max(ord) else 0, dtype=acc)
+def _count(rows: torch.Tensor, ord: float, acc: torch.dtype, ties: bool) -> torch.Tensor:
+    # The tie counts of ord +-inf, only for a backward (counting them costs the Triton kernel
+    # about as much again: it is compute-bound then); empty otherwise.
+    return rows.new_empty(rows.shape[0] if _is_max(ord) and ties else 0, dtype=acc)
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -48,12 +50,12 @@ def _count(rows: torch.Tensor, ord: float, acc: torch.dtype) -> torch.Tensor:
 
 @custom_op("fusedls::vector_norm_fwd", mutates_args=())
 def _vector_norm_fwd(
-    rows: torch.Tensor, ord: float, out_dtype: torch.dtype, acc: torch.dtype, backend: str
+    rows: torch.Tensor, ord: float, out_dtype: torch.dtype, acc: torch.dtype, ties: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(norm in out_dtype, norm in acc, tie counts (ord +-inf; else empty)) of each row."""
+    """(norm in out_dtype, norm in acc, tie counts (ord +-inf and ``ties``; else empty)) of each row."""
     out = rows.new_empty(rows.shape[0], dtype=out_dtype)
     norm = rows.new_empty(rows.shape[0], dtype=acc)
-    count = _count(rows, ord, acc)
+    count = _count(rows, ord, acc, ties)
     if rows.shape[1] == 0:  # ord >= 0 here (the op layer raises otherwise): the norm of nothing is 0
         out.zero_(), norm.zero_()
     else:
@@ -62,9 +64,9 @@ def _vector_norm_fwd(
 
 
 @_vector_norm_fwd.register_fake
-def _(rows, ord, out_dtype, acc, backend):
+def _(rows, ord, out_dtype, acc, ties, backend):
     norm = rows.new_empty(rows.shape[0], dtype=acc)
-    return rows.new_empty(rows.shape[0], dtype=out_dtype), norm, _count(rows, ord, acc)
+    return rows.new_empty(rows.shape[0], dtype=out_dtype), norm, _count(rows, ord, acc, ties)
 
 
 @custom_op("fusedls::vector_norm_bwd", mutates_args=())
@@ -91,8 +93,9 @@ class VectorNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, ord, out_dtype, backend):
-        out, norm, count = _vector_norm_fwd(rows, ord, out_dtype, acc_dtype(out_dtype), backend)
-        if ord != 0 and ctx.needs_input_grad[0]:
+        grad = ord != 0 and ctx.needs_input_grad[0]
+        out, norm, count = _vector_norm_fwd(rows, ord, out_dtype, acc_dtype(out_dtype), grad, backend)
+        if grad:
             ctx.save_for_backward(rows, norm, count)
         ctx.ord, ctx.backend = ord, backend
         ctx.set_materialize_grads(False)
