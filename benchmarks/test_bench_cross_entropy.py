@@ -18,7 +18,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.cross_entropy import BENCH  # noqa: E402
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 CASES = [Case("fwd+bwd", dtype, 256, vocab) for dtype in ("fp32", "bf16") for vocab in (32000, 50257)]
 PROVIDERS = {p.name: p for p in BENCH.providers()}

@@ -17,7 +17,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.dropout import OPS  # noqa: E402
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 CASES = [(op, Case("fwd+bwd", "fp32", 256, 2048)) for op in OPS]
 

@@ -19,7 +19,7 @@ from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.foreach_norm import (  # noqa: E402
     CLIP_GRAD_NORM, CLIP_GRAD_NORM_WITHIN, FOREACH_NORM, L1_PENALTY, L2_PENALTY,
 )
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 BENCHES = [FOREACH_NORM, CLIP_GRAD_NORM, CLIP_GRAD_NORM_WITHIN, L2_PENALTY, L1_PENALTY]
 CASES = [(b, Case(b.mode, "fp32", 2, 256)) for b in BENCHES]

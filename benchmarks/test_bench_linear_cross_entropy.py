@@ -11,7 +11,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.linear_cross_entropy import BENCH  # noqa: E402
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 CASES = [Case("fwd+bwd", "fp32", 512, 32000)]
 PROVIDERS = {p.name: p for p in BENCH.providers()}

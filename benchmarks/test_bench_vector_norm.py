@@ -16,7 +16,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.vector_norm import BENCH  # noqa: E402
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 CASES = [Case("fwd", "fp32", 1024, 2048), Case("fwd+bwd", "fp32", 1024, 2048), Case("fwd", "fp32", 1, 1 << 22)]
 

@@ -15,7 +15,7 @@ pytest.importorskip("pytest_benchmark")
 
 from fusedls.bench.core import Case  # noqa: E402
 from fusedls.bench.vocab_parallel_cross_entropy import BENCH, LOCAL_VOCABS  # noqa: E402
-from conftest import run_benchmark  # noqa: E402
+from fusedls.bench.suite import run_benchmark  # noqa: E402
 
 CASES = [Case("fwd+bwd", "fp32", 256, vocab) for vocab in LOCAL_VOCABS[:2]]
 PROVIDERS = {p.name: p for p in BENCH.providers()}

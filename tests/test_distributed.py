@@ -357,8 +357,8 @@ _RUNNERS = {"ce": _run_ce, "linear": _run_linear, "error": _run_errors, "compile
 
 
 def _load_tests_conftest() -> None:
-    """Runs tests/conftest.py in a worker process, by path: ``import conftest`` would find
-    benchmarks/conftest.py first when pytest collected both folders."""
+    """Runs tests/conftest.py (the interpreter's bf16 rounding, the environment) in a worker
+    process, by path: a spawned worker has no pytest to load it."""
     import importlib.util
     from pathlib import Path
 

@@ -1,9 +1,11 @@
-"""The pytest-benchmark suite measures the checkout it belongs to, whatever fusedls is installed."""
+"""The step shared by the pytest-benchmark suite (``benchmarks/test_bench_*.py``).
 
-import sys
-from pathlib import Path
+It lives in the package rather than in a ``benchmarks/conftest.py``: test modules that import
+from a conftest by name (``from conftest import ...``) find whichever conftest pytest loaded
+last, so a session collecting ``tests`` and ``benchmarks`` together would break.
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from __future__ import annotations
 
 
 def run_benchmark(benchmark, bench, provider, case, inputs) -> None:
