@@ -1,12 +1,14 @@
-"""Sweep ``strategy="vocab"``'s block size on a GPU (fusedls/ops/linear_cross_entropy.py:
-VOCAB_BLOCK_BYTES), on the Llama-3 8B head.
+"""Sweep ``strategy="vocab"``'s block size and tail on a GPU (fusedls/ops/linear_cross_entropy.py:
+VOCAB_BLOCK_BYTES, VOCAB_TAIL_DIVISOR), on the Llama-3 8B head.
 
     python benchmarks/tune_linear_cross_entropy.py
 
 hidden (16384, 4096) and head (128256, 4096) in bf16, ~1 % of targets ignored,
 label_smoothing=0.1: forward + backward time (median of 8 after 2 warm-ups, gradients cleared
-untimed) and peak extra memory for blocks of 256, 128, 96, 64 and 32 MiB of logits. Under a
-minute on an H100.
+untimed) and peak extra memory for blocks of 256, 128, 64 and 32 MiB of logits, each with tail
+divisor 1 (full blocks only: the blocks borrowed from the weight gradient stop where a full one no
+longer fits, then one own full block) and 8 (borrowed blocks shrink down to 1/8, then an own
+buffer of 1/8). About a minute on an H100.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import fusedls  # noqa: E402
 from fusedls.ops import linear_cross_entropy as lce  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
-BLOCK_MIB = (256, 128, 96, 64, 32)
+BLOCK_MIB = (256, 128, 64, 32)
+TAIL_DIVISORS = (1, 8)
 
 
 def main() -> None:
@@ -40,10 +43,10 @@ def main() -> None:
     def step() -> None:
         fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy="vocab").backward()
 
-    default = lce.VOCAB_BLOCK_BYTES["cuda"]
+    default = lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR
     print(f"{torch.cuda.get_device_name()}: strategy='vocab', {N} x {D} -> {V}, bf16, fwd+bwd")
-    for mib in BLOCK_MIB:
-        lce.VOCAB_BLOCK_BYTES["cuda"] = mib << 20
+    for mib, tail in ((m, t) for m in BLOCK_MIB for t in TAIL_DIVISORS):
+        lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = mib << 20, tail
         times = []
         for i in range(10):
             clear()
@@ -62,8 +65,9 @@ def main() -> None:
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        print(f"  block {mib:4d} MiB: {statistics.median(times):8.2f} ms, peak {peak:7.1f} MiB", flush=True)
-    lce.VOCAB_BLOCK_BYTES["cuda"] = default
+        print(f"  block {mib:4d} MiB, tail 1/{tail}: {statistics.median(times):8.2f} ms, peak {peak:7.1f} MiB",
+              flush=True)  # fmt: skip
+    lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = default
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._dtypes import acc_dtype
 from .eager import vocab_parallel_cross_entropy as _local
-from .ops.linear_cross_entropy import _WeightGrad
+from .ops.linear_cross_entropy_sums import _WeightGrad
 from .ops._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from .ops.cross_entropy import _check_target_values
 

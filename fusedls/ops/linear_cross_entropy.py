@@ -53,10 +53,13 @@ token, fp32 accumulation inside it, written once in the weight dtype) and ``grad
 g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does);
 ``none`` runs them in backward with the per-row factors (forward keeps lse and coef).
 
-Memory besides the inputs and the gradients themselves: one buffer of logits (a token chunk, then
-a vocabulary block; never both), at most ``VOCAB_BLOCK_BYTES``. Llama-3 8B head (N = 16384,
-d = 4096, V = 128256, bf16): 1002 MiB grad_weight + 128 MiB grad_hidden + 256 MiB of logits,
-~1.4 GB against ~12 GB for ``F.linear`` + torch's cross-entropy. Cost: the logits matmul runs twice
+Memory besides the inputs and the gradients themselves: one buffer of logits, at most
+``VOCAB_BLOCK_BYTES``, for the token chunks; the blocks then borrow theirs from grad_W's rows not
+written yet (those after the block), shrinking as those run out, and only the last classes take
+an own buffer of 1/VOCAB_TAIL_DIVISOR of a block (:func:`_vocab_blocks`). Llama-3 8B head (N =
+16384, d = 4096, V = 128256, bf16): 1002 MiB grad_weight + 128 MiB grad_hidden + a 32 MiB tail
+buffer, 1163 MiB against 12024 MiB for ``F.linear`` + torch's cross-entropy (26 blocks: 11 of
+8192 classes, then 7616 down to 1280, then 1024s). Cost: the logits matmul runs twice
 (4 matmuls of ``N V d`` instead of 3; 5 for ``none``, whose backward recomputes the token chunks
 for grad_hidden), and the bf16 cross-entropy work over the logits twice.
 """
@@ -71,6 +74,7 @@ from .. import _backend
 from .._dtypes import acc_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._custom_op import custom_op
+from .linear_cross_entropy_sums import _Grads, _WeightGrad
 from .cross_entropy import (
     CrossEntropyResult,
     _check_target_values,
@@ -97,6 +101,11 @@ STRATEGIES = ("auto", "tokens", "vocab")
 # memory. 256 MiB: 8192 classes for 16k bf16 tokens (matmuls of 16384 x 4096 x 8192 stay efficient).
 VOCAB_BLOCK_COLS = 8192
 VOCAB_BLOCK_BYTES = {"cuda": 256 << 20, "meta": 256 << 20, "cpu": 32 << 20}
+# Pass 2 borrows its block buffer from the weight gradient's rows not written yet (those after the
+# block), shrinking the blocks as they run out (a block of c classes needs N c elements: c <= the
+# remaining classes x d / (N + d)); below 1/VOCAB_TAIL_DIVISOR of a full block it takes an own
+# buffer of that size for the last classes. Blocks are multiples of 16 classes.
+VOCAB_TAIL_DIVISOR = 8
 
 
 def _chunk_rows(
@@ -143,108 +152,6 @@ def _block_cols(n_rows: int, n_cols: int, element_size: int, device: torch.devic
 
 def _impl(backend: str):
     return _backend.implementation("cross_entropy", backend)
-
-
-class _WeightGrad:
-    """``grad_weight = sum over chunks of g.T @ h_c``, summed in fp32 (fp64 for fp64).
-
-    Weight in the accumulation dtype: one buffer, ``addmm_`` into it. Otherwise (bf16/fp16) the
-    sum lives in fp32 blocks of VOCAB_BLOCK classes: on CUDA each block's ``g.T @ h_c`` is one
-    cuBLAS matmul with an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation inside, no
-    rounding to bf16) into a reused scratch block, then added to the block; elsewhere the chunk
-    is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
-    frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
-    """
-
-    VOCAB_BLOCK = 16384
-
-    def __init__(self, weight: torch.Tensor):
-        acc = acc_dtype(weight)
-        n_cols = weight.shape[0]
-        self.dtype = weight.dtype
-        if acc == weight.dtype:
-            self.whole = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-            self.blocks = [self.whole[v : v + self.VOCAB_BLOCK] for v in range(0, n_cols, self.VOCAB_BLOCK)]
-        else:
-            self.whole = None
-            self.blocks = [
-                torch.zeros(min(self.VOCAB_BLOCK, n_cols - v), weight.shape[1], dtype=acc, device=weight.device)
-                for v in range(0, n_cols, self.VOCAB_BLOCK)
-            ]  # fmt: skip
-        self.scratch = None
-        self.empty = True  # no chunk added yet: the first product is written, not added
-
-    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
-        exact = self.whole is not None
-        cuda = g.device.type in _Dispatch.MM_OUT_DTYPE_DEVICES and _Dispatch.mm_out_dtype_works
-        if not (exact or cuda):
-            g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
-            exact = True
-        for i, block in enumerate(self.blocks):
-            g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
-            if exact:
-                block.addmm_(g_blk.t(), h)
-            else:
-                self._add_fp32_product(block, g_blk, h)
-        self.empty = False
-
-    def _add_fp32_product(self, block, g_blk, h) -> None:
-        if self.scratch is None:
-            self.scratch = torch.empty_like(self.blocks[0])
-        scratch = block if self.empty else self.scratch[: block.shape[0]]
-        try:
-            torch.mm(g_blk.t(), h, out_dtype=scratch.dtype, out=scratch)
-        except (RuntimeError, NotImplementedError, TypeError):  # a torch without mm(out_dtype)
-            _Dispatch.mm_out_dtype_works = False
-            block.addmm_(g_blk.t().to(block.dtype), h.to(block.dtype))
-            return
-        if scratch is not block:
-            block += scratch
-
-    def result(self) -> torch.Tensor:
-        """The sum in the weight dtype (rounded once), freeing the fp32 blocks as it goes."""
-        if self.whole is not None:
-            return self.whole
-        self.scratch = None
-        out = torch.empty(sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1],
-                          dtype=self.dtype, device=self.blocks[0].device)  # fmt: skip
-        for i in range(len(self.blocks)):
-            out[i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + self.blocks[i].shape[0]] = self.blocks[i]
-            self.blocks[i] = None
-        return out
-
-
-class _Dispatch:
-    # mm(out_dtype=...) is CUDA-only in torch (meta: planning runs follow the CUDA path);
-    # remembered once it has failed.
-    MM_OUT_DTYPE_DEVICES = ("cuda", "meta")
-    mm_out_dtype_works = True
-
-
-class _Grads:
-    """The gradient buffers of one call and the per-chunk updates that fill them."""
-
-    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
-        self.hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-        self.weight = _WeightGrad(weight) if need_weight else None
-        self.bias = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=bias.device) if need_bias else None
-        self.need = (need_hidden, need_weight, need_bias)
-        self.empty = hidden
-
-    def add(self, rows: slice, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
-        """Adds the contribution of the chunk ``rows`` whose dloss/dlogits is ``g``."""
-        if self.need[0]:
-            torch.mm(g, weight, out=self.hidden[rows])
-        if self.weight is not None:
-            self.weight.add(g, h)
-        if self.bias is not None:
-            self.bias += g.sum(0, dtype=self.bias.dtype)
-
-    def result(self, bias: Optional[torch.Tensor]):
-        """(grad_hidden, grad_weight, grad_bias) rounded once to their dtypes; empty when not needed."""
-        grad_weight = self.weight.result() if self.weight is not None else self.empty.new_empty(0)
-        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else self.empty.new_empty(0)
-        return self.hidden, grad_weight, grad_bias
 
 
 def _logits_chunks(hidden, weight, bias, chunk_rows):
@@ -298,6 +205,35 @@ def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse,
     return grads.result(bias)
 
 
+def _vocab_blocks(n_rows: int, hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int):
+    """Yields ``(blk, x)``: the vocabulary blocks of pass 2 and an ``(N, len(blk))`` buffer for
+    each, in the rows of ``grad_w`` after ``blk`` (not written yet) while they hold it, then in
+    one own buffer of a tail block (VOCAB_TAIL_DIVISOR); one own full-block buffer when there is
+    no weight gradient to borrow from (``grad_w`` None, or another dtype than the logits')."""
+    cols = _block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
+    borrow = grad_w is not None and grad_w.dtype == hidden.dtype and grad_w.is_contiguous() and n_rows > 0
+    flat, d = (grad_w.view(-1), grad_w.shape[1]) if borrow else (None, 0)
+    tail = min(cols, max(16, cols // VOCAB_TAIL_DIVISOR // 16 * 16))
+    own = None
+    start = 0
+    while start < n_cols:
+        c = min(cols, n_cols - start)
+        if borrow:
+            fit = (n_cols - start) * d // (n_rows + d) // 16 * 16  # N c <= (n_cols - start - c) d
+            if min(c, fit) >= tail or fit >= c:
+                c = min(c, fit)
+                end = (start + c) * d
+                yield slice(start, start + c), flat[end : end + n_rows * c].view(n_rows, c)
+                start += c
+                continue
+            borrow, cols = False, tail
+            c = min(cols, n_cols - start)
+        if own is None:
+            own = hidden.new_empty(n_rows * cols)
+        yield slice(start, start + c), own[: n_rows * c].view(n_rows, c)  # contiguous, ragged last
+        start += c
+
+
 def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
                        softcap, need, backend):  # fmt: skip
     """Second pass of ``strategy="vocab"``: (grad_weight, grad_bias) of ``scale * loss``
@@ -321,17 +257,13 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
     scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
     y_safe = y.masked_fill(~valid, 0)
     target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
-    cols = _block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
-    buffer = hidden.new_empty(n_rows * cols)
-    for start in range(0, n_cols, cols):
-        blk = slice(start, min(start + cols, n_cols))
-        x = buffer[: n_rows * (blk.stop - start)].view(n_rows, blk.stop - start)  # contiguous, ragged last
+    for blk, x in _vocab_blocks(n_rows, hidden, grad_w if need[0] else None, n_cols):
         if bias is None:
             torch.mm(hidden, weight[blk].t(), out=x)
         else:
             torch.addmm(bias[blk], hidden, weight[blk].t(), out=x)
-        owned = valid & (y >= start) & (y < blk.stop)
-        y_local = (y - start).masked_fill(~owned, 0)
+        owned = valid & (y >= blk.start) & (y < blk.stop)
+        y_local = (y - blk.start).masked_fill(~owned, 0)
         target_coef = torch.where(owned, target_term, 0.0)
         w_blk = class_weight[blk] if class_weight is not None else None
         for rows in local.row_chunks(n_rows, x.shape[1]):  # x becomes g in place (rows read first)
@@ -573,11 +505,11 @@ def linear_cross_entropy(
     tokens at a time (default: about ``CHUNK_BYTES`` of logits; see the module docstring for the
     gradient accumulation), so the peak is that chunk plus an fp32 ``(V, d)`` buffer for
     ``grad_weight`` (for a bf16/fp16 head), instead of several ``(N, V)`` tensors.
-    ``strategy="vocab"`` holds no fp32 buffer at all: besides the gradients,
-    one buffer of at most ``VOCAB_BLOCK_BYTES`` of logits (a token chunk, then a block of
-    classes), at the price of one more logits matmul (module docstring); same values and
-    gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
-    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 4136 MiB, ``"vocab"`` 1387 MiB.
+    ``strategy="vocab"`` holds no fp32 buffer at all: besides the gradients, one chunk of at
+    most ``VOCAB_BLOCK_BYTES`` of logits, then blocks of classes mostly held in the weight
+    gradient's unwritten rows, at the price of one more logits matmul (module docstring); same
+    values and gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
+    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 4136 MiB, ``"vocab"`` 1163 MiB.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
     one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
     head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks

@@ -1,0 +1,117 @@
+"""Gradient sums of ``linear_cross_entropy``'s token chunks (``strategy="tokens"``), also used
+by the vocabulary-parallel linear path (fusedls/distributed.py).
+
+Each token chunk adds its contribution to every gradient: ``grad_hidden[chunk] = g @ W`` is
+complete within the chunk; ``grad_weight = sum over chunks of g.T @ h_c`` and ``grad_bias = sum
+of g`` are sums over chunks, kept in fp32 (fp64 for fp64) and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._dtypes import acc_dtype
+
+
+class _WeightGrad:
+    """``grad_weight = sum over chunks of g.T @ h_c``, summed in fp32 (fp64 for fp64).
+
+    Weight in the accumulation dtype: one buffer, ``addmm_`` into it. Otherwise (bf16/fp16) the
+    sum lives in fp32 blocks of VOCAB_BLOCK classes: on CUDA each block's ``g.T @ h_c`` is one
+    cuBLAS matmul with an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation inside, no
+    rounding to bf16) into a reused scratch block, then added to the block; elsewhere the chunk
+    is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
+    frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+    """
+
+    VOCAB_BLOCK = 16384
+
+    def __init__(self, weight: torch.Tensor):
+        acc = acc_dtype(weight)
+        n_cols = weight.shape[0]
+        self.dtype = weight.dtype
+        if acc == weight.dtype:
+            self.whole = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            self.blocks = [self.whole[v : v + self.VOCAB_BLOCK] for v in range(0, n_cols, self.VOCAB_BLOCK)]
+        else:
+            self.whole = None
+            self.blocks = [
+                torch.zeros(min(self.VOCAB_BLOCK, n_cols - v), weight.shape[1], dtype=acc, device=weight.device)
+                for v in range(0, n_cols, self.VOCAB_BLOCK)
+            ]  # fmt: skip
+        self.scratch = None
+        self.empty = True  # no chunk added yet: the first product is written, not added
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        exact = self.whole is not None
+        cuda = g.device.type in _Dispatch.MM_OUT_DTYPE_DEVICES and _Dispatch.mm_out_dtype_works
+        if not (exact or cuda):
+            g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
+            exact = True
+        for i, block in enumerate(self.blocks):
+            g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
+            if exact:
+                block.addmm_(g_blk.t(), h)
+            else:
+                self._add_fp32_product(block, g_blk, h)
+        self.empty = False
+
+    def _add_fp32_product(self, block, g_blk, h) -> None:
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.blocks[0])
+        scratch = block if self.empty else self.scratch[: block.shape[0]]
+        try:
+            torch.mm(g_blk.t(), h, out_dtype=scratch.dtype, out=scratch)
+        except (RuntimeError, NotImplementedError, TypeError):  # a torch without mm(out_dtype)
+            _Dispatch.mm_out_dtype_works = False
+            block.addmm_(g_blk.t().to(block.dtype), h.to(block.dtype))
+            return
+        if scratch is not block:
+            block += scratch
+
+    def result(self) -> torch.Tensor:
+        """The sum in the weight dtype (rounded once), freeing the fp32 blocks as it goes."""
+        if self.whole is not None:
+            return self.whole
+        self.scratch = None
+        out = torch.empty(sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1],
+                          dtype=self.dtype, device=self.blocks[0].device)  # fmt: skip
+        for i in range(len(self.blocks)):
+            out[i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + self.blocks[i].shape[0]] = self.blocks[i]
+            self.blocks[i] = None
+        return out
+
+
+class _Dispatch:
+    # mm(out_dtype=...) is CUDA-only in torch (meta: planning runs follow the CUDA path);
+    # remembered once it has failed.
+    MM_OUT_DTYPE_DEVICES = ("cuda", "meta")
+    mm_out_dtype_works = True
+
+
+class _Grads:
+    """The gradient buffers of one call and the per-chunk updates that fill them."""
+
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
+        self.hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+        self.weight = _WeightGrad(weight) if need_weight else None
+        self.bias = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=bias.device) if need_bias else None
+        self.need = (need_hidden, need_weight, need_bias)
+        self.empty = hidden
+
+    def add(self, rows: slice, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+        """Adds the contribution of the chunk ``rows`` whose dloss/dlogits is ``g``."""
+        if self.need[0]:
+            torch.mm(g, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            self.weight.add(g, h)
+        if self.bias is not None:
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def result(self, bias: Optional[torch.Tensor]):
+        """(grad_hidden, grad_weight, grad_bias) rounded once to their dtypes; empty when not needed."""
+        grad_weight = self.weight.result() if self.weight is not None else self.empty.new_empty(0)
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else self.empty.new_empty(0)
+        return self.hidden, grad_weight, grad_bias
