@@ -205,11 +205,12 @@ def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse,
     return grads.result(bias)
 
 
-def _vocab_blocks(n_rows: int, hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int):
+def _vocab_blocks(hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int):
     """Yields ``(blk, x)``: the vocabulary blocks of pass 2 and an ``(N, len(blk))`` buffer for
     each, in the rows of ``grad_w`` after ``blk`` (not written yet) while they hold it, then in
     one own buffer of a tail block (VOCAB_TAIL_DIVISOR); one own full-block buffer when there is
     no weight gradient to borrow from (``grad_w`` None, or another dtype than the logits')."""
+    n_rows = hidden.shape[0]
     cols = _block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
     borrow = grad_w is not None and grad_w.dtype == hidden.dtype and grad_w.is_contiguous() and n_rows > 0
     flat, d = (grad_w.view(-1), grad_w.shape[1]) if borrow else (None, 0)
@@ -220,7 +221,7 @@ def _vocab_blocks(n_rows: int, hidden: torch.Tensor, grad_w: Optional[torch.Tens
         c = min(cols, n_cols - start)
         if borrow:
             fit = (n_cols - start) * d // (n_rows + d) // 16 * 16  # N c <= (n_cols - start - c) d
-            if min(c, fit) >= tail or fit >= c:
+            if fit >= min(c, tail):  # a whole block, or a shrunk one no smaller than the tail
                 c = min(c, fit)
                 end = (start + c) * d
                 yield slice(start, start + c), flat[end : end + n_rows * c].view(n_rows, c)
@@ -257,7 +258,7 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
     scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
     y_safe = y.masked_fill(~valid, 0)
     target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
-    for blk, x in _vocab_blocks(n_rows, hidden, grad_w if need[0] else None, n_cols):
+    for blk, x in _vocab_blocks(hidden, grad_w if need[0] else None, n_cols):
         if bias is None:
             torch.mm(hidden, weight[blk].t(), out=x)
         else:
