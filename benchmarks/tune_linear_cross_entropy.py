@@ -1,14 +1,18 @@
-"""Sweep ``strategy="vocab"``'s block size and tail on a GPU (fusedls/ops/linear_cross_entropy.py:
-VOCAB_BLOCK_BYTES, VOCAB_TAIL_DIVISOR), on the Llama-3 8B head.
+"""Sweep ``strategy="vocab"``'s buffers on a GPU (fusedls/ops/linear_cross_entropy.py: CHUNK_BYTES
+for pass 1's token chunks, which live in the weight gradient's storage; VOCAB_BLOCK_BYTES and
+VOCAB_TAIL_DIVISOR for pass 2's blocks), on the Llama-3 8B head, next to torch and the token
+chunks timed the same way.
 
     python benchmarks/tune_linear_cross_entropy.py
 
 hidden (16384, 4096) and head (128256, 4096) in bf16, ~1 % of targets ignored,
 label_smoothing=0.1: forward + backward time (median of 8 after 2 warm-ups, gradients cleared
-untimed) and peak extra memory for blocks of 256, 128, 64 and 32 MiB of logits, each with tail
-divisor 1 (full blocks only: the blocks borrowed from the weight gradient stop where a full one no
-longer fits, then one own full block) and 8 (borrowed blocks shrink down to 1/8, then an own
-buffer of 1/8). About a minute on an H100.
+untimed) and peak extra memory. Rows: pass-1 chunks of 256 MiB of logits (as before they moved
+into the weight gradient) and 1 GiB (the default: 4 chunks of 4096 tokens); pass-2 blocks of
+512, 256 (the default), 128 and 64 MiB; tail divisor 1 (full blocks only: the blocks borrowed
+from the weight gradient stop where a full one no longer fits, then one own full block) and 8
+(the default: borrowed blocks shrink down to 1/8, then an own buffer of 1/8). About a minute on
+an H100.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import fusedls  # noqa: E402
 from fusedls.ops import linear_cross_entropy as lce  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
-BLOCK_MIB = (256, 128, 64, 32)
-TAIL_DIVISORS = (1, 8)
+# (pass-1 chunk MiB, pass-2 block MiB, tail divisor); the first is nearest to what the H100 timed
+# before the blocks were borrowed and the chunks moved into the weight gradient (105.3 ms here)
+CONFIGS = (
+    (256, 256, 1), (256, 256, 8), (1024, 256, 8), (1024, 256, 1), (1024, 512, 8), (1024, 128, 8), (1024, 64, 8),
+)  # fmt: skip
 
 
 def main() -> None:
@@ -40,13 +48,11 @@ def main() -> None:
     def clear() -> None:
         h.grad = w.grad = None
 
-    def step() -> None:
-        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy="vocab").backward()
+    def step(strategy: str) -> None:
+        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy=strategy).backward()
 
-    default = lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR
-    print(f"{torch.cuda.get_device_name()}: strategy='vocab', {N} x {D} -> {V}, bf16, fwd+bwd")
-    for mib, tail in ((m, t) for m in BLOCK_MIB for t in TAIL_DIVISORS):
-        lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = mib << 20, tail
+    def timed(step) -> tuple[float, float]:
+        """(median ms, peak extra MiB) of step()."""
         times = []
         for i in range(10):
             clear()
@@ -65,10 +71,22 @@ def main() -> None:
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        print(f"  block {mib:4d} MiB, tail 1/{tail}: {statistics.median(times):8.2f} ms, peak {peak:7.1f} MiB",
-              flush=True)  # fmt: skip
-    lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = default
+        clear()
+        return statistics.median(times), peak
 
+    print(f"{torch.cuda.get_device_name()}: {N} x {D} -> {V}, bf16, label_smoothing=0.1, fwd+bwd", flush=True)
+    torch_ms, torch_peak = timed(lambda: F.cross_entropy(F.linear(h, w), t, label_smoothing=0.1).backward())
+    print(f"  torch F.linear + F.cross_entropy: {torch_ms:8.2f} ms, peak {torch_peak:7.1f} MiB", flush=True)
+    ms, peak = timed(lambda: step("tokens"))
+    print(f"  strategy='tokens': {ms:8.2f} ms ({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB "
+          f"({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
+    default = lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR
+    for chunk, block, tail in CONFIGS:
+        lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = chunk << 20, block << 20, tail
+        ms, peak = timed(lambda: step("vocab"))
+        print(f"  strategy='vocab', chunk {chunk:4d} MiB, block {block:3d} MiB, tail 1/{tail}: {ms:8.2f} ms "
+              f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
+    lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = default
 
 if __name__ == "__main__":
     main()

@@ -180,6 +180,37 @@ def test_vocab_strategy_caps_default_chunks(monkeypatch):
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
+    # in the weight gradient's storage (V D elements) pass 1 takes up to D = 8 rows: 4 chunks of 7
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab", borrowed=V * D * 4) == 7
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="runs the triton launchers on meta tensors")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_strategy_pass1_chunks_live_in_the_weight_gradient(monkeypatch, reduction):
+    # With a weight gradient, pass 1's token chunks are views of that gradient's storage (pass 2
+    # writes it later) and as large as it allows, d = 16 rows here; without one (the forward of
+    # "none", which computes no gradient) they are an own buffer capped at a pass-2 block (8 rows).
+    from fusedls.bench.live_bytes import triton_on_meta
+
+    n, d, v, s = 64, 16, 1024, 2
+    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)
+    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8192)
+    seen, chunks = [], lce._logits_chunks
+
+    def spy(hidden, weight, bias, chunk_rows, storage=None):
+        for rows, logits in chunks(hidden, weight, bias, chunk_rows, storage):
+            seen.append((logits.shape[0], storage is not None and logits._base is storage))
+            yield rows, logits
+
+    monkeypatch.setattr(lce, "_logits_chunks", spy)
+    h = torch.empty(n, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.empty(v, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    with triton_on_meta(), fusedls.use_backend("triton"):
+        out = fusedls.linear_cross_entropy(h, w, torch.zeros(n, dtype=torch.long, device="meta"),
+                                           reduction=reduction, strategy="vocab")  # fmt: skip
+        (out.sum() if reduction == "none" else out).backward()
+    borrowed = [(d, True)] * (n // d)
+    assert seen == ([(8, False)] * (n // 8) if reduction == "none" else []) + borrowed
 
 
 @settings(max_examples=30, **PROPERTY_SETTINGS)

@@ -53,15 +53,19 @@ token, fp32 accumulation inside it, written once in the weight dtype) and ``grad
 g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does);
 ``none`` runs them in backward with the per-row factors (forward keeps lse and coef).
 
-Memory besides the inputs and the gradients themselves: one buffer of logits, at most
-``VOCAB_BLOCK_BYTES``, for the token chunks; the blocks then borrow theirs from grad_W's rows not
-written yet (those after the block), shrinking as those run out, and only the last classes take
-an own buffer of 1/VOCAB_TAIL_DIVISOR of a block (:func:`_vocab_blocks`). Llama-3 8B head (N =
-16384, d = 4096, V = 128256, bf16): 1002 MiB grad_weight + 128 MiB grad_hidden + a 32 MiB tail
-buffer, 1163 MiB against 12024 MiB for ``F.linear`` + torch's cross-entropy (26 blocks: 11 of
-8192 classes, then 7616 down to 1280, then 1024s). Cost: the logits matmul runs twice
-(4 matmuls of ``N V d`` instead of 3; 5 for ``none``, whose backward recomputes the token chunks
-for grad_hidden), and the bf16 cross-entropy work over the logits twice.
+Memory besides the inputs and the gradients themselves: grad_W is allocated before pass 1, whose
+token chunks live in its storage (nothing is written there before pass 2), so they are as large
+as the token strategy's (up to CHUNK_BYTES, at most d tokens) at no cost in memory; the blocks
+then borrow theirs from grad_W's rows not written yet (those after the block), shrinking as those
+run out, and only the last classes take an own buffer of 1/VOCAB_TAIL_DIVISOR of a block
+(:func:`_vocab_blocks`). Without a weight gradient to borrow from (a frozen head; the forward
+of ``none``, which computes no gradient) chunks and blocks use one own buffer of at most
+``VOCAB_BLOCK_BYTES``. Llama-3 8B head (N = 16384, d = 4096, V = 128256, bf16): 4 token chunks of
+4096 in grad_W, then 26 blocks (11 of 8192 classes, then 7616 down to 1280, then 1024s); 1002
+MiB grad_weight + 128 MiB grad_hidden + a 32 MiB tail buffer, 1163 MiB against 12024 MiB for
+``F.linear`` + torch's cross-entropy. Cost: the logits matmul runs twice (4 matmuls of ``N V d``
+instead of 3; 5 for ``none``, whose backward recomputes the token chunks for grad_hidden), and
+the bf16 cross-entropy work over the logits twice.
 """
 
 from __future__ import annotations
@@ -96,9 +100,9 @@ REDUCTIONS = ("none", "mean", "sum")
 CHUNK_BYTES = {"cuda": 1 << 30, "meta": 1 << 30, "cpu": 32 << 20}
 STRATEGIES = ("auto", "tokens", "vocab")
 # strategy="vocab": at most this many classes per block of the second pass and at most
-# VOCAB_BLOCK_BYTES of logits (an (N, cols) buffer); the token chunks of the first pass are capped
-# at the same bytes when chunk_size is not given, so one buffer of that size is the whole working
-# memory. 256 MiB: 8192 classes for 16k bf16 tokens (matmuls of 16384 x 4096 x 8192 stay efficient).
+# VOCAB_BLOCK_BYTES of logits (an (N, cols) buffer); without a weight gradient to borrow from (see
+# _pass1), the token chunks of the first pass are capped at the same bytes when chunk_size is not
+# given, so one buffer of that size is the whole working memory. 256 MiB: 8192 classes for 16k bf16 tokens (matmuls of 16384 x 4096 x 8192 stay efficient).
 VOCAB_BLOCK_COLS = 8192
 VOCAB_BLOCK_BYTES = {"cuda": 256 << 20, "meta": 256 << 20, "cpu": 32 << 20}
 # Pass 2 borrows its block buffer from the weight gradient's rows not written yet (those after the
@@ -109,15 +113,19 @@ VOCAB_TAIL_DIVISOR = 8
 
 
 def _chunk_rows(
-    n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens"
+    n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens",
+    borrowed: int = 0,
 ) -> int:
-    """Tokens per chunk: ``chunk_size``, or as many as fit CHUNK_BYTES (for ``strategy="vocab"``
-    no more than pass 2's ``(N, VOCAB_BLOCK_COLS)`` block), evened out over chunks."""
-    if chunk_size is not None:
+    """Tokens per chunk: ``chunk_size`` (None or 0: the default), or as many as fit CHUNK_BYTES,
+    evened out over chunks. ``strategy="vocab"``: no more than ``borrowed`` bytes when given (the
+    weight gradient's storage, which pass 1 may use: nothing is written there before pass 2),
+    else no more than pass 2's ``(N, VOCAB_BLOCK_COLS)`` block."""
+    if chunk_size:
         return max(1, min(chunk_size, n_rows))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if strategy == "vocab":
-        budget = min(budget, max(1, n_rows) * _block_cols(n_rows, n_cols, element_size, device) * element_size)
+        block = max(1, n_rows) * _block_cols(n_rows, n_cols, element_size, device) * element_size
+        budget = min(budget, borrowed or block)
     most = max(1, budget // max(1, n_cols * element_size))
     n_chunks = -(-n_rows // most) if n_rows else 1
     return max(1, -(-n_rows // n_chunks))
@@ -154,10 +162,16 @@ def _impl(backend: str):
     return _backend.implementation("cross_entropy", backend)
 
 
-def _logits_chunks(hidden, weight, bias, chunk_rows):
-    """Yields ``(rows, logits)`` chunk by chunk; ``logits`` lives in one reused buffer."""
-    n_rows = hidden.shape[0]
-    buffer = hidden.new_empty(min(chunk_rows, n_rows), weight.shape[0])
+def _logits_chunks(hidden, weight, bias, chunk_rows, storage=None):
+    """Yields ``(rows, logits)`` chunk by chunk; ``logits`` lives in one reused buffer, placed at
+    the start of ``storage`` (a contiguous tensor of hidden's dtype whose values are not needed)
+    when it is large enough."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    size = min(chunk_rows, n_rows) * n_cols
+    if storage is not None and storage.dtype == hidden.dtype and storage.is_contiguous() and storage.numel() >= size:
+        buffer = storage.view(-1)[:size].view(-1, n_cols)
+    else:
+        buffer = hidden.new_empty(min(chunk_rows, n_rows), n_cols)
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n_rows))
         logits = buffer[: rows.stop - start]
@@ -169,15 +183,16 @@ def _logits_chunks(hidden, weight, bias, chunk_rows):
 
 
 def _forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, opts,
-                    chunk_rows, need, backend):  # fmt: skip
+                    chunk_rows, need, backend, storage=None):  # fmt: skip
     """Forward over token chunks: (loss, lse, coef) per row and, for ``grad_scale`` given, the
     gradients in ``need`` = (hidden, weight, bias) of ``grad_scale * loss`` (empty if not needed).
-    The chunk buffer dies with this frame (``strategy="vocab"`` allocates its block after it)."""
+    The chunk buffer is in ``storage`` when given and large enough (see _logits_chunks), else its
+    own, which dies with this frame."""
     impl, acc, n_rows = _impl(backend), acc_dtype(hidden), hidden.shape[0]
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
     grads = _Grads(hidden, weight, bias, *need)
     write = grad_scale is not None and any(need)
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows, storage):
         loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
             logits, target[rows], class_weight, logits if write else None, grad_scale if write else None,
             ignore_index, keep, spread, **opts,
@@ -188,15 +203,15 @@ def _forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, igno
 
 
 def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread,
-                     softcap, chunk_rows, need, backend):  # fmt: skip
+                     softcap, chunk_rows, need, backend, storage=None):  # fmt: skip
     """Gradients in ``need`` for per-row upstream factors ``grad_loss``, recomputing each token
-    chunk's logits (empty for those not needed)."""
+    chunk's logits (empty for those not needed); ``storage`` as for _forward_chunks."""
     grads = _Grads(hidden, weight, bias, *need)
     if not any(need):
         return grads.result(bias)
     impl = _impl(backend)
     opts = {} if softcap is None else {"softcap": softcap}
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows):
+    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows, storage):
         impl.cross_entropy_backward(
             grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
             keep, spread, **opts,
@@ -235,13 +250,24 @@ def _vocab_blocks(hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: 
         start += c
 
 
+def _pass1(hidden, weight, chunk_size, strategy, need_weight):
+    """``(chunk_rows, grad_w)`` of a call: tokens per chunk, and for ``strategy="vocab"`` with a
+    weight gradient that gradient's (uninitialised) tensor, allocated before pass 1 so that pass
+    1's chunk buffer can live in it (pass 2 writes it), else None."""
+    grad_w = torch.empty_like(weight) if strategy == "vocab" and need_weight else None
+    borrowed = grad_w.numel() * grad_w.element_size() if grad_w is not None and grad_w.is_contiguous() else 0
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    return _chunk_rows(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, borrowed), grad_w
+
+
 def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
-                       softcap, need, backend):  # fmt: skip
+                       softcap, need, backend, grad_w=None):  # fmt: skip
     """Second pass of ``strategy="vocab"``: (grad_weight, grad_bias) of ``scale * loss``
-    (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (weight, bias); see the
-    module docstring."""
+    (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (weight, bias), written into
+    ``grad_w`` when given; see the module docstring."""
     n_rows, n_cols, acc = hidden.shape[0], weight.shape[0], acc_dtype(hidden)
-    grad_w = torch.empty_like(weight) if need[0] else hidden.new_empty(0)
+    if grad_w is None:
+        grad_w = torch.empty_like(weight) if need[0] else hidden.new_empty(0)
     grad_b = torch.empty_like(bias) if need[1] else hidden.new_empty(0)
     if not any(need):
         return grad_w, grad_b
@@ -295,7 +321,7 @@ def _linear_cross_entropy_fwd(
     spread: float,
     z_loss: float,
     softcap: Optional[float],
-    chunk_rows: int,
+    chunk_size: int,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -303,19 +329,22 @@ def _linear_cross_entropy_fwd(
     strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
-    weight, bias) times it; gradients not asked for are empty."""
+    weight, bias) times it; gradients not asked for are empty. ``chunk_size`` 0: the default."""
     _check_target_values(target, weight.shape[0], ignore_index, backend)
     write_grad = grad_scale is not None
     need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
     # strategy="vocab": the token chunks give grad_hidden only, the vocabulary blocks the rest
     per_chunk = need if strategy == "tokens" else (need[0], False, False)
-    loss, lse, coef, grad_h, grad_w, grad_b = _forward_chunks(
+    chunk_rows, grad_w = _pass1(hidden, weight, chunk_size, strategy, need[1])
+    loss, lse, coef, grad_h, grad_w_chunks, grad_b = _forward_chunks(
         hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, _fwd_options(z_loss, softcap),
-        chunk_rows, per_chunk, backend,
+        chunk_rows, per_chunk, backend, storage=grad_w,
     )  # fmt: skip
     if strategy == "vocab":
         grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
-                                            ignore_index, keep, spread, softcap, need[1:], backend)  # fmt: skip
+                                            ignore_index, keep, spread, softcap, need[1:], backend, grad_w)  # fmt: skip
+    else:
+        grad_w = grad_w_chunks
     return loss, lse, coef, grad_h, grad_w, grad_b
 
 
@@ -329,7 +358,7 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 @_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, z_loss, softcap,
-      chunk_rows, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
+      chunk_size, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
     row = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     write = grad_scale is not None
     grads = _fake_grads(hidden, weight, bias, need_hidden and write, need_weight and write, need_bias and write)
@@ -350,7 +379,7 @@ def _linear_cross_entropy_bwd(
     keep: float,
     spread: float,
     softcap: Optional[float],
-    chunk_rows: int,
+    chunk_size: int,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -361,17 +390,20 @@ def _linear_cross_entropy_bwd(
     recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
     need = (need_hidden, need_weight, need_bias)
     per_chunk = need if strategy == "tokens" else (need_hidden, False, False)
-    grad_h, grad_w, grad_b = _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef,
-                                              ignore_index, keep, spread, softcap, chunk_rows, per_chunk, backend)  # fmt: skip
-    if strategy == "vocab":
-        grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss,
-                                            ignore_index, keep, spread, softcap, need[1:], backend)  # fmt: skip
+    chunk_rows, grad_w = _pass1(hidden, weight, chunk_size, strategy, need_weight)
+    grad_h, grad_w_chunks, grad_b = _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef,
+                                                     ignore_index, keep, spread, softcap, chunk_rows, per_chunk, backend,
+                                                     storage=grad_w)  # fmt: skip
+    if strategy != "vocab":
+        return grad_h, grad_w_chunks, grad_b
+    grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss,
+                                        ignore_index, keep, spread, softcap, need[1:], backend, grad_w)  # fmt: skip
     return grad_h, grad_w, grad_b
 
 
 @_linear_cross_entropy_bwd.register_fake
 def _(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread, softcap,
-      chunk_rows, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
+      chunk_size, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -382,13 +414,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss of ``(N, d)`` hidden rows through the ``(V, d)`` head; see the module docstring.
 
     forward(hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-    chunk_rows, backend, grad_enabled, want_z, strategy) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
+    chunk_size, backend, grad_enabled, want_z, strategy) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-        chunk_rows, backend, grad_enabled, want_z, strategy,
+        chunk_size, backend, grad_enabled, want_z, strategy,
     ):  # fmt: skip
         need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         need = (need[0], need[1], need[2] and bias is not None)
@@ -400,7 +432,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if fused:
             grad_scale = torch.ones((), device=hidden.device, dtype=acc_dtype(hidden))
             grad_scale = grad_scale if denom is None else grad_scale / denom
-        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_rows, *need, backend, strategy)
+        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_size, *need, backend, strategy)
         loss, lse, coef, *grads = _linear_cross_entropy_fwd(
             hidden, weight, bias, target, class_weight, grad_scale, *opts
         )
@@ -409,7 +441,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         elif any(need):
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, coef)
         ctx.fused, ctx.need, ctx.backend, ctx.strategy = fused, need, backend, strategy
-        ctx.args = (ignore_index, keep, spread, softcap, chunk_rows)
+        ctx.args = (ignore_index, keep, spread, softcap, chunk_size)
         return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
 
     @staticmethod
@@ -428,10 +460,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, ctx.backend)
         else:
             hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
-            ignore_index, keep, spread, softcap, chunk_rows = ctx.args
+            ignore_index, keep, spread, softcap, chunk_size = ctx.args
             grads = _linear_cross_entropy_bwd(
                 factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
-                ignore_index, keep, spread, softcap, chunk_rows, *ctx.need, ctx.backend, ctx.strategy,
+                ignore_index, keep, spread, softcap, chunk_size, *ctx.need, ctx.backend, ctx.strategy,
             )  # fmt: skip
         return (*(g if need else None for g, need in zip(grads, ctx.need)), *rest)
 
@@ -529,13 +561,11 @@ def linear_cross_entropy(
     if target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
-    chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
-    strategy = _pick_strategy(strategy, rows.shape[0], weight, chunk_rows)
-    if strategy == "vocab" and chunk_size is None:
-        chunk_rows = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size, strategy)
+    tokens_chunk = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
+    strategy = _pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
     loss, z, lse = LinearCrossEntropyFunction.apply(
         rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
-        softcap, chunk_rows, backend, torch.is_grad_enabled(), return_z_loss, strategy,
+        softcap, chunk_size or 0, backend, torch.is_grad_enabled(), return_z_loss, strategy,
     )  # fmt: skip
     if reduction == "none":
         loss, z = loss.reshape(target.shape), z.reshape(target.shape) if return_z_loss else z
