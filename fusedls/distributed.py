@@ -397,6 +397,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 grad_b += g.sum(0)
             if need_t:
                 grad_t[rows] = gt
+        g = g_in = gt = None  # the last chunk's buffers, freed before grad_w.result() rounds the sum
         # Each rank's classes add their part to dh: sum over ranks (every rank gets all of it).
         if need_h and ctx.reduce_grad_hidden:
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.spec.group)

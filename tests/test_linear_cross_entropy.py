@@ -312,15 +312,21 @@ def test_no_grad_mode(backend, device):
     close(out, ref, torch.float32, "loss")
 
 
-def test_fp32_product_fallback_off_cuda(monkeypatch):
-    # The CUDA path's mm(out_dtype=float32) raises off CUDA: the upcast fallback gives the same sum.
+@pytest.mark.parametrize("addmm_works", [True, False])
+def test_fp32_product_fallback_off_cuda(monkeypatch, addmm_works):
+    # The CUDA path's mm/addmm(out_dtype=float32) raise off CUDA: the fallbacks give the same sum,
+    # for the first chunk (written) and the next (added), whichever of them is tried first.
     monkeypatch.setattr(sums._Dispatch, "mm_out_dtype_works", True)  # restored afterwards
-    g = torch.randn(5, V, dtype=torch.float64).to(torch.bfloat16)
-    h = torch.randn(5, D, dtype=torch.float64).to(torch.bfloat16)
+    monkeypatch.setattr(sums._Dispatch, "addmm_out_dtype_works", addmm_works)
+    g = torch.randn(2, 5, V, dtype=torch.float64).to(torch.bfloat16)
+    h = torch.randn(2, 5, D, dtype=torch.float64).to(torch.bfloat16)
     acc = sums._WeightGrad(torch.empty(V, D, dtype=torch.bfloat16))
-    for i, block in enumerate(acc.blocks):
-        acc._add_fp32_product(block, g[:, 16 * i : 16 * i + block.shape[0]], h)
-    assert_close(acc.result(), g.double().T @ h.double())
+    for c in range(2):
+        for i, block in enumerate(acc.blocks):
+            acc._add_fp32_product(block, g[c, :, 16 * i : 16 * i + block.shape[0]], h[c])
+        acc.empty = False
+    assert not sums._Dispatch.addmm_out_dtype_works
+    assert_close(acc.result(), (g.double().transpose(1, 2) @ h.double()).sum(0))
 
 
 def test_default_chunks_even_out(monkeypatch):

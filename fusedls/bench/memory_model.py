@@ -13,7 +13,7 @@ the inputs not counted, the gradients counted) with the triton launchers run on 
 the kernels not launched (:func:`~fusedls.bench.live_bytes.triton_on_meta`); matmuls are torch's,
 so the count is what ``torch.cuda.max_memory_allocated`` sees on a GPU, less the allocator's
 rounding. Checked against an H100 (bf16, 16384 x 4096 -> 128256): torch 12024 MiB and the token
-strategy 4136 MiB, measured there by the benchmark and counted here alike.
+strategy 4136 MiB (as it was then), measured there by the benchmark and counted here alike.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
   hidden dtype),
 * ``grad_weight += g.T @ h_c`` summed in fp32 (fp64 for fp64) across chunks: for a bf16/fp16
   head, in fp32 blocks of 16384 classes; on CUDA each block's product is one cuBLAS matmul with
-  an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation within the chunk, never rounded
-  to bf16) added into the block; elsewhere ``g`` and ``h_c`` are upcast to fp32 for that matmul.
+  an fp32 output (fp32 accumulation within the chunk, never rounded to bf16) that adds into the
+  block (``addmm(out_dtype=float32)``; see _WeightGrad for the fallback); elsewhere ``g`` and ``h_c`` are upcast to fp32 for that matmul.
   The sum is rounded once to the weight dtype at the end, block by block (see _WeightGrad),
 * ``grad_bias += g.sum(0)`` in fp32 likewise.
 
@@ -137,7 +137,7 @@ def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows:
     ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
     (one buffer of at most VOCAB_BLOCK_BYTES, a 4th matmul). Llama-3 8B head (d = 4096, V =
     128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096 tokens the
-    token chunks would take 4040 MiB against torch's 3006)."""
+    token chunks would take 3038 MiB against torch's 3006)."""
     if strategy != "auto":
         return strategy
     n_cols, d = weight.shape
@@ -199,6 +199,7 @@ def _forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, igno
         )  # fmt: skip
         if write:
             grads.add(rows, logits, hidden[rows], weight)
+        del logits  # the last view would keep the chunk buffer alive while result() rounds the sums
     return (loss, lse, coef, *grads.result(bias))
 
 
@@ -217,6 +218,7 @@ def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse,
             keep, spread, **opts,
         )  # fmt: skip
         grads.add(rows, logits, hidden[rows], weight)
+        del logits  # as in _forward_chunks
     return grads.result(bias)
 
 
@@ -542,7 +544,7 @@ def linear_cross_entropy(
     most ``VOCAB_BLOCK_BYTES`` of logits, then blocks of classes mostly held in the weight
     gradient's unwritten rows, at the price of one more logits matmul (module docstring); same
     values and gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
-    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 4136 MiB, ``"vocab"`` 1163 MiB.
+    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
     one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
     head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks

@@ -20,9 +20,11 @@ class _WeightGrad:
 
     Weight in the accumulation dtype: one buffer, ``addmm_`` into it. Otherwise (bf16/fp16) the
     sum lives in fp32 blocks of VOCAB_BLOCK classes: on CUDA each block's ``g.T @ h_c`` is one
-    cuBLAS matmul with an fp32 output (``mm(out_dtype=float32)``: fp32 accumulation inside, no
-    rounding to bf16) into a reused scratch block, then added to the block; elsewhere the chunk
-    is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
+    cuBLAS matmul with an fp32 output (fp32 accumulation inside, no rounding to bf16): written
+    into the block for the first chunk (``mm(out_dtype=float32)``), added to it by the matmul
+    itself after that (``addmm(out_dtype=float32)`` with the block as input and output), or, where
+    torch refuses an fp32 input there, written into a reused scratch block then added; elsewhere
+    the chunk is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
     frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
     """
 
@@ -59,7 +61,16 @@ class _WeightGrad:
         self.empty = False
 
     def _add_fp32_product(self, block, g_blk, h) -> None:
-        if self.scratch is None:
+        if not self.empty and _Dispatch.addmm_out_dtype_works:
+            # block += g.T @ h in one cuBLAS matmul that reads and writes the fp32 block (beta = 1):
+            # no scratch, half the traffic of product-then-add. torch versions whose addmm(out_dtype)
+            # wants `self` in the input dtype refuse it, once, and the scratch below is used.
+            try:
+                torch.addmm(block, g_blk.t(), h, out_dtype=block.dtype, out=block)
+                return
+            except (RuntimeError, NotImplementedError, TypeError):
+                _Dispatch.addmm_out_dtype_works = False
+        if self.scratch is None and not self.empty:
             self.scratch = torch.empty_like(self.blocks[0])
         scratch = block if self.empty else self.scratch[: block.shape[0]]
         try:
@@ -85,10 +96,11 @@ class _WeightGrad:
 
 
 class _Dispatch:
-    # mm(out_dtype=...) is CUDA-only in torch (meta: planning runs follow the CUDA path);
-    # remembered once it has failed.
+    # mm(out_dtype=...) and addmm(out_dtype=...) are CUDA-only in torch (meta: planning runs follow
+    # the CUDA path); each remembered once it has failed.
     MM_OUT_DTYPE_DEVICES = ("cuda", "meta")
     mm_out_dtype_works = True
+    addmm_out_dtype_works = True
 
 
 class _Grads:
