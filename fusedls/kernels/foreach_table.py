@@ -48,29 +48,13 @@ class Table:
         bounds = (0, n, 2 * n, 3 * n, 4 * n + 1, 4 * n + 1 + items, 4 * n + 1 + 2 * items)
         return self.data[bounds[k] : bounds[k + 1]]
 
-    @property
-    def offset(self) -> torch.Tensor:
-        return self._part(0)
-
-    @property
-    def numel(self) -> torch.Tensor:
-        return self._part(1)
-
-    @property
-    def out_index(self) -> torch.Tensor:
-        return self._part(2)
-
-    @property
-    def first(self) -> torch.Tensor:
-        return self._part(3)
-
-    @property
-    def item_tensor(self) -> torch.Tensor:
-        return self._part(4)
-
-    @property
-    def item_start(self) -> torch.Tensor:
-        return self._part(5)
+    # the columns, views of ``data``
+    offset = property(lambda self: self._part(0))
+    numel = property(lambda self: self._part(1))
+    out_index = property(lambda self: self._part(2))
+    first = property(lambda self: self._part(3))
+    item_tensor = property(lambda self: self._part(4))
+    item_start = property(lambda self: self._part(5))
 
 
 _CACHE: dict[tuple, Table] = {}
