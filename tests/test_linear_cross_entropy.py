@@ -151,6 +151,23 @@ def test_one_class_gives_exact_zero_gradients(backend, device, strategy):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("in_blocks", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_strategy_none_grad_hidden(backend, device, monkeypatch, dtype, in_blocks):
+    # The backward of "none" sums grad_hidden over the blocks of classes (16, 16, 5) in fp32 row
+    # blocks of 16 (small_vocab_blocks: 37 tokens make three, the last one short) when that sum
+    # fits a block's bytes; else it recomputes the token chunks for it.
+    if not in_blocks:
+        monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, device, 1)  # blocks keep VOCAB_BLOCK_COLS = 16
+    chunks, calls = lce._backward_chunks, []
+    monkeypatch.setattr(lce, "_backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
+    h, w, b = (v.requires_grad_() for v in inputs((37,), dtype, device))
+    up = torch.randn(37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    check_linear(h, w, class_ids((37,), V, device), b, upstream=up, reduction="none", label_smoothing=0.1,
+                 chunk_size=8, scale=4.0, strategy="vocab")  # fmt: skip
+    assert len(calls) == (0 if in_blocks else 1)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_strategy_ignored_rows_with_huge_logits(backend, device, reduction):
     # Forward leaves lse = coef = 0 on ignored rows; their exp(logit - lse) must not overflow
@@ -190,6 +207,7 @@ def test_vocab_strategy_pass1_chunks_live_in_the_weight_gradient(monkeypatch, re
     # With a weight gradient, pass 1's token chunks are views of that gradient's storage (pass 2
     # writes it later) and as large as it allows, d = 16 rows here; without one (the forward of
     # "none", which computes no gradient) they are an own buffer capped at a pass-2 block (8 rows).
+    # The backward of "none" runs the blocks alone (grad_hidden summed over them): no chunks.
     from fusedls.bench.live_bytes import triton_on_meta
 
     n, d, v, s = 64, 16, 1024, 2
@@ -209,8 +227,7 @@ def test_vocab_strategy_pass1_chunks_live_in_the_weight_gradient(monkeypatch, re
         out = fusedls.linear_cross_entropy(h, w, torch.zeros(n, dtype=torch.long, device="meta"),
                                            reduction=reduction, strategy="vocab")  # fmt: skip
         (out.sum() if reduction == "none" else out).backward()
-    borrowed = [(d, True)] * (n // d)
-    assert seen == ([(8, False)] * (n // 8) if reduction == "none" else []) + borrowed
+    assert seen == ([(8, False)] * (n // 8) if reduction == "none" else [(d, True)] * (n // d))
 
 
 @settings(max_examples=30, **PROPERTY_SETTINGS)
@@ -265,22 +282,23 @@ def _peak_bytes(strategy, reduction, n=64, d=16, v=1024, dtype=torch.bfloat16, d
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="counts the triton launchers' allocations")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_strategy_peak_memory(monkeypatch, reduction):
-    # The working memory of strategy="vocab" is one logits buffer of VOCAB_BLOCK_BYTES (a token
-    # chunk, then a block of classes), and the blocks borrow it from the weight gradient's rows
-    # not written yet; only the last classes take an own buffer of a tail block (1/8 of a block,
-    # at least 16 classes). The peak is the two gradients, that tail buffer and a few per-row
-    # vectors; without a weight gradient, grad_hidden and one full block. Counted on meta tensors
-    # (the launchers run, the kernels do not; fusedls/bench/memory_model.py's count of this kind
-    # matched the H100's max_memory_allocated).
+    # strategy="vocab" holds no logits buffer of its own with a weight gradient: the token chunks
+    # and the blocks borrow the gradient's storage not written yet; only the last classes take an
+    # own buffer of a tail block (1/8 of a block, at least 16 classes). The peak is the two
+    # gradients, that tail buffer and a few per-row vectors (for "none" also grad_hidden's fp32
+    # sum over the blocks); without a weight gradient, grad_hidden and one full block of
+    # VOCAB_BLOCK_BYTES. Counted on meta tensors (the launchers run, the kernels do not;
+    # fusedls/bench/memory_model.py's count of this kind matched the H100's max_memory_allocated).
     n, d, v, s = 64, 16, 1024, 2
     monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8192)  # the bytes, not the cap, set the block
     monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)  # blocks of 128 classes
     monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "cpu", n * 128 * s)
     peak = _peak_bytes("vocab", reduction)
     grads, block, tail = (v + n) * d * s, n * 128 * s, n * 16 * s
-    assert grads + tail <= peak <= grads + tail + 128 * n  # per-row vectors: < 16 int64 a row
+    extra = n * d * 4 if reduction == "none" else 0  # none's backward: grad_hidden summed in fp32
+    assert grads + tail + extra <= peak <= grads + tail + extra + 128 * n  # per-row vectors: < 16 int64 a row
     frozen = _peak_bytes("vocab", reduction, weight_grad=False)
-    assert n * d * s + block <= frozen <= n * d * s + block + 128 * n
+    assert n * d * s + block + extra <= frozen <= n * d * s + block + extra + 128 * n
     # the token strategy holds the fp32 (V, d) grad-weight sum besides grad_weight itself
     assert _peak_bytes("tokens", reduction) >= grads + v * d * 4
 

@@ -50,8 +50,12 @@ into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient (``local_gr
 ``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on a slice of the
 classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul over every
 token, fp32 accumulation inside it, written once in the weight dtype) and ``grad_b[blk] =
-g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does);
-``none`` runs them in backward with the per-row factors (forward keeps lse and coef).
+g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does).
+``none``: forward runs pass 1 for lse and coef only; backward runs the blocks with the per-row
+factors, each block also adding ``g @ W[blk]`` to grad_hidden, summed over the blocks in fp32,
+when that ``(N, d)`` fp32 sum is no larger than a block (VOCAB_BLOCK_BYTES: 256 MiB, 16k tokens
+at d = 4096); else it recomputes the token chunks for grad_hidden first (a 5th matmul, no such
+buffer).
 
 Memory besides the inputs and the gradients themselves: grad_W is allocated before pass 1, whose
 token chunks live in its storage (nothing is written there before pass 2), so they are as large
@@ -63,9 +67,9 @@ of ``none``, which computes no gradient) chunks and blocks use one own buffer of
 ``VOCAB_BLOCK_BYTES``. Llama-3 8B head (N = 16384, d = 4096, V = 128256, bf16): 4 token chunks of
 4096 in grad_W, then 26 blocks (11 of 8192 classes, then 7616 down to 1280, then 1024s); 1002
 MiB grad_weight + 128 MiB grad_hidden + a 32 MiB tail buffer, 1163 MiB against 12024 MiB for
-``F.linear`` + torch's cross-entropy. Cost: the logits matmul runs twice (4 matmuls of ``N V d``
-instead of 3; 5 for ``none``, whose backward recomputes the token chunks for grad_hidden), and
-the bf16 cross-entropy work over the logits twice.
+``F.linear`` + torch's cross-entropy (``none``: 1387 MiB with grad_hidden's fp32 sum). Cost: the
+logits matmul runs twice (4 matmuls of ``N V d`` instead of 3; 5 for ``none`` past that sum's
+budget), and the cross-entropy work over the logits twice.
 """
 
 from __future__ import annotations
@@ -262,17 +266,26 @@ def _pass1(hidden, weight, chunk_size, strategy, need_weight):
     return _chunk_rows(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, borrowed), grad_w
 
 
+def _grad_hidden_in_blocks(hidden: torch.Tensor) -> bool:
+    """``strategy="vocab"``, backward of ``none``: whether grad_hidden is summed over the blocks,
+    i.e. its fp32 ``(N, d)`` sum is no larger than a block (VOCAB_BLOCK_BYTES)."""
+    budget = VOCAB_BLOCK_BYTES.get(hidden.device.type, VOCAB_BLOCK_BYTES["cpu"])
+    return hidden.numel() * acc_dtype(hidden).itemsize <= budget
+
+
 def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
                        softcap, need, backend, grad_w=None):  # fmt: skip
-    """Second pass of ``strategy="vocab"``: (grad_weight, grad_bias) of ``scale * loss``
-    (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (weight, bias), written into
-    ``grad_w`` when given; see the module docstring."""
+    """Second pass of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale *
+    loss`` (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (hidden, weight, bias)
+    (empty where not needed), grad_weight written into ``grad_w`` when given; see the module
+    docstring. grad_hidden (the backward of ``none``) is summed over the blocks in fp32."""
     n_rows, n_cols, acc = hidden.shape[0], weight.shape[0], acc_dtype(hidden)
     if grad_w is None:
-        grad_w = torch.empty_like(weight) if need[0] else hidden.new_empty(0)
-    grad_b = torch.empty_like(bias) if need[1] else hidden.new_empty(0)
+        grad_w = torch.empty_like(weight) if need[1] else hidden.new_empty(0)
+    grad_b = torch.empty_like(bias) if need[2] else hidden.new_empty(0)
+    grad_h = _WeightGrad(hidden) if need[0] else None  # sum over blocks of g @ W[blk]: (g.T).T @ W[blk]
     if not any(need):
-        return grad_w, grad_b
+        return hidden.new_empty(0), grad_w, grad_b
     local = _backend.implementation(
         "vocab_parallel_cross_entropy",
         backend if _backend.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
@@ -286,7 +299,7 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
     scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
     y_safe = y.masked_fill(~valid, 0)
     target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
-    for blk, x in _vocab_blocks(hidden, grad_w if need[0] else None, n_cols):
+    for blk, x in _vocab_blocks(hidden, grad_w if need[1] else None, n_cols):
         if bias is None:
             torch.mm(hidden, weight[blk].t(), out=x)
         else:
@@ -300,11 +313,14 @@ def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, sc
                 x[rows], lse[rows], coef[rows], y_local[rows], target_coef[rows], w_blk, keep, spread, softcap,
                 scale[rows], acc, out=x[rows],
             )  # fmt: skip
-        if need[0]:
-            torch.mm(x.t(), hidden, out=grad_w[blk])
+        if grad_h is not None:
+            grad_h.add(x.t(), weight[blk])
         if need[1]:
+            torch.mm(x.t(), hidden, out=grad_w[blk])
+        if need[2]:
             grad_b[blk] = x.sum(0, dtype=acc)
-    return grad_w, grad_b
+    x = None  # the last block's buffer, freed before the fp32 sum is rounded
+    return (grad_h.result() if grad_h is not None else hidden.new_empty(0)), grad_w, grad_b
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -343,8 +359,9 @@ def _linear_cross_entropy_fwd(
         chunk_rows, per_chunk, backend, storage=grad_w,
     )  # fmt: skip
     if strategy == "vocab":
-        grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
-                                            ignore_index, keep, spread, softcap, need[1:], backend, grad_w)  # fmt: skip
+        _, grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
+                                               ignore_index, keep, spread, softcap, (False, *need[1:]), backend,
+                                               grad_w)  # fmt: skip
     else:
         grad_w = grad_w_chunks
     return loss, lse, coef, grad_h, grad_w, grad_b
@@ -391,16 +408,20 @@ def _linear_cross_entropy_bwd(
     """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
     recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
     need = (need_hidden, need_weight, need_bias)
-    per_chunk = need if strategy == "tokens" else (need_hidden, False, False)
     chunk_rows, grad_w = _pass1(hidden, weight, chunk_size, strategy, need_weight)
-    grad_h, grad_w_chunks, grad_b = _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef,
-                                                     ignore_index, keep, spread, softcap, chunk_rows, per_chunk, backend,
-                                                     storage=grad_w)  # fmt: skip
+    args = (hidden, weight, bias, target, class_weight, lse, coef)
+    opts = (ignore_index, keep, spread, softcap)
     if strategy != "vocab":
-        return grad_h, grad_w_chunks, grad_b
-    grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_loss,
-                                        ignore_index, keep, spread, softcap, need[1:], backend, grad_w)  # fmt: skip
-    return grad_h, grad_w, grad_b
+        return _backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
+    # grad_hidden: summed over the blocks when its fp32 sum is small (module docstring), else from
+    # the token chunks recomputed (a 5th matmul, no such buffer)
+    in_blocks = need_hidden and _grad_hidden_in_blocks(hidden)
+    grad_h = hidden.new_empty(0)
+    if need_hidden and not in_blocks:
+        grad_h = _backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]
+    block_h, grad_w, grad_b = _vocab_block_grads(*args, grad_loss, *opts, (in_blocks, need_weight, need_bias),
+                                                 backend, grad_w)  # fmt: skip
+    return (block_h if in_blocks else grad_h), grad_w, grad_b
 
 
 @_linear_cross_entropy_bwd.register_fake

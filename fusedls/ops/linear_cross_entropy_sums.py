@@ -24,8 +24,11 @@ class _WeightGrad:
     into the block for the first chunk (``mm(out_dtype=float32)``), added to it by the matmul
     itself after that (``addmm(out_dtype=float32)`` with the block as input and output), or, where
     torch refuses an fp32 input there, written into a reused scratch block then added; elsewhere
-    the chunk is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype and
-    frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+    the chunk is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype
+    and frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+
+    The same sum serves grad_hidden over the vocabulary blocks of ``strategy="vocab"``'s backward
+    of ``none`` (``_WeightGrad(hidden)``, ``add(g_blk.T, W[blk])``: rows for classes).
     """
 
     VOCAB_BLOCK = 16384
@@ -33,7 +36,7 @@ class _WeightGrad:
     def __init__(self, weight: torch.Tensor):
         acc = acc_dtype(weight)
         n_cols = weight.shape[0]
-        self.dtype = weight.dtype
+        self.dtype, self.acc, self.shape, self.device = weight.dtype, acc, weight.shape, weight.device
         if acc == weight.dtype:
             self.whole = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             self.blocks = [self.whole[v : v + self.VOCAB_BLOCK] for v in range(0, n_cols, self.VOCAB_BLOCK)]
@@ -50,7 +53,7 @@ class _WeightGrad:
         exact = self.whole is not None
         cuda = g.device.type in _Dispatch.MM_OUT_DTYPE_DEVICES and _Dispatch.mm_out_dtype_works
         if not (exact or cuda):
-            g, h = g.to(self.blocks[0].dtype), h.to(self.blocks[0].dtype)  # upcast the chunk (CPU)
+            g, h = g.to(self.acc), h.to(self.acc)  # upcast the chunk (CPU)
             exact = True
         for i, block in enumerate(self.blocks):
             g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
@@ -87,8 +90,7 @@ class _WeightGrad:
         if self.whole is not None:
             return self.whole
         self.scratch = None
-        out = torch.empty(sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1],
-                          dtype=self.dtype, device=self.blocks[0].device)  # fmt: skip
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for i in range(len(self.blocks)):
             out[i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + self.blocks[i].shape[0]] = self.blocks[i]
             self.blocks[i] = None
