@@ -168,6 +168,26 @@ def test_vocab_strategy_none_grad_hidden(backend, device, monkeypatch, dtype, in
     assert len(calls) == (0 if in_blocks else 1)
 
 
+@STRATEGIES
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_transposed_head(backend, device, strategy, reduction):
+    # A head stored (d, V) and passed transposed: its gradient has the weight's strides, so the
+    # vocabulary blocks cannot borrow from it and take own buffers; same values either way.
+    h, w, b = inputs((9,), torch.bfloat16, device)
+    w_stored = w.t().contiguous().requires_grad_()
+    h.requires_grad_()
+    t = class_ids((9,), V, device)
+    loss = fusedls.linear_cross_entropy(h, w_stored.t(), t, reduction=reduction, label_smoothing=0.1, chunk_size=4,
+                                        strategy=strategy)  # fmt: skip
+    (loss.sum() if reduction == "none" else loss).backward()
+    hd, wd = h.detach().double().requires_grad_(), w_stored.detach().double().requires_grad_()
+    ref = reference_cross_entropy_options(hd @ wd, t, reduction=reduction, label_smoothing=0.1)[0]
+    (ref.sum() if reduction == "none" else ref).backward()
+    close(loss, ref.detach(), torch.bfloat16, "loss", 4.0)
+    close(h.grad, hd.grad, torch.bfloat16, "grad hidden", 4.0)
+    close(w_stored.grad, wd.grad, torch.bfloat16, "grad weight", 4.0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_strategy_ignored_rows_with_huge_logits(backend, device, reduction):
     # Forward leaves lse = coef = 0 on ignored rows; their exp(logit - lse) must not overflow
