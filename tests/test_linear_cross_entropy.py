@@ -323,6 +323,22 @@ def test_vocab_strategy_peak_memory(monkeypatch, reduction):
     assert _peak_bytes("tokens", reduction) >= grads + v * d * 4
 
 
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="counts the triton launchers' allocations")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_strategy_peak_memory(monkeypatch, reduction):
+    # strategy="tokens": the fp32 (V, d) sum, grad_hidden, and either one chunk of logits (while
+    # the chunks run) or the rounded grad_weight (after them, once the chunk buffer is freed); on
+    # meta, as on CUDA, the chunks after the first add into the fp32 blocks with
+    # addmm(out_dtype=float32), with no scratch block.
+    n, d, v, s = 64, 16, 1024, 2
+    monkeypatch.setattr(sums._WeightGrad, "VOCAB_BLOCK", v)  # one fp32 block: a scratch would be v d 4 bytes
+    monkeypatch.setitem(lce.CHUNK_BYTES, "meta", 16 * v * s)  # 4 chunks of 16 tokens
+    monkeypatch.setattr(sums._Dispatch, "addmm_out_dtype_works", True)
+    fp32_sum, grad_h, chunk, grad_w = v * d * 4, n * d * s, 16 * v * s, v * d * s
+    peak = _peak_bytes("tokens", reduction)
+    assert fp32_sum + grad_h + max(chunk, grad_w) <= peak <= fp32_sum + grad_h + max(chunk, grad_w) + 128 * n
+
+
 def test_auto_strategy_keeps_working_memory_under_one_logits_tensor():
     # bf16 head (V, d) = (1000, 64): fp32 sum 256000 bytes; logits 2000 bytes a token
     w = torch.empty(1000, 64, dtype=torch.bfloat16)
