@@ -1,6 +1,6 @@
-"""Sweep ``strategy="vocab"``'s buffers on a GPU (fusedls/ops/linear_cross_entropy.py: CHUNK_BYTES
+"""Sweep ``strategy="vocab"``'s buffers on a GPU (CHUNK_BYTES of fusedls/ops/linear_cross_entropy.py
 for pass 1's token chunks, which live in the weight gradient's storage; VOCAB_BLOCK_BYTES and
-VOCAB_TAIL_DIVISOR for pass 2's blocks), on the Llama-3 8B head, next to torch and the token
+VOCAB_TAIL_DIVISOR of linear_cross_entropy_vocab.py for pass 2's blocks), on the Llama-3 8B head, next to torch and the token
 chunks timed the same way.
 
     python benchmarks/tune_linear_cross_entropy.py
@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fusedls  # noqa: E402
 from fusedls.ops import linear_cross_entropy as lce  # noqa: E402
+from fusedls.ops import linear_cross_entropy_vocab as lcv  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
 # (pass-1 chunk MiB, pass-2 block MiB, tail divisor); the first is nearest to what the H100 timed
@@ -80,13 +81,13 @@ def main() -> None:
     ms, peak = timed(lambda: step("tokens"))
     print(f"  strategy='tokens': {ms:8.2f} ms ({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB "
           f"({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
-    default = lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR
+    default = lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR
     for chunk, block, tail in CONFIGS:
-        lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = chunk << 20, block << 20, tail
+        lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = chunk << 20, block << 20, tail
         ms, peak = timed(lambda: step("vocab"))
         print(f"  strategy='vocab', chunk {chunk:4d} MiB, block {block:3d} MiB, tail 1/{tail}: {ms:8.2f} ms "
               f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
-    lce.CHUNK_BYTES["cuda"], lce.VOCAB_BLOCK_BYTES["cuda"], lce.VOCAB_TAIL_DIVISOR = default
+    lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = default
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ import torch
 
 import fusedls
 from fusedls.ops import linear_cross_entropy as lce
+from fusedls.ops import linear_cross_entropy_vocab as lcv
 from fusedls.ops import linear_cross_entropy_sums as sums
 from fusedls.testing import assert_close, reference_cross_entropy_options, tolerance
 
@@ -22,7 +23,7 @@ V, D = 37, 8  # 37 classes: three kernel chunks of 16 under small_chunks, the la
 def small_vocab_blocks(monkeypatch):
     """grad_weight summed in fp32 blocks of 16 classes: three blocks, the last one short."""
     monkeypatch.setattr(sums._WeightGrad, "VOCAB_BLOCK", 16)
-    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 16)  # strategy="vocab": blocks of 16, 16 and 5 classes
+    monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 16)  # strategy="vocab": blocks of 16, 16 and 5 classes
 
 
 STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab", "auto"])
@@ -158,7 +159,7 @@ def test_vocab_strategy_none_grad_hidden(backend, device, monkeypatch, dtype, in
     # blocks of 16 (small_vocab_blocks: 37 tokens make three, the last one short) when that sum
     # fits a block's bytes; else it recomputes the token chunks for it.
     if not in_blocks:
-        monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, device, 1)  # blocks keep VOCAB_BLOCK_COLS = 16
+        monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, device, 1)  # blocks keep VOCAB_BLOCK_COLS = 16
     chunks, calls = lce._backward_chunks, []
     monkeypatch.setattr(lce, "_backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
     h, w, b = (v.requires_grad_() for v in inputs((37,), dtype, device))
@@ -213,12 +214,12 @@ def test_vocab_strategy_holds_no_weight_sum(backend, device, monkeypatch, reduct
 
 
 def test_vocab_strategy_caps_default_chunks(monkeypatch):
-    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8)
+    monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 8)
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
     # in the weight gradient's storage (V D elements) pass 1 takes up to D = 8 rows: 4 chunks of 7
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab", borrowed=V * D * 4) == 7
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab", room=V * D * 4) == 7
 
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="runs the triton launchers on meta tensors")
@@ -231,8 +232,8 @@ def test_vocab_strategy_pass1_chunks_live_in_the_weight_gradient(monkeypatch, re
     from fusedls.bench.live_bytes import triton_on_meta
 
     n, d, v, s = 64, 16, 1024, 2
-    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)
-    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8192)
+    monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)
+    monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 8192)
     seen, chunks = [], lce._logits_chunks
 
     def spy(hidden, weight, bias, chunk_rows, storage=None):
@@ -310,9 +311,9 @@ def test_vocab_strategy_peak_memory(monkeypatch, reduction):
     # VOCAB_BLOCK_BYTES. Counted on meta tensors (the launchers run, the kernels do not;
     # fusedls/bench/memory_model.py's count of this kind matched the H100's max_memory_allocated).
     n, d, v, s = 64, 16, 1024, 2
-    monkeypatch.setattr(lce, "VOCAB_BLOCK_COLS", 8192)  # the bytes, not the cap, set the block
-    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)  # blocks of 128 classes
-    monkeypatch.setitem(lce.VOCAB_BLOCK_BYTES, "cpu", n * 128 * s)
+    monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 8192)  # the bytes, not the cap, set the block
+    monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)  # blocks of 128 classes
+    monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, "cpu", n * 128 * s)
     peak = _peak_bytes("vocab", reduction)
     grads, block, tail = (v + n) * d * s, n * 128 * s, n * 16 * s
     extra = n * d * 4 if reduction == "none" else 0  # none's backward: grad_hidden summed in fp32
@@ -388,6 +389,13 @@ def test_default_chunks_even_out(monkeypatch):
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None) == 9  # 3 chunks of 9, 9, 7
     assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 4) == 4
     assert lce._chunk_rows(0, V, 4, torch.device("cpu"), None) == 1
+    # room: the token chunks may take as many bytes as a half-precision head's gradient (20 rows)
+    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, room=20 * V * 4) == 13
+    h, w = torch.empty(25, D, dtype=torch.bfloat16), torch.empty(V, D, dtype=torch.bfloat16)
+    monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 8 * V)  # 4 bf16 rows, 2 fp32; the head's bytes: D = 8 bf16 rows
+    assert lce._pass1(h, w, 0, "tokens", True) == (7, None)  # 4 chunks of at most 8 rows
+    assert lce._pass1(h, w, 0, "tokens", False) == (4, None)  # no weight gradient, no fp32 sum to round
+    assert lce._pass1(h.float(), w.float(), 0, "tokens", True) == (2, None)  # fp32: the sum is the gradient
 
 
 def test_default_chunking_matches(backend, device, monkeypatch):

@@ -10,7 +10,9 @@ Layers (one name, ``linear_cross_entropy``, at each):
   ``fusedls/eager/cross_entropy.py``): no kernel of its own.
 
 Chunk loop. The logits exist one chunk of tokens at a time, in one reused buffer of about
-:data:`CHUNK_BYTES` bytes: per chunk ``logits = h_c @ W.T (+ b)`` (torch matmul: cuBLAS on GPU),
+:data:`CHUNK_BYTES` bytes (or, with the weight gradient of a bf16/fp16 head, as many bytes as that
+gradient, which rounding the fp32 sum holds beside it at the end anyway: :func:`_chunk_rows`):
+per chunk ``logits = h_c @ W.T (+ b)`` (torch matmul: cuBLAS on GPU),
 then the cross-entropy forward computes each row's loss and lse and, when gradients are wanted,
 overwrites the chunk IN PLACE with ``g = grad_scale * dloss/dlogits`` while each row is still in
 L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
@@ -37,39 +39,12 @@ the per-row upstream factors, so nothing logits-sized outlives a chunk either wa
 
 Which strategy: ``strategy="auto"`` (the default) takes the token chunks above when their
 working memory (fp32 sum + one chunk) is at most one ``(N, V)`` logits tensor, else the vocabulary
-blocks below (:func:`_pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
+blocks (:func:`_pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
 
-Vocabulary blocks (``strategy="vocab"``): no fp32 buffer of either gradient. The token
-chunks above need the fp32 ``(V, d)`` grad-weight sum (4 bytes per head element: 2 GB for the
-Llama-3 8B head). With ``strategy="vocab"`` the token chunks compute only what is complete within
-a chunk, each row's loss, lse, coef and ``grad_hidden[chunk] = g @ W`` (one matmul over all V,
-fp32 accumulation inside it); then a second pass sweeps blocks of classes (at most
-:data:`VOCAB_BLOCK_COLS`, and at most :data:`VOCAB_BLOCK_BYTES` of logits):
-``x = H @ W[blk].T (+ b[blk])`` for ALL tokens in one reused ``(N, Cb)`` buffer, turned in place
-into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient (``local_grad`` of
-``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on a slice of the
-classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul over every
-token, fp32 accumulation inside it, written once in the weight dtype) and ``grad_b[blk] =
-g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does).
-``none``: forward runs pass 1 for lse and coef only; backward runs the blocks with the per-row
-factors, each block also adding ``g @ W[blk]`` to grad_hidden, summed over the blocks in fp32,
-when that ``(N, d)`` fp32 sum is no larger than a block (VOCAB_BLOCK_BYTES: 256 MiB, 16k tokens
-at d = 4096); else it recomputes the token chunks for grad_hidden first (a 5th matmul, no such
-buffer).
-
-Memory besides the inputs and the gradients themselves: grad_W is allocated before pass 1, whose
-token chunks live in its storage (nothing is written there before pass 2), so they are as large
-as the token strategy's (up to CHUNK_BYTES, at most d tokens) at no cost in memory; the blocks
-then borrow theirs from grad_W's rows not written yet (those after the block), shrinking as those
-run out, and only the last classes take an own buffer of 1/VOCAB_TAIL_DIVISOR of a block
-(:func:`_vocab_blocks`). Without a weight gradient to borrow from (a frozen head; the forward
-of ``none``, which computes no gradient) chunks and blocks use one own buffer of at most
-``VOCAB_BLOCK_BYTES``. Llama-3 8B head (N = 16384, d = 4096, V = 128256, bf16): 4 token chunks of
-4096 in grad_W, then 26 blocks (11 of 8192 classes, then 7616 down to 1280, then 1024s); 1002
-MiB grad_weight + 128 MiB grad_hidden + a 32 MiB tail buffer, 1163 MiB against 12024 MiB for
-``F.linear`` + torch's cross-entropy (``none``: 1387 MiB with grad_hidden's fp32 sum). Cost: the
-logits matmul runs twice (4 matmuls of ``N V d`` instead of 3; 5 for ``none`` past that sum's
-budget), and the cross-entropy work over the logits twice.
+Vocabulary blocks (``strategy="vocab"``, no fp32 buffer of the weight gradient, a 4th matmul):
+the token chunks above give each row's loss, lse and coef (and, for ``mean``/``sum``,
+grad_hidden), then a second pass over blocks of classes gives the rest; that pass, its buffers
+and its cost are in ``linear_cross_entropy_vocab.py``.
 """
 
 from __future__ import annotations
@@ -82,7 +57,8 @@ from .. import _backend
 from .._dtypes import acc_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._custom_op import custom_op
-from .linear_cross_entropy_sums import _Grads, _WeightGrad
+from . import linear_cross_entropy_vocab as vocab
+from .linear_cross_entropy_sums import _Grads
 from .cross_entropy import (
     CrossEntropyResult,
     _check_target_values,
@@ -98,38 +74,32 @@ REDUCTIONS = ("none", "mean", "sum")
 # Bytes of one chunk of logits, per device type: large enough that the matmuls stay efficient
 # (a few thousand tokens at LLM vocabularies), small next to the whole logits.
 # On CUDA every chunk after the first also costs one read-add-write of the fp32 grad-weight sum
-# (12 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
-# at 16k tokens.
+# (8 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
+# at 16k tokens (and a half-precision head's gradient bytes, when larger, set the size: 4 chunks
+# for a 256k head, whose gradient is 2000 MiB, instead of 8).
 # "meta": tensors without data stand for a GPU's (memory planning, fusedls/bench/live_bytes.py).
 CHUNK_BYTES = {"cuda": 1 << 30, "meta": 1 << 30, "cpu": 32 << 20}
 STRATEGIES = ("auto", "tokens", "vocab")
-# strategy="vocab": at most this many classes per block of the second pass and at most
-# VOCAB_BLOCK_BYTES of logits (an (N, cols) buffer); without a weight gradient to borrow from (see
-# _pass1), the token chunks of the first pass are capped at the same bytes when chunk_size is not
-# given, so one buffer of that size is the whole working memory. 256 MiB: 8192 classes for 16k bf16 tokens (matmuls of 16384 x 4096 x 8192 stay efficient).
-VOCAB_BLOCK_COLS = 8192
-VOCAB_BLOCK_BYTES = {"cuda": 256 << 20, "meta": 256 << 20, "cpu": 32 << 20}
-# Pass 2 borrows its block buffer from the weight gradient's rows not written yet (those after the
-# block), shrinking the blocks as they run out (a block of c classes needs N c elements: c <= the
-# remaining classes x d / (N + d)); below 1/VOCAB_TAIL_DIVISOR of a full block it takes an own
-# buffer of that size for the last classes. Blocks are multiples of 16 classes.
-VOCAB_TAIL_DIVISOR = 8
-
-
 def _chunk_rows(
     n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens",
-    borrowed: int = 0,
+    room: int = 0,
 ) -> int:
-    """Tokens per chunk: ``chunk_size`` (None or 0: the default), or as many as fit CHUNK_BYTES,
-    evened out over chunks. ``strategy="vocab"``: no more than ``borrowed`` bytes when given (the
-    weight gradient's storage, which pass 1 may use: nothing is written there before pass 2),
-    else no more than pass 2's ``(N, VOCAB_BLOCK_COLS)`` block."""
+    """Tokens per chunk: ``chunk_size`` (None or 0: the default), or as many as fit a budget of
+    CHUNK_BYTES, evened out over chunks, with ``room`` (bytes, 0: none):
+
+    * ``"tokens"``: at least ``room``, the bytes of a half-precision head's gradient, which
+      rounding the fp32 sum holds beside it at the end anyway (fewer chunks, no more memory);
+    * ``"vocab"``: at most ``room``, the weight gradient's storage, which pass 1 may use (nothing
+      is written there before pass 2); without it, at most pass 2's ``(N, VOCAB_BLOCK_COLS)`` block.
+    """
     if chunk_size:
         return max(1, min(chunk_size, n_rows))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if strategy == "vocab":
-        block = max(1, n_rows) * _block_cols(n_rows, n_cols, element_size, device) * element_size
-        budget = min(budget, borrowed or block)
+        block = max(1, n_rows) * vocab.block_cols(n_rows, n_cols, element_size, device) * element_size
+        budget = min(budget, room or block)
+    else:
+        budget = max(budget, room)
     most = max(1, budget // max(1, n_cols * element_size))
     n_chunks = -(-n_rows // most) if n_rows else 1
     return max(1, -(-n_rows // n_chunks))
@@ -149,17 +119,6 @@ def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows:
     weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() else 0
     logits_row = n_cols * weight.element_size()
     return "tokens" if weight_sum + min(chunk_rows, n_rows) * logits_row <= n_rows * logits_row else "vocab"
-
-
-def _block_cols(n_rows: int, n_cols: int, element_size: int, device: torch.device) -> int:
-    """Classes per vocabulary block of ``strategy="vocab"``: VOCAB_BLOCK_COLS, fewer when N is
-    large enough that the block would pass VOCAB_BLOCK_BYTES (a multiple of 128, at least 128)."""
-    budget = VOCAB_BLOCK_BYTES.get(device.type, VOCAB_BLOCK_BYTES["cpu"])
-    fit = budget // max(1, n_rows * element_size)
-    cols = min(VOCAB_BLOCK_COLS, n_cols)
-    if fit < cols:
-        cols = min(cols, max(128, fit // 128 * 128))
-    return max(1, cols)
 
 
 def _impl(backend: str):
@@ -226,101 +185,18 @@ def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse,
     return grads.result(bias)
 
 
-def _vocab_blocks(hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int):
-    """Yields ``(blk, x)``: the vocabulary blocks of pass 2 and an ``(N, len(blk))`` buffer for
-    each, in the rows of ``grad_w`` after ``blk`` (not written yet) while they hold it, then in
-    one own buffer of a tail block (VOCAB_TAIL_DIVISOR); one own full-block buffer when there is
-    no weight gradient to borrow from (``grad_w`` None, or another dtype than the logits')."""
-    n_rows = hidden.shape[0]
-    cols = _block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
-    borrow = grad_w is not None and grad_w.dtype == hidden.dtype and grad_w.is_contiguous() and n_rows > 0
-    flat, d = (grad_w.view(-1), grad_w.shape[1]) if borrow else (None, 0)
-    tail = min(cols, max(16, cols // VOCAB_TAIL_DIVISOR // 16 * 16))
-    own = None
-    start = 0
-    while start < n_cols:
-        c = min(cols, n_cols - start)
-        if borrow:
-            fit = (n_cols - start) * d // (n_rows + d) // 16 * 16  # N c <= (n_cols - start - c) d
-            if fit >= min(c, tail):  # a whole block, or a shrunk one no smaller than the tail
-                c = min(c, fit)
-                end = (start + c) * d
-                yield slice(start, start + c), flat[end : end + n_rows * c].view(n_rows, c)
-                start += c
-                continue
-            borrow, cols = False, tail
-            c = min(cols, n_cols - start)
-        if own is None:
-            own = hidden.new_empty(n_rows * cols)
-        yield slice(start, start + c), own[: n_rows * c].view(n_rows, c)  # contiguous, ragged last
-        start += c
-
-
 def _pass1(hidden, weight, chunk_size, strategy, need_weight):
-    """``(chunk_rows, grad_w)`` of a call: tokens per chunk, and for ``strategy="vocab"`` with a
-    weight gradient that gradient's (uninitialised) tensor, allocated before pass 1 so that pass
-    1's chunk buffer can live in it (pass 2 writes it), else None."""
+    """``(chunk_rows, grad_w)`` of a call: tokens per chunk (see _chunk_rows's ``room``), and for
+    ``strategy="vocab"`` with a weight gradient that gradient's (uninitialised) tensor, allocated
+    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None."""
     grad_w = torch.empty_like(weight) if strategy == "vocab" and need_weight else None
-    borrowed = grad_w.numel() * grad_w.element_size() if grad_w is not None and grad_w.is_contiguous() else 0
+    head_bytes = weight.numel() * weight.element_size()
+    if grad_w is not None:
+        room = head_bytes if grad_w.is_contiguous() else 0
+    else:
+        room = head_bytes if need_weight and acc_dtype(weight) != weight.dtype else 0
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
-    return _chunk_rows(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, borrowed), grad_w
-
-
-def _grad_hidden_in_blocks(hidden: torch.Tensor) -> bool:
-    """``strategy="vocab"``, backward of ``none``: whether grad_hidden is summed over the blocks,
-    i.e. its fp32 ``(N, d)`` sum is no larger than a block (VOCAB_BLOCK_BYTES)."""
-    budget = VOCAB_BLOCK_BYTES.get(hidden.device.type, VOCAB_BLOCK_BYTES["cpu"])
-    return hidden.numel() * acc_dtype(hidden).itemsize <= budget
-
-
-def _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
-                       softcap, need, backend, grad_w=None):  # fmt: skip
-    """Second pass of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale *
-    loss`` (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (hidden, weight, bias)
-    (empty where not needed), grad_weight written into ``grad_w`` when given; see the module
-    docstring. grad_hidden (the backward of ``none``) is summed over the blocks in fp32."""
-    n_rows, n_cols, acc = hidden.shape[0], weight.shape[0], acc_dtype(hidden)
-    if grad_w is None:
-        grad_w = torch.empty_like(weight) if need[1] else hidden.new_empty(0)
-    grad_b = torch.empty_like(bias) if need[2] else hidden.new_empty(0)
-    grad_h = _WeightGrad(hidden) if need[0] else None  # sum over blocks of g @ W[blk]: (g.T).T @ W[blk]
-    if not any(need):
-        return hidden.new_empty(0), grad_w, grad_b
-    local = _backend.implementation(
-        "vocab_parallel_cross_entropy",
-        backend if _backend.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
-    )
-    y = target.long()
-    ignored = y == ignore_index
-    valid = ~ignored & (y >= 0) & (y < n_cols)
-    bad = ~valid & ~ignored
-    # Ignored rows: lse +inf, so p_c = 0 whatever the logits (forward left lse = coef = 0 there).
-    lse = lse.masked_fill(ignored, float("inf"))
-    scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-    y_safe = y.masked_fill(~valid, 0)
-    target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
-    for blk, x in _vocab_blocks(hidden, grad_w if need[1] else None, n_cols):
-        if bias is None:
-            torch.mm(hidden, weight[blk].t(), out=x)
-        else:
-            torch.addmm(bias[blk], hidden, weight[blk].t(), out=x)
-        owned = valid & (y >= blk.start) & (y < blk.stop)
-        y_local = (y - blk.start).masked_fill(~owned, 0)
-        target_coef = torch.where(owned, target_term, 0.0)
-        w_blk = class_weight[blk] if class_weight is not None else None
-        for rows in local.row_chunks(n_rows, x.shape[1]):  # x becomes g in place (rows read first)
-            local.local_grad(
-                x[rows], lse[rows], coef[rows], y_local[rows], target_coef[rows], w_blk, keep, spread, softcap,
-                scale[rows], acc, out=x[rows],
-            )  # fmt: skip
-        if grad_h is not None:
-            grad_h.add(x.t(), weight[blk])
-        if need[1]:
-            torch.mm(x.t(), hidden, out=grad_w[blk])
-        if need[2]:
-            grad_b[blk] = x.sum(0, dtype=acc)
-    x = None  # the last block's buffer, freed before the fp32 sum is rounded
-    return (grad_h.result() if grad_h is not None else hidden.new_empty(0)), grad_w, grad_b
+    return _chunk_rows(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, room), grad_w
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -359,7 +235,7 @@ def _linear_cross_entropy_fwd(
         chunk_rows, per_chunk, backend, storage=grad_w,
     )  # fmt: skip
     if strategy == "vocab":
-        _, grad_w, grad_b = _vocab_block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
+        _, grad_w, grad_b = vocab.block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
                                                ignore_index, keep, spread, softcap, (False, *need[1:]), backend,
                                                grad_w)  # fmt: skip
     else:
@@ -415,11 +291,11 @@ def _linear_cross_entropy_bwd(
         return _backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
     # grad_hidden: summed over the blocks when its fp32 sum is small (module docstring), else from
     # the token chunks recomputed (a 5th matmul, no such buffer)
-    in_blocks = need_hidden and _grad_hidden_in_blocks(hidden)
+    in_blocks = need_hidden and vocab.grad_hidden_in_blocks(hidden)
     grad_h = hidden.new_empty(0)
     if need_hidden and not in_blocks:
         grad_h = _backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]
-    block_h, grad_w, grad_b = _vocab_block_grads(*args, grad_loss, *opts, (in_blocks, need_weight, need_bias),
+    block_h, grad_w, grad_b = vocab.block_grads(*args, grad_loss, *opts, (in_blocks, need_weight, need_bias),
                                                  backend, grad_w)  # fmt: skip
     return (block_h if in_blocks else grad_h), grad_w, grad_b
 
