@@ -437,10 +437,10 @@ def linear_cross_entropy(
     tokens at a time (default: about ``CHUNK_BYTES`` of logits; see the module docstring for the
     gradient accumulation), so the peak is that chunk plus an fp32 ``(V, d)`` buffer for
     ``grad_weight`` (for a bf16/fp16 head), instead of several ``(N, V)`` tensors.
-    ``strategy="vocab"`` holds no fp32 buffer at all: besides the gradients, one chunk of at
-    most ``VOCAB_BLOCK_BYTES`` of logits, then blocks of classes mostly held in the weight
-    gradient's unwritten rows, at the price of one more logits matmul (module docstring); same
-    values and gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
+    ``strategy="vocab"`` holds no fp32 buffer of the weight gradient: its token chunks, then
+    most of its blocks of classes, live in that gradient's storage not yet written, and only
+    the last classes take a small own buffer, at the price of one more logits matmul
+    (``linear_cross_entropy_vocab.py``); same values and gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
     ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
     one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
