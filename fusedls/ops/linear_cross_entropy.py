@@ -22,8 +22,9 @@ L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
 * ``grad_weight += g.T @ h_c`` summed in fp32 (fp64 for fp64) across chunks: for a bf16/fp16
   head, in fp32 blocks of 16384 classes; on CUDA each block's product is one cuBLAS matmul with
   an fp32 output (fp32 accumulation within the chunk, never rounded to bf16) that adds into the
-  block (``addmm(out_dtype=float32)``; see _WeightGrad for the fallback); elsewhere ``g`` and ``h_c`` are upcast to fp32 for that matmul.
-  The sum is rounded once to the weight dtype at the end, block by block (see _WeightGrad),
+  block (``addmm(out_dtype=float32)``; see _WeightGrad for the fallback); elsewhere the block's
+  slice of ``g`` and ``h_c`` are upcast to fp32 for that matmul. The sum is rounded once to the
+  weight dtype at the end, block by block (see _WeightGrad),
 * ``grad_bias += g.sum(0)`` in fp32 likewise.
 
 Label smoothing, class weights, z-loss and soft-capping are applied by the cross-entropy kernel

@@ -24,8 +24,9 @@ class _WeightGrad:
     into the block for the first chunk (``mm(out_dtype=float32)``), added to it by the matmul
     itself after that (``addmm(out_dtype=float32)`` with the block as input and output), or, where
     torch refuses an fp32 input there, written into a reused scratch block then added; elsewhere
-    the chunk is upcast for the matmul. :meth:`result` rounds block by block into the weight dtype
-    and frees each fp32 block once copied, so the fp32 sum and the result never coexist whole.
+    each block's slice of the chunk is upcast for its matmul. :meth:`result` rounds block by
+    block into the weight dtype and frees each fp32 block once copied, so the fp32 sum and the
+    result never coexist whole.
 
     The same sum serves grad_hidden over the vocabulary blocks of ``strategy="vocab"``'s backward
     of ``none`` (``_WeightGrad(hidden)``, ``add(g_blk.T, W[blk])``: rows for classes).
@@ -52,13 +53,13 @@ class _WeightGrad:
     def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
         exact = self.whole is not None
         cuda = g.device.type in _Dispatch.MM_OUT_DTYPE_DEVICES and _Dispatch.mm_out_dtype_works
-        if not (exact or cuda):
-            g, h = g.to(self.acc), h.to(self.acc)  # upcast the chunk (CPU)
-            exact = True
+        upcast = not (exact or cuda)  # CPU: each block's slice of the chunk upcast for its matmul
+        if upcast:
+            h = h.to(self.acc)
         for i, block in enumerate(self.blocks):
             g_blk = g[:, i * self.VOCAB_BLOCK : i * self.VOCAB_BLOCK + block.shape[0]]
-            if exact:
-                block.addmm_(g_blk.t(), h)
+            if exact or upcast:
+                block.addmm_(g_blk.t().to(block.dtype), h)
             else:
                 self._add_fp32_product(block, g_blk, h)
         self.empty = False
