@@ -237,8 +237,8 @@ def _linear_cross_entropy_fwd(
     )  # fmt: skip
     if strategy == "vocab":
         _, grad_w, grad_b = vocab.block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
-                                               ignore_index, keep, spread, softcap, (False, *need[1:]), backend,
-                                               grad_w)  # fmt: skip
+                                              ignore_index, keep, spread, softcap, (False, *need[1:]), backend,
+                                              grad_w)  # fmt: skip
     else:
         grad_w = grad_w_chunks
     return loss, lse, coef, grad_h, grad_w, grad_b

@@ -105,8 +105,8 @@ def grad_hidden_in_blocks(hidden: torch.Tensor) -> bool:
     return hidden.numel() * acc_dtype(hidden).itemsize <= budget
 
 
-def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
-                       softcap, need, backend, grad_w=None):  # fmt: skip
+def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread, softcap,
+                need, backend, grad_w=None):  # fmt: skip
     """Second pass of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale *
     loss`` (``scale`` 0-dim or (N,)) by vocabulary blocks, for ``need`` = (hidden, weight, bias)
     (empty where not needed), grad_weight written into ``grad_w`` when given; see the module
