@@ -290,9 +290,10 @@ def _linear_cross_entropy_bwd(
     opts = (ignore_index, keep, spread, softcap)
     if strategy != "vocab":
         return _backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
-    # grad_hidden: summed over the blocks when its fp32 sum is small (module docstring), else from
-    # the token chunks recomputed (a 5th matmul, no such buffer)
-    in_blocks = need_hidden and vocab.grad_hidden_in_blocks(hidden)
+    # grad_hidden: summed over the blocks when they run anyway (a weight or bias gradient) and its
+    # fp32 sum is small (linear_cross_entropy_vocab.py), else from the token chunks recomputed (a
+    # 5th matmul with the blocks, no such buffer)
+    in_blocks = need_hidden and (need_weight or need_bias) and vocab.grad_hidden_in_blocks(hidden)
     grad_h = hidden.new_empty(0)
     if need_hidden and not in_blocks:
         grad_h = _backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]

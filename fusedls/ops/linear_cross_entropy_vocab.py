@@ -16,7 +16,7 @@ g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token st
 factors, each block also adding ``g @ W[blk]`` to grad_hidden, summed over the blocks in fp32,
 when that ``(N, d)`` fp32 sum is no larger than a block (VOCAB_BLOCK_BYTES: 256 MiB, 16k tokens
 at d = 4096); else it recomputes the token chunks for grad_hidden first (a 5th matmul, no such
-buffer).
+buffer), as it does for a frozen head (no weight or bias gradient: no blocks at all).
 
 Memory besides the inputs and the gradients themselves: grad_W is allocated before pass 1, whose
 token chunks live in its storage (nothing is written there before pass 2), so they are as large
