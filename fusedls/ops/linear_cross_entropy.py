@@ -110,7 +110,7 @@ def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows:
     """``"auto"``: the token chunks (3 matmuls) when their working memory, the fp32 ``(V, d)``
     grad-weight sum of a half-precision head plus one chunk of logits, is no more than one
     ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
-    (one buffer of at most VOCAB_BLOCK_BYTES, a 4th matmul). Llama-3 8B head (d = 4096, V =
+    (their buffers mostly in the weight gradient's storage, a 4th matmul). Llama-3 8B head (d = 4096, V =
     128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096 tokens the
     token chunks would take 3038 MiB against torch's 3006)."""
     if strategy != "auto":
