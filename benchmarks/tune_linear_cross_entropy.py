@@ -1,7 +1,7 @@
 """Sweep ``strategy="vocab"``'s buffers on a GPU (CHUNK_BYTES of fusedls/ops/linear_cross_entropy.py
 for pass 1's token chunks, which live in the weight gradient's storage; VOCAB_BLOCK_BYTES and
-VOCAB_TAIL_DIVISOR of linear_cross_entropy_vocab.py for pass 2's blocks), on the Llama-3 8B head, next to torch and the token
-chunks timed the same way.
+VOCAB_TAIL_DIVISOR of linear_cross_entropy_vocab.py for pass 2's blocks), on the Llama-3 8B head,
+next to torch and the token chunks timed the same way.
 
     python benchmarks/tune_linear_cross_entropy.py
 

@@ -144,8 +144,8 @@ _CE_ROW_STRIDES = {"stride_logits", "stride_target", "stride_grad", "stride_grad
 _ROW_SIZES = {"n_cols", "n_elements"}
 
 # vector_norm: fwd ``MNPSZTF``: MAXIMUM, NEGATIVE, POWER, SQUARE, NONZERO (the norm's kind, one of
-# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), TIES (for ord +-inf), FINAL; merge ``MNPSZ``; bwd ``MPS``. Row
-# sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R as for many rows.
+# _VNORM_KINDS: p = 1, 2, p > 0, p < 0, inf, -inf, 0), TIES (for ord +-inf), FINAL; merge ``MNPSZ``;
+# bwd ``MPS``. Row sizes ``VECTOR_NORM_SIZES`` (many rows, except the split path's 2^20); BLOCK_R as for many rows.
 VECTOR_NORM_SIZES = (7, 1000, 4096, 1 << 20)
 _VNORM_KINDS = ("-----", "---S-", "--P--", "-NP--", "M----", "MN---", "----Z")
 _VNORM_FLAGS = ("MAXIMUM", "NEGATIVE", "POWER", "SQUARE", "NONZERO")

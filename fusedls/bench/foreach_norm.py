@@ -151,7 +151,8 @@ class ForeachBench(OpBench):
     def providers(self) -> list[Provider]:
         found = [Provider("torch", "torch", functools.partial(_torch, self.name, self.max_norm))]
         for backend in (b.name for b in fusedls.backends()):
-            found.append(Provider(f"fusedls/{backend}", "fusedls", functools.partial(_fusedls, self.name, self.max_norm, backend),
+            run = functools.partial(_fusedls, self.name, self.max_norm, backend)
+            found.append(Provider(f"fusedls/{backend}", "fusedls", run,
                                   functools.partial(backend_why_not, "foreach_norm", backend)))  # fmt: skip
         return found
 

@@ -81,6 +81,8 @@ REDUCTIONS = ("none", "mean", "sum")
 # "meta": tensors without data stand for a GPU's (memory planning, fusedls/bench/live_bytes.py).
 CHUNK_BYTES = {"cuda": 1 << 30, "meta": 1 << 30, "cpu": 32 << 20}
 STRATEGIES = ("auto", "tokens", "vocab")
+
+
 def _chunk_rows(
     n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens",
     room: int = 0,
@@ -110,9 +112,9 @@ def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows:
     """``"auto"``: the token chunks (3 matmuls) when their working memory, the fp32 ``(V, d)``
     grad-weight sum of a half-precision head plus one chunk of logits, is no more than one
     ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
-    (their buffers mostly in the weight gradient's storage, a 4th matmul). Llama-3 8B head (d = 4096, V =
-    128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096 tokens the
-    token chunks would take 3038 MiB against torch's 3006)."""
+    (their buffers mostly in the weight gradient's storage, a 4th matmul). Llama-3 8B head (d =
+    4096, V = 128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096
+    tokens the token chunks would take 3038 MiB against torch's 3006)."""
     if strategy != "auto":
         return strategy
     n_cols, d = weight.shape
@@ -442,8 +444,9 @@ def linear_cross_entropy(
     ``strategy="vocab"`` holds no fp32 buffer of the weight gradient: its token chunks, then
     most of its blocks of classes, live in that gradient's storage not yet written, and only
     the last classes take a small own buffer, at the price of one more logits matmul
-    (``linear_cross_entropy_vocab.py``); same values and gradients. Llama-3 8B head, bf16, counted with ``python -m fusedls.bench.memory_model``:
-    ``F.linear`` + torch's cross-entropy 12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
+    (``linear_cross_entropy_vocab.py``); same values and gradients. Llama-3 8B head, bf16,
+    counted with ``python -m fusedls.bench.memory_model``: ``F.linear`` + torch's cross-entropy
+    12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
     one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
     head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks
