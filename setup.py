@@ -1,6 +1,6 @@
 """Build script. Metadata lives in pyproject.toml; this file declares the native CPU library
 of the ``cpp`` backend (csrc/cpu), one extension per instruction-set variant (see
-fusedls/cpp/_build.py), built with torch's BuildExtension (ninja).
+fusedls/backend/cpp/_build.py), built with torch's BuildExtension (ninja).
 
     pip install --no-build-isolation -e ".[test]"     # torch installed first, as it must be
 
@@ -8,7 +8,7 @@ The variants are built when torch is importable at build time (hence --no-build-
 an isolated build would fetch a multi-GB CUDA torch, so it is never asked for) and a C++
 compiler is present. ``FUSEDLS_NO_EXTENSIONS=1`` skips them. Without them, or if one fails to
 compile (a warning says why), the install still succeeds and the library is compiled on first
-request instead (fusedls/_native.py). The CUDA backend is never built here: it compiles on
+request instead (fusedls/backend/_native.py). The CUDA backend is never built here: it compiles on
 first use on a GPU machine.
 """
 
@@ -41,11 +41,11 @@ def _native_extensions():
         _say(f"no C++ compiler ({compiler!r}): the cpp backend is not built")
         return [], {}
     sys.path.insert(0, HERE)
-    from fusedls.cpp import _build
+    from fusedls.backend.cpp import _build
 
     extensions = [
         cpp_extension.CppExtension(
-            name=f"fusedls.cpp.{_build.library_name(variant)}",
+            name=f"fusedls.backend.cpp.{_build.library_name(variant)}",
             sources=[os.path.join("csrc", source) for source in _build.SOURCES],
             extra_compile_args=_build.compile_flags(variant),
             extra_link_args=list(_build.LINK_FLAGS),

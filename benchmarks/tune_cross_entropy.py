@@ -1,4 +1,4 @@
-"""Sweep the cross-entropy launch parameters on a GPU (fusedls/kernels/tuning.py).
+"""Sweep the cross-entropy launch parameters on a GPU (fusedls/backend/triton/tuning.py).
 
     python benchmarks/tune_cross_entropy.py [--quick]
 
@@ -25,8 +25,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import fusedls  # noqa: E402
-from fusedls.kernels import cross_entropy as kernels  # noqa: E402
-from fusedls.kernels import tuning  # noqa: E402
+from fusedls.backend.triton import cross_entropy as kernels  # noqa: E402
+from fusedls.backend.triton import tuning  # noqa: E402
 
 SHAPES = ((1024, 32000), (4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256), (4096, 256000))
 

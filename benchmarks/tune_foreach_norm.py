@@ -1,5 +1,5 @@
 """Sweep the multi-tensor kernels' chunk, chunks per work item, warps and merge step on a GPU
-(fusedls/kernels/tuning.py).
+(fusedls/backend/triton/tuning.py).
 
     python benchmarks/tune_foreach_norm.py
 
@@ -28,7 +28,7 @@ from triton.testing import do_bench  # noqa: E402
 
 import fusedls  # noqa: E402
 from fusedls.bench.foreach_norm import _param_shapes  # noqa: E402
-from fusedls.kernels import tuning  # noqa: E402
+from fusedls.backend.triton import tuning  # noqa: E402
 
 BUDGET_S = 280  # the sweep stops starting new settings after this long
 BLOCKS, CHUNKS, WARPS = (2048, 4096, 8192), (1, 2, 4, 8), (4, 8, 16)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedls  # noqa: E402
-from fusedls.ops import linear_cross_entropy as lce  # noqa: E402
+from fusedls.ops import linear_cross_entropy_tokens as lct  # noqa: E402
 from fusedls.ops import linear_cross_entropy_vocab as lcv  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
@@ -81,13 +81,13 @@ def main() -> None:
     ms, peak = timed(lambda: step("tokens"))
     print(f"  strategy='tokens': {ms:8.2f} ms ({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB "
           f"({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
-    default = lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR
+    default = lct.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR
     for chunk, block, tail in CONFIGS:
-        lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = chunk << 20, block << 20, tail
+        lct.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = chunk << 20, block << 20, tail
         ms, peak = timed(lambda: step("vocab"))
         print(f"  strategy='vocab', chunk {chunk:4d} MiB, block {block:3d} MiB, tail 1/{tail}: {ms:8.2f} ms "
               f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
-    lce.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = default
+    lct.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = default
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Sweep vector_norm's split-path programs per SM for every kind of ord on a GPU
-(fusedls/kernels/tuning.py: VECTOR_NORM_SPLIT_PROGRAMS_PER_SM).
+(fusedls/backend/triton/tuning.py: VECTOR_NORM_SPLIT_PROGRAMS_PER_SM).
 
     python benchmarks/tune_vector_norm.py
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import fusedls  # noqa: E402
-from fusedls.kernels import tuning  # noqa: E402
+from fusedls.backend.triton import tuning  # noqa: E402
 
 ORDS = (2.0, 1.0, 0.0, float("inf"), float("-inf"), 3.0)
 PER_SM = (2, 3, 4)

@@ -12,9 +12,11 @@ triton nor a GPU nor a compiler.
 """
 
 from . import distributed, nn
-from ._backend import BackendInfo, backends, set_backend, use_backend
-from .ops.cross_entropy import CrossEntropyResult, cross_entropy
-from .ops.dropout import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
+from .backend.registry import BackendInfo, backends, set_backend, use_backend
+from .ops._loss import CrossEntropyResult
+from .ops.cross_entropy import cross_entropy
+from .ops.dropout import dropout, dropout_add
+from .ops.dropout_norm import dropout_add_layer_norm, dropout_add_rms_norm
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.foreach_norm import (
     clip_grad_norm_, foreach_norm, l1_penalty, l2_penalty, regularization_penalty, total_norm,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .ops._checks import check_unit_interval
 from .ops.cross_entropy import cross_entropy
-from .ops.dropout import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
+from .ops.dropout import dropout
+from .ops.dropout_norm import dropout_add_layer_norm, dropout_add_rms_norm
+from .ops.foreach_norm import regularization_penalty
 from .ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "Dropout", "DropoutAddLayerNorm", "DropoutAddRMSNorm", "LinearCrossEntropyLoss", "RegularizationPenalty"]
@@ -103,10 +106,48 @@ class RegularizationPenalty(torch.nn.Module):
         self.l1, self.l2, self.include = l1, l2, include
 
     def forward(self, module: torch.nn.Module) -> torch.Tensor:
-        from .ops.foreach_norm import regularization_penalty
-
         return regularization_penalty(module, self.l1, self.l2, include=self.include)
 
     def extra_repr(self) -> str:
         return f"l1={self.l1}, l2={self.l2}" + (f", include={self.include!r}" if self.include else "")
 
+
+class Dropout(torch.nn.Dropout):
+    """:class:`torch.nn.Dropout` computed by :func:`fusedls.dropout` (no mask stored)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout(input, self.p, self.training, self.inplace)
+
+
+class _DropoutAddNorm(torch.nn.Module):
+    def __init__(self, hidden_size: int, p: float, eps: float, bias: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.p = check_unit_interval("p", p)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, p={self.p}, eps={self.eps}"
+
+
+class DropoutAddRMSNorm(_DropoutAddNorm):
+    """``forward(x, residual=None) -> (y, h)``: :func:`dropout_add_rms_norm` with a learned weight."""
+
+    def __init__(self, hidden_size: int, p: float = 0.1, eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__(hidden_size, p, eps, False, device, dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return dropout_add_rms_norm(x, residual, self.weight, self.p, self.eps, self.training)
+
+
+class DropoutAddLayerNorm(_DropoutAddNorm):
+    """``forward(x, residual=None) -> (y, h)``: :func:`dropout_add_layer_norm` with weight and bias."""
+
+    def __init__(
+        self, hidden_size: int, p: float = 0.1, eps: float = 1e-5, bias: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__(hidden_size, p, eps, bias, device, dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, self.eps, self.training)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import fusedls  # noqa: E402
-from fusedls import _backend  # noqa: E402
+from fusedls.backend import registry  # noqa: E402
 
 
 
@@ -23,7 +23,7 @@ def _interpreter_rounds_fp32_to_bf16_like_a_gpu() -> None:
     """Triton's interpreter truncates fp32 -> bf16; GPUs round to nearest even. Without this
     the interpreter's bf16 results carry up to twice the rounding error the kernels really
     have, and the tolerance table would have to hide it."""
-    if not _backend.interpreting() or _backend._triton_import_error():
+    if not registry.interpreting() or registry._triton_import_error():
         return
     import numpy as np
     import triton.language as tl
@@ -48,7 +48,7 @@ def _interpreter_rounds_fp32_to_bf16_like_a_gpu() -> None:
 
 _interpreter_rounds_fp32_to_bf16_like_a_gpu()
 
-ON_GPU = torch.cuda.is_available() and not _backend.interpreting()
+ON_GPU = torch.cuda.is_available() and not registry.interpreting()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 AVAILABLE = [b.name for b in fusedls.backends() if b.available]
@@ -69,10 +69,20 @@ def backend(request):
             pytest.skip(f"backend {name} runs on {'CPU' if name == 'cpp' else 'CUDA'} tensors, tests use {DEVICE}")
         # The op under test: the module's OP, else its name (test_<op>.py, test_<op>_edges.py).
         op = getattr(request.module, "OP", request.module.__name__.removeprefix("test_").split("_edges")[0])
-        if not _backend.has_implementation(op, name):
+        if not registry.has_implementation(op, name):
             pytest.skip(f"backend {name} has no {op}")
     with fusedls.use_backend(name):
         yield name
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend_selection(monkeypatch):
+    """Each test starts from the selection the process started with and an empty resolution
+    cache, and whatever it changes (set_backend, FUSEDLS_BACKEND read again, the interpreter
+    flag) is undone after it."""
+    for name in ("requested", "from_environment", "interpreting"):
+        monkeypatch.setattr(registry._State, name, getattr(registry._State, name))
+    monkeypatch.setattr(registry, "_RESOLVED", {})
 
 
 @pytest.fixture
@@ -80,13 +90,13 @@ def small_chunks(monkeypatch):
     """Chunks of 16 classes, so small vocabularies run the kernels' chunk loop many times, and
     3 programs, so each program of a persistent kernel loops over several rows."""
     if "triton" in AVAILABLE:
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_MAX_BLOCK", {2: 16, 4: 16})
         monkeypatch.setattr(tuning, "INTERPRETER_PROGRAMS", 3)
-    monkeypatch.setattr("fusedls.eager.cross_entropy._BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr("fusedls.eager.cross_entropy._DEVICE_BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr("fusedls.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps
+    monkeypatch.setattr("fusedls.backend.eager.cross_entropy._BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr("fusedls.backend.eager.cross_entropy._DEVICE_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr("fusedls.backend.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps
 
 
 @pytest.fixture

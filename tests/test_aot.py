@@ -1,4 +1,4 @@
-"""``python -m fusedls.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
+"""``python -m tools.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
 
 Only the ``--quick`` subset runs here (22 compiles); the full table is run by hand.
 """
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fusedls import aot  # noqa: E402
+from tools import aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def test_plain_bf16_forward_loads_are_vectorised(quick_rows):
 def test_cli_quick(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fusedls.aot", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "tools.aot", "--quick", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""The benchmark machinery (``fusedls.bench``, ``fusedls.gpu_check``) on tiny CPU cases."""
+"""The benchmark machinery (``fusedls.bench``, ``tools.gpu_check``) on tiny CPU cases."""
 
 import json
 import subprocess
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fusedls
-from fusedls import bench, gpu_check
+from fusedls import bench
+from tools import gpu_check
 from fusedls.bench import cross_entropy as ce
 from fusedls.bench.__main__ import main as bench_main
 from fusedls.bench.core import Case, Slice, expand

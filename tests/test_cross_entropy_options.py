@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedls
-from fusedls import _backend
+from fusedls.backend import registry
 from fusedls.testing import assert_close, reference_cross_entropy_options
 
 from test_cross_entropy import PROPERTY_SETTINGS, class_ids, logits, random_inputs
@@ -106,13 +106,13 @@ def test_plain_call_returns_a_tensor_and_options_default_off(backend, device):
 def test_features_passed_to_backend_resolution(monkeypatch, device):
     # A backend listing the options as UNSUPPORTED is passed over by auto (the C++ backend will).
     seen = []
-    real = _backend.resolve
+    real = registry.resolve
 
     def spy(device, dtype, op=None, features=()):
         seen.append(frozenset(features))
         return real(device, dtype, op, features)
 
-    monkeypatch.setattr(_backend, "resolve", spy)
+    monkeypatch.setattr(registry, "resolve", spy)
     x = logits((3, 8), torch.float32, device)
     t = class_ids((3,), 8, device, ignored=0)
     fusedls.cross_entropy(x, t)

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import fusedls
-import fusedls.cpp
-import fusedls.cuda
-from fusedls import _backend
-from fusedls.cpp import _build as cpp_build
-from fusedls.cuda import _build as cuda_build
-from fusedls.cuda import report as cuda_report
+import fusedls.backend.cpp
+import fusedls.backend.cuda
+from fusedls.backend import registry
+from fusedls.backend.cpp import _build as cpp_build
+from fusedls.backend.cuda import _build as cuda_build
+from tools import cuda_report
 from fusedls.testing import assert_close, reference_cross_entropy
 
 CPU = torch.device("cpu")
-CPP_BUILT = not fusedls.cpp.status()
+CPP_BUILT = not fusedls.backend.cpp.status()
 needs_cpp = pytest.mark.skipif(not CPP_BUILT, reason="cpp backend not built (pip install --no-build-isolation -e .)")
 
 
@@ -30,27 +30,27 @@ needs_cpp = pytest.mark.skipif(not CPP_BUILT, reason="cpp backend not built (pip
 def test_auto_prefers_cpp_on_cpu_when_built():
     with fusedls.use_backend("auto"):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert _backend.resolve(CPU, dtype, "cross_entropy") == "cpp"
-        assert _backend.resolve(CPU, torch.float64, "cross_entropy") == "eager"  # fp64 stays eager
+            assert registry.resolve(CPU, dtype, "cross_entropy") == "cpp"
+        assert registry.resolve(CPU, torch.float64, "cross_entropy") == "eager"  # fp64 stays eager
 
 
 def test_auto_passes_over_ops_and_features_a_backend_lacks():
     with fusedls.use_backend("auto"):
-        assert _backend.resolve(CPU, torch.float32, "dropout") == "eager"  # no fusedls/cpp/dropout.py
-        assert _backend.resolve(CPU, torch.float32) == "eager"  # callers naming no op
-        assert _backend.resolve(CPU, torch.float32, "cross_entropy", {"z_loss"}) == "eager"
-    assert _backend.unsupported("cross_entropy", "cpp", {"z_loss", "softcap"}) == {"z_loss", "softcap"}
+        assert registry.resolve(CPU, torch.float32, "dropout") == "eager"  # no fusedls/backend/cpp/dropout.py
+        assert registry.resolve(CPU, torch.float32) == "eager"  # callers naming no op
+        assert registry.resolve(CPU, torch.float32, "cross_entropy", {"z_loss"}) == "eager"
+    assert registry.unsupported("cross_entropy", "cpp", {"z_loss", "softcap"}) == {"z_loss", "softcap"}
 
 
 @needs_cpp
 def test_explicit_backend_lacking_the_op_or_feature_raises():
     with fusedls.use_backend("cpp"):
         with pytest.raises(ValueError, match="'cpp' was requested but cannot run: it has no implementation of dropout"):
-            _backend.resolve(CPU, torch.float32, "dropout")
+            registry.resolve(CPU, torch.float32, "dropout")
         with pytest.raises(ValueError, match="has no implementation"):
             fusedls.dropout(torch.randn(4, 4), p=0.5)
         with pytest.raises(ValueError, match="does not support \\['return_lse'\\]"):
-            _backend.resolve(CPU, torch.float32, "cross_entropy", {"return_lse"})
+            registry.resolve(CPU, torch.float32, "cross_entropy", {"return_lse"})
 
 
 def test_cuda_backend_says_why_it_cannot_run():
@@ -66,20 +66,20 @@ def test_cuda_backend_says_why_it_cannot_run():
 @needs_cpp
 def test_resolution_is_cached(monkeypatch):
     with fusedls.use_backend("auto"):
-        _backend.resolve(CPU, torch.float32, "cross_entropy")
+        registry.resolve(CPU, torch.float32, "cross_entropy")
 
         def no_imports(*args, **kwargs):
             raise AssertionError("resolve imported a module")
 
         monkeypatch.setattr(importlib, "import_module", no_imports)
         monkeypatch.setattr(importlib.util, "find_spec", no_imports)
-        assert _backend.resolve(CPU, torch.bfloat16, "cross_entropy") == "cpp"
+        assert registry.resolve(CPU, torch.bfloat16, "cross_entropy") == "cpp"
 
 
 @needs_cpp
 def test_loaded_variant_is_the_cpu_capability():
     variant = cpp_build.wanted_variant()
-    assert fusedls.cpp.capability() == variant
+    assert fusedls.backend.cpp.capability() == variant
     if torch.backends.cpu.get_cpu_capability() in cpp_build.variants_here():
         assert variant == torch.backends.cpu.get_cpu_capability()
 
@@ -95,7 +95,7 @@ def test_other_variants_pass_the_parity_suite(variant):
         pytest.skip(f"variant {variant} not built (pip install --no-build-isolation -e . builds every variant)")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=variant.lower())
     which = subprocess.run(
-        [sys.executable, "-c", "import fusedls.cpp; print(fusedls.cpp.capability())"], env=env, capture_output=True,
+        [sys.executable, "-c", "import fusedls.backend.cpp; print(fusedls.backend.cpp.capability())"], env=env, capture_output=True,
         text=True, timeout=120,
     )  # fmt: skip
     assert which.stdout.strip() == variant, which.stderr
@@ -133,7 +133,7 @@ def test_threads_split_rows_deterministically():
 def test_vector_norm_runs_in_cpp_and_splits_rows_deterministically(monkeypatch, ord):
     """ord 1, 2, +-inf reach the C++ kernels (not the eager fallback), and the bits do not
     depend on the thread count (rows of several 4096-element blocks, ties included)."""
-    from fusedls.eager import vector_norm as eager_norm
+    from fusedls.backend.eager import vector_norm as eager_norm
 
     def refuse(*args):
         raise AssertionError("the cpp backend fell back to eager")
@@ -163,7 +163,7 @@ def test_vector_norm_runs_in_cpp_and_splits_rows_deterministically(monkeypatch, 
 def test_kernels_give_nan_rows_for_out_of_range_ids():
     """What the kernels do with ids the Python layer would have refused: NaN rows, nothing
     read outside the row."""
-    from fusedls.cpp import cross_entropy as cpp_ce
+    from fusedls.backend.cpp import cross_entropy as cpp_ce
 
     x = torch.randn(4, 10)
     t = torch.tensor([1, 10, -100, -3])
@@ -212,14 +212,14 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a_without_spills():
 
 def test_unbuilt_cpp_backend(monkeypatch):
     """Not built and not buildable: auto runs eagerly, an explicit request says why."""
-    monkeypatch.setattr(fusedls.cpp.LIBRARY, "path", None)
-    monkeypatch.setattr(fusedls.cpp.LIBRARY, "_status", "not built for this machine")
-    monkeypatch.setattr(_backend, "_NATIVE_READY", {})
+    monkeypatch.setattr(fusedls.backend.cpp.LIBRARY, "path", None)
+    monkeypatch.setattr(fusedls.backend.cpp.LIBRARY, "_status", "not built for this machine")
+    monkeypatch.setattr(registry, "_NATIVE_READY", {})
     monkeypatch.setenv("FUSEDLS_NO_EXTENSIONS", "1")
     info = {b.name: b for b in fusedls.backends()}
     assert not info["cpp"].available and "FUSEDLS_NO_EXTENSIONS" in info["cpp"].reason
     with fusedls.use_backend("auto"):
-        assert _backend.resolve(CPU, torch.float32, "cross_entropy") == "eager"
+        assert registry.resolve(CPU, torch.float32, "cross_entropy") == "eager"
     with fusedls.use_backend("cpp"):
         with pytest.raises(ValueError, match="'cpp' was requested but cannot run: .*FUSEDLS_NO_EXTENSIONS is set"):
             fusedls.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedls
-from fusedls import _backend
+from fusedls.backend import registry
 from fusedls.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -310,8 +310,8 @@ def _run_errors(case: Case, rank: int, group_kwargs: dict) -> None:
     _expect(TypeError, "weight must be a torch.Tensor", vp, x, t, weight=[1.0] * 11)
     _expect(ValueError, "reduction must be one of", vp, x, t, reduction="avg")
     _expect(ValueError, "label_smoothing must be in [0, 1]", vp, x, t, label_smoothing=1.5)
-    _expect(ValueError, "softcap must be a finite float > 0", vp, x, t, softcap=0.0)
-    _expect(ValueError, "z_loss must be a finite float >= 0", vp, x, t, z_loss=-1.0)
+    _expect(ValueError, "softcap must be a finite number > 0", vp, x, t, softcap=0.0)
+    _expect(ValueError, "z_loss must be a finite number >= 0", vp, x, t, z_loss=-1.0)
     _expect(ValueError, "vocab_start=", vp, x, t, vocab_start=sum(case.splits[:rank]) + 1)
     _expect(ValueError, "do not fit in vocab_size=3", vp, x, t, vocab_start=0, vocab_size=3)
     _expect(TypeError, "process_group must be a torch.distributed ProcessGroup", vp, x, t, process_group="world")
@@ -378,12 +378,12 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
         # Chunks of 8 elements: a chunk is one or two rows, so the row loop runs many times.
-        import fusedls.eager.vocab_parallel_cross_entropy as local
+        import fusedls.backend.eager.vocab_parallel_cross_entropy as local
 
         local._CHUNK_ELEMENTS = 8
         if _triton_ready(device):  # chunks of 16 classes in the kernels
             _load_tests_conftest()  # the interpreter rounds fp32 -> bf16 as a GPU does, as in the parent
-            from fusedls.kernels import tuning
+            from fusedls.backend.triton import tuning
 
             tuning.CROSS_ENTROPY_MAX_BLOCK = {2: 16, 4: 16}
             tuning.VOCAB_PARALLEL_CHUNK_ELEMENTS = 64  # launches of 3 or 4 rows
@@ -396,7 +396,7 @@ def _worker(rank: int, group: tuple[int, str], init_file: str, results) -> None:
                 group_kwargs = dict(vocab_start=part.start, vocab_size=part.total)
             try:
                 with fusedls.use_backend(case.backend):
-                    resolved = _backend.resolve(torch.device(case.device), case.dtype, "vocab_parallel_cross_entropy")
+                    resolved = registry.resolve(torch.device(case.device), case.dtype, "vocab_parallel_cross_entropy")
                     assert case.backend != "triton" or resolved == "triton", f"runs on {resolved}"
                     _RUNNERS[case.kind](case, rank, group_kwargs)
                 out[case.name] = None
@@ -433,7 +433,7 @@ def _run_group(group: tuple[int, str], tmp_dir) -> dict:
 
 def _triton_ready(device: str) -> bool:
     """The triton backend runs on this device's tensors (CPU: under TRITON_INTERPRET=1)."""
-    return not _backend.triton_unavailable_reason(torch.device(device))
+    return not registry.triton_unavailable_reason(torch.device(device))
 
 
 def _runnable(group: tuple[int, str]) -> bool:

@@ -13,15 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
-from fusedls.ops.dropout import (
-    Dropout,
-    DropoutAddLayerNorm,
-    DropoutAddRMSNorm,
-    dropout,
-    dropout_add,
-    dropout_add_layer_norm,
-    dropout_add_rms_norm,
-)
+from fusedls import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
+from fusedls.nn import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
 from fusedls.testing import assert_close, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -94,7 +87,7 @@ def test_seed_reproducible_and_consecutive_calls_differ(backend, device):
 
 def test_far_apart_elements_independent(backend, device):
     # Rows r and r + k*32 and elements i and i + BLOCK (the kernel's block, 2048) must not repeat.
-    from fusedls.kernels.tuning import DROPOUT_BLOCK
+    from fusedls.backend.triton.tuning import DROPOUT_BLOCK
 
     x = torch.ones(3 * DROPOUT_BLOCK, device=device)
     m = dropout(x, 0.5) != 0
@@ -258,6 +251,26 @@ def test_dropout_add_norm(backend, device, is_rms, dtype, p, with_residual):
         assert_grad_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("is_rms", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_add_norm_without_weight(backend, device, is_rms, dtype):
+    # weight=None (and bias=None) as F.rms_norm / F.layer_norm take them: y = xhat, no weight gradient.
+    shape, n = (7, 40), 40
+    x = rand_away_from_zero(shape, dtype, device).requires_grad_()
+    r = randn(shape, dtype, device).requires_grad_()
+    y, h = dropout_add_rms_norm(x, r, None, 0.3) if is_rms else dropout_add_layer_norm(x, r, None, None, 0.3)
+    dy, dh_next = randn(shape, dtype, device, seed=7), randn(shape, dtype, device, seed=8)
+    grads = torch.autograd.grad((y, h), (x, r), (dy, dh_next))
+    mask = (h.double() - r.double()) != 0
+    y_ref, h_ref, g_ref = _norm_reference(x, r, None, None, mask, 1 / 0.7, is_rms, 1e-6 if is_rms else 1e-5, dy,
+                                          dh_next)  # fmt: skip
+    assert_close(h, h_ref)
+    eps = 1e-6 if is_rms else 1e-5
+    assert_close(y, F.rms_norm(h.double(), (n,), None, eps) if is_rms else F.layer_norm(h.double(), (n,), None, None, eps))
+    for got, want in zip(grads, g_ref):
+        assert_grad_close(got, want, dtype)
+
+
 def test_norm_backward_mask_is_forward_mask(backend, device):
     # dx = dh * m: with the gradient only through h (dy = 0), dx = dh_next * mask / (1 - p).
     x = rand_away_from_zero((6, 32), torch.float32, device).requires_grad_()
@@ -279,7 +292,7 @@ def test_norm_module_eval_and_long_rows_fall_back(backend, device, monkeypatch):
     assert_close(y, F.layer_norm((x + r).double(), (24,), eps=1e-5))
     rms = DropoutAddRMSNorm(24, p=0.0).to(device)
     if backend == "triton":  # rows longer than the kernel takes: an error when asked for triton
-        monkeypatch.setattr("fusedls.kernels.tuning.DROPOUT_NORM_MAX_N", {2: 16, 4: 16})
+        monkeypatch.setattr("fusedls.backend.triton.tuning.DROPOUT_NORM_MAX_N", {2: 16, 4: 16})
         with pytest.raises(ValueError, match="rows of 24 elements exceed"):
             rms(x)
         monkeypatch.setenv("FUSEDLS_BACKEND", "auto")
@@ -361,8 +374,3 @@ def test_compile_inplace(backend, device):
     out = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")(x)
     out.sum().backward()
     assert torch.equal(x.grad, (out.detach() != 0) * 4.0)
-
-
-def test_public_names():
-    for name in ("dropout", "dropout_add", "dropout_add_rms_norm", "dropout_add_layer_norm"):
-        assert callable(getattr(fusedls.ops.dropout, name))

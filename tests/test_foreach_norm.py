@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusedls
-from fusedls import _backend
+from fusedls.backend import registry
 from fusedls.testing import assert_close, tolerance
 
 from conftest import AVAILABLE, DEVICE
@@ -34,13 +34,13 @@ ITEM_SIZES = [(ITEM,), (2 * ITEM,), (ITEM + 2 * CHUNK,), (2 * ITEM + 5,), (ITEM 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     if "triton" in AVAILABLE:
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         monkeypatch.setattr(tuning, "FOREACH_NORM_BLOCK", CHUNK)
         monkeypatch.setattr(tuning, "FOREACH_NORM_CHUNKS", CHUNKS)
         monkeypatch.setattr(tuning, "FOREACH_NORM_MERGE_BLOCK", 4)
     if "cpp" in AVAILABLE:
-        monkeypatch.setattr("fusedls.cpp.foreach_norm.BLOCK", 16)  # several work items per tensor
+        monkeypatch.setattr("fusedls.backend.cpp.foreach_norm.BLOCK", 16)  # several work items per tensor
 
 
 def _tensors(sizes, dtype, seed=0, scale=1.0, device=DEVICE):
@@ -118,7 +118,7 @@ def test_work_item_boundaries(backend, ord):
 def test_other_chunks_per_item(backend, monkeypatch, chunks):
     if backend != "triton":
         pytest.skip("FOREACH_NORM_CHUNKS is the triton kernels' setting")
-    from fusedls.kernels import tuning
+    from fusedls.backend.triton import tuning
 
     monkeypatch.setattr(tuning, "FOREACH_NORM_CHUNKS", chunks)
     ts = _tensors(ITEM_SIZES + [(3 * ITEM + 2 * CHUNK,)], torch.float32, seed=9)
@@ -136,7 +136,7 @@ def test_other_chunks_per_item(backend, monkeypatch, chunks):
 def test_table_work_items():
     if "triton" not in AVAILABLE:
         pytest.skip("triton unavailable")
-    from fusedls.kernels import foreach_norm as K
+    from fusedls.backend.triton import foreach_norm as K
 
     ts = _tensors([(ITEM,), (0,), (2 * ITEM + 5,), (7,)], torch.float32)
     tab = K.table(ts, ITEM)
@@ -208,7 +208,7 @@ def test_empty_lists_and_tensors(backend):
 
 def test_many_tensors_in_one_call(backend, monkeypatch):
     if backend == "triton":  # default chunks: ~1000 programs per launch are slow to interpret
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         monkeypatch.setattr(tuning, "FOREACH_NORM_BLOCK", 256)
     sizes = [(1 + (i * 7) % 13,) for i in range(1000)] + [(3000,), (170, 19)]
@@ -248,7 +248,7 @@ def test_cpp_results_independent_of_thread_count(backend):
 def test_fixed_number_of_launches(monkeypatch):
     if "triton" not in AVAILABLE:
         pytest.skip("triton unavailable")
-    from fusedls.kernels import foreach_norm as K
+    from fusedls.backend.triton import foreach_norm as K
 
     launches = []
 
@@ -435,11 +435,11 @@ def _sharded_worker(rank, world, port, backend, results):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         tuning.FOREACH_NORM_BLOCK, tuning.FOREACH_NORM_MERGE_BLOCK = 16, 4
         if backend == "cpp":
-            import fusedls.cpp.foreach_norm as cpp_foreach
+            import fusedls.backend.cpp.foreach_norm as cpp_foreach
 
             cpp_foreach.BLOCK = 16
         shards = _tensors([(5 + rank,), (37,), (3, 4 + rank)], torch.float32, seed=10 + rank, device="cpu")
@@ -460,7 +460,7 @@ def _sharded_worker(rank, world, port, backend, results):
 @pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
 def test_process_group_matches_single_process(backend_name):
     """2 processes on gloo, each with its shards (CPU tensors), against the norm of all shards."""
-    if backend_name == "triton" and not _backend.interpreting():
+    if backend_name == "triton" and not registry.interpreting():
         pytest.skip("gloo on CPU tensors: the triton backend runs them only under TRITON_INTERPRET=1")
     if backend_name not in AVAILABLE:
         pytest.skip(f"{backend_name} unavailable")

@@ -7,6 +7,7 @@ import torch
 
 import fusedls
 from fusedls.ops import linear_cross_entropy as lce
+from fusedls.ops import linear_cross_entropy_tokens as lct
 from fusedls.ops import linear_cross_entropy_vocab as lcv
 from fusedls.ops import linear_cross_entropy_sums as sums
 from fusedls.testing import assert_close, reference_cross_entropy_options, tolerance
@@ -160,8 +161,8 @@ def test_vocab_strategy_none_grad_hidden(backend, device, monkeypatch, dtype, in
     # fits a block's bytes; else it recomputes the token chunks for it.
     if not in_blocks:
         monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, device, 1)  # blocks keep VOCAB_BLOCK_COLS = 16
-    chunks, calls = lce._backward_chunks, []
-    monkeypatch.setattr(lce, "_backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
+    chunks, calls = lce.backward_chunks, []
+    monkeypatch.setattr(lce, "backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
     h, w, b = (v.requires_grad_() for v in inputs((37,), dtype, device))
     up = torch.randn(37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     check_linear(h, w, class_ids((37,), V, device), b, upstream=up, reduction="none", label_smoothing=0.1,
@@ -172,8 +173,8 @@ def test_vocab_strategy_none_grad_hidden(backend, device, monkeypatch, dtype, in
 def test_vocab_strategy_none_frozen_head(backend, device, monkeypatch):
     # A frozen head (LoRA-style): no block pass at all in backward, grad_hidden from the token
     # chunks recomputed (no fp32 sum over blocks that would run only for it).
-    chunks, calls = lce._backward_chunks, []
-    monkeypatch.setattr(lce, "_backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
+    chunks, calls = lce.backward_chunks, []
+    monkeypatch.setattr(lce, "backward_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
     monkeypatch.setattr(lcv, "_WeightGrad", None)  # the blocks' fp32 sum of grad_hidden: not built
     h, w, _ = inputs((9,), torch.bfloat16, device, bias=False)
     up = torch.randn(9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -229,10 +230,10 @@ def test_vocab_strategy_holds_no_weight_sum(backend, device, monkeypatch, reduct
 def test_vocab_strategy_caps_default_chunks(monkeypatch):
     monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 8)
     # pass 1's chunk holds no more logits than pass 2's (25, 8) block: 25 * 8 / 37 -> 5 rows
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab") == 5
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), None, "vocab") == 5
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), 3, "vocab") == 3
     # in the weight gradient's storage (V D elements) pass 1 takes up to D = 8 rows: 4 chunks of 7
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, "vocab", room=V * D * 4) == 7
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), None, "vocab", room=V * D * 4) == 7
 
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="runs the triton launchers on meta tensors")
@@ -247,14 +248,14 @@ def test_vocab_strategy_pass1_chunks_live_in_the_weight_gradient(monkeypatch, re
     n, d, v, s = 64, 16, 1024, 2
     monkeypatch.setitem(lcv.VOCAB_BLOCK_BYTES, "meta", n * 128 * s)
     monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 8192)
-    seen, chunks = [], lce._logits_chunks
+    seen, chunks = [], lct.logits_chunks
 
     def spy(hidden, weight, bias, chunk_rows, storage=None):
         for rows, logits in chunks(hidden, weight, bias, chunk_rows, storage):
             seen.append((logits.shape[0], storage is not None and logits._base is storage))
             yield rows, logits
 
-    monkeypatch.setattr(lce, "_logits_chunks", spy)
+    monkeypatch.setattr(lct, "logits_chunks", spy)
     h = torch.empty(n, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
     w = torch.empty(v, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
     with triton_on_meta(), fusedls.use_backend("triton"):
@@ -346,7 +347,7 @@ def test_token_strategy_peak_memory(monkeypatch, reduction):
     # addmm(out_dtype=float32), with no scratch block.
     n, d, v, s = 64, 16, 1024, 2
     monkeypatch.setattr(sums._WeightGrad, "VOCAB_BLOCK", v)  # one fp32 block: a scratch would be v d 4 bytes
-    monkeypatch.setitem(lce.CHUNK_BYTES, "meta", 16 * v * s)  # 4 chunks of 16 tokens
+    monkeypatch.setitem(lct.CHUNK_BYTES, "meta", 16 * v * s)  # 4 chunks of 16 tokens
     monkeypatch.setattr(sums._Dispatch, "addmm_out_dtype_works", True)
     fp32_sum, grad_h, chunk, grad_w = v * d * 4, n * d * s, 16 * v * s, v * d * s
     peak = _peak_bytes("tokens", reduction)
@@ -356,19 +357,19 @@ def test_token_strategy_peak_memory(monkeypatch, reduction):
 def test_auto_strategy_keeps_working_memory_under_one_logits_tensor():
     # bf16 head (V, d) = (1000, 64): fp32 sum 256000 bytes; logits 2000 bytes a token
     w = torch.empty(1000, 64, dtype=torch.bfloat16)
-    assert lce._pick_strategy("auto", 200, w, 32) == "tokens"  # 256000 + 64000 <= 400000
-    assert lce._pick_strategy("auto", 100, w, 32) == "vocab"  # 320000 > 200000
-    assert lce._pick_strategy("tokens", 100, w, 32) == "tokens"
+    assert lct.pick_strategy("auto", 200, w, 32) == "tokens"  # 256000 + 64000 <= 400000
+    assert lct.pick_strategy("auto", 100, w, 32) == "vocab"  # 320000 > 200000
+    assert lct.pick_strategy("tokens", 100, w, 32) == "tokens"
     # an fp32 head's sum is its gradient: no extra buffer, the token chunks always fit
-    assert lce._pick_strategy("auto", 2, w.float(), 2) == "tokens"
+    assert lct.pick_strategy("auto", 2, w.float(), 2) == "tokens"
 
 
 def test_auto_strategy_on_the_llama3_head():
     # the README's claim: token chunks at 16k tokens per call, vocabulary blocks at 4k
     w = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
     for n_rows, want in ((16384, "tokens"), (4096, "vocab")):
-        chunk = lce._chunk_rows(n_rows, w.shape[0], 2, torch.device("cuda"), None)
-        assert lce._pick_strategy("auto", n_rows, w, chunk) == want
+        chunk = lct.tokens_per_chunk(n_rows, w.shape[0], 2, torch.device("cuda"), None)
+        assert lct.pick_strategy("auto", n_rows, w, chunk) == want
 
 
 def test_no_grad_mode(backend, device):
@@ -398,21 +399,21 @@ def test_fp32_product_fallback_off_cuda(monkeypatch, addmm_works):
 
 
 def test_default_chunks_even_out(monkeypatch):
-    monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 10 * V * 4)  # at most 10 rows per chunk
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None) == 9  # 3 chunks of 9, 9, 7
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), 4) == 4
-    assert lce._chunk_rows(0, V, 4, torch.device("cpu"), None) == 1
+    monkeypatch.setitem(lct.CHUNK_BYTES, "cpu", 10 * V * 4)  # at most 10 rows per chunk
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), None) == 9  # 3 chunks of 9, 9, 7
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), 4) == 4
+    assert lct.tokens_per_chunk(0, V, 4, torch.device("cpu"), None) == 1
     # room: the token chunks may take as many bytes as a half-precision head's gradient (20 rows)
-    assert lce._chunk_rows(25, V, 4, torch.device("cpu"), None, room=20 * V * 4) == 13
+    assert lct.tokens_per_chunk(25, V, 4, torch.device("cpu"), None, room=20 * V * 4) == 13
     h, w = torch.empty(25, D, dtype=torch.bfloat16), torch.empty(V, D, dtype=torch.bfloat16)
-    monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 8 * V)  # 4 bf16 rows, 2 fp32; the head's bytes: D = 8 bf16 rows
-    assert lce._pass1(h, w, 0, "tokens", True) == (7, None)  # 4 chunks of at most 8 rows
-    assert lce._pass1(h, w, 0, "tokens", False) == (4, None)  # no weight gradient, no fp32 sum to round
-    assert lce._pass1(h.float(), w.float(), 0, "tokens", True) == (2, None)  # fp32: the sum is the gradient
+    monkeypatch.setitem(lct.CHUNK_BYTES, "cpu", 8 * V)  # 4 bf16 rows, 2 fp32; the head's bytes: D = 8 bf16 rows
+    assert lct.pass1(h, w, 0, "tokens", True) == (7, None)  # 4 chunks of at most 8 rows
+    assert lct.pass1(h, w, 0, "tokens", False) == (4, None)  # no weight gradient, no fp32 sum to round
+    assert lct.pass1(h.float(), w.float(), 0, "tokens", True) == (2, None)  # fp32: the sum is the gradient
 
 
 def test_default_chunking_matches(backend, device, monkeypatch):
-    monkeypatch.setitem(lce.CHUNK_BYTES, device, 3 * V * 4)
+    monkeypatch.setitem(lct.CHUNK_BYTES, device, 3 * V * 4)
     h, w, b = (v.requires_grad_() for v in inputs((11,), torch.float32, device))
     check_linear(h, w, class_ids((11,), V, device), b, label_smoothing=0.1, scale=4.0)
 

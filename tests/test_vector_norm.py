@@ -28,7 +28,7 @@ def small_tiles(monkeypatch):
     loop several times with a masked tail and short rows share a tile; rows of >= 64 elements
     are split among the programs (2 "SMs" x 2 programs), so the two-stage path runs too."""
     if "triton" in [b.name for b in fusedls.backends() if b.available]:
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         monkeypatch.setattr(tuning, "VECTOR_NORM_TILE", {2: 64, 4: 32})
         monkeypatch.setattr(tuning, "VECTOR_NORM_SPLIT_COLS", 32)
@@ -90,7 +90,7 @@ def test_shapes(backend, small_tiles, device, ord, shape, dim):
 
 @pytest.mark.parametrize("ord", ORDS)
 def test_split_path_matches_and_is_deterministic(backend, small_tiles, device, ord):
-    from fusedls.kernels import tuning  # noqa: F401  (only to document what small_tiles sets)
+    from fusedls.backend.triton import tuning  # noqa: F401  (only to document what small_tiles sets)
 
     x = data((3, 50, 7), torch.bfloat16, device)  # dim=None: one row of 1050 elements
     if backend == "triton":
@@ -152,7 +152,7 @@ def test_plain_and_scaled_sums_side_by_side(backend, small_tiles, device, ord):
     p = 1 if ord == 1 else 2
     splits, per = 4, 128  # the eager backend's slices do not matter; the Triton one's on this device:
     if "triton" in [b.name for b in fusedls.backends() if b.available]:
-        from fusedls.kernels import tuning
+        from fusedls.backend.triton import tuning
 
         splits, per = tuning.vector_norm_split(torch.device(device), 1, 512, 32)
     assert splits >= 2

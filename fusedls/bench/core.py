@@ -138,11 +138,11 @@ def backend_why_not(op: str, backend: str, case: "Case", device: torch.device) -
     """Why the fusedls provider of ``backend`` cannot time ``case`` of ``op`` here ("" when it
     can): fusedls's own reason when the backend is refused, or the backend it would run on."""
     import fusedls
-    from fusedls import _backend
+    from fusedls.backend import registry
 
     try:
         with fusedls.use_backend(backend):
-            resolved = _backend.resolve(device, case.torch_dtype, op)
+            resolved = registry.resolve(device, case.torch_dtype, op)
     except ValueError as exc:  # e.g. "CPU tensors need TRITON_INTERPRET=1 ..."
         return str(exc)
     return "" if resolved == backend else f"{case.dtype} on {device.type} runs on the {resolved} backend"

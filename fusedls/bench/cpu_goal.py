@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
-import fusedls.cpp
+import fusedls.backend.cpp
 
 SMOOTHING = 0.1
 
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fusedls.cpp.load()
+    fusedls.backend.cpp.load()
     load_before = os.getloadavg()
-    print(f"cpp kernels: {fusedls.cpp.capability()} | torch threads: {torch.get_num_threads()} | "
+    print(f"cpp kernels: {fusedls.backend.cpp.capability()} | torch threads: {torch.get_num_threads()} | "
           f"N={args.rows} V={args.vocab} label_smoothing={SMOOTHING}, forward + backward, {args.rounds} rounds")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for name in args.dtypes.split(","):

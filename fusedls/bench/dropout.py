@@ -114,7 +114,7 @@ def _backend_why_not(op: str, backend: str, case: Case, device: torch.device) ->
     if reason:
         return reason
     if op == "dropout_add_rms_norm" and backend == "triton":
-        from fusedls.kernels.tuning import DROPOUT_NORM_MAX_N
+        from fusedls.backend.triton.tuning import DROPOUT_NORM_MAX_N
 
         longest = DROPOUT_NORM_MAX_N.get(case.torch_dtype.itemsize, 0)
         if case.cols > longest:

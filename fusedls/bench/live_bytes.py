@@ -98,13 +98,13 @@ def triton_on_meta():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from .. import _backend
+    from ..backend import registry
 
     runs = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
-    reason = _backend.triton_unavailable_reason
+    reason = registry.triton_unavailable_reason
     for cls, run in runs.items():
         cls.run = _skipping_meta(run)
-    _backend.triton_unavailable_reason = lambda device=None: (
+    registry.triton_unavailable_reason = lambda device=None: (
         "" if device is not None and device.type == "meta" else reason(device)
     )
     try:
@@ -112,4 +112,4 @@ def triton_on_meta():
     finally:
         for cls, run in runs.items():
             cls.run = run
-        _backend.triton_unavailable_reason = reason
+        registry.triton_unavailable_reason = reason

@@ -5,10 +5,9 @@ Layers (one name, ``cross_entropy``, at each):
 * :func:`cross_entropy` checks the arguments (metadata only), turns any input shape into
   ``(R, C)`` rows with contiguous classes, and applies :class:`CrossEntropyFunction`;
 * :class:`CrossEntropyFunction` picks the gradient strategy and does the reduction;
-* the ``fusedls::cross_entropy_*`` custom ops (opaque to ``torch.compile``) run one backend:
-  ``fusedls/kernels/cross_entropy.py`` (triton), ``fusedls/eager/cross_entropy.py`` (eager),
-  ``fusedls/cpp/cross_entropy.py`` (cpp) or ``fusedls/cuda/cross_entropy.py`` (cuda), which
-  share one interface.
+* the ``fusedls::cross_entropy_*`` custom ops (opaque to ``torch.compile``) run one backend's
+  module, ``fusedls/backend/<backend>/cross_entropy.py`` (eager, triton, cpp or cuda), each a
+  ``CrossEntropyBackend`` (``fusedls/backend/protocols.py``).
 
 Gradient strategy. When the upstream gradient of each row is known up to one factor (reduction
 ``mean``/``sum``, or any reduction with ``inplace_backward``), forward writes the gradient while
@@ -19,76 +18,30 @@ and per-row statistics, and backward reads the logits again.
 
 Options beyond torch (``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``; see
 :func:`cross_entropy`) are kernel flags; the ones in use are the ``features`` handed to
-``_backend.resolve`` and are passed to a backend only when used.
+``registry.resolve``, which passes over a backend that lacks one.
 """
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch.nn import _reduction
 
-from .. import _backend
-from .._dtypes import acc_dtype
+from ..backend import registry
+from .._tensors import acc_dtype
 from ._custom_op import custom_op
-from ._checks import (
-    check_choice,
-    check_float_at_least,
-    check_floating,
-    check_int,
-    check_same_device,
-    check_tensor,
-    check_unit_interval,
-)
+from ._loss import (
+    INDEX_DTYPES, REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward,
+    mean_denominator, result,
+)  # fmt: skip
+from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 
-REDUCTIONS = ("none", "mean", "sum")
 SMOOTHING_CONVENTIONS = ("uniform", "others")
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-class CrossEntropyResult(NamedTuple):
-    """What :func:`cross_entropy` returns when ``return_z_loss`` or ``return_lse`` is set;
-    the fields not asked for are None."""
-
-    loss: torch.Tensor  # the loss, z-loss included (differentiable)
-    z_loss: Optional[torch.Tensor]  # the z-loss part of ``loss``, reduced like it (no gradient)
-    lse: Optional[torch.Tensor]  # per-row log-sum-exp of the (capped) logits, 0 on ignored rows
-
 
 
 def _impl(backend: str):
-    return _backend.implementation("cross_entropy", backend)
-
-
-def _check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, backend: str) -> None:
-    # Free on CPU tensors and done there by the eager and cpp backends (torch raises IndexError
-    # there). On GPU (and for the triton kernels under the CPU interpreter, which stand for the
-    # GPU) the kernels turn such rows into NaN instead of syncing; FUSEDLS_CHECK_TARGETS=1 asks
-    # for this (synchronising) check everywhere, for debugging.
-    if target.is_floating_point() or target.numel() == 0:
-        return
-    on_cpu = backend in ("eager", "cpp") and target.device.type == "cpu"
-    if not (on_cpu or os.environ.get("FUSEDLS_CHECK_TARGETS") == "1"):
-        return
-    bad = ((target < 0) | (target >= n_cols)) & (target != ignore_index)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(
-            f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}"
-        )
-
-
-def _fwd_options(z_loss: float, softcap: Optional[float]) -> dict:
-    """The optional keyword arguments of a backend's forward: only those in use, so a backend
-    with the older signature (no z_loss / softcap) serves every call that does not use them."""
-    opts = {}
-    if z_loss != 0.0:
-        opts["z_loss"] = z_loss
-    if softcap is not None:
-        opts["softcap"] = softcap
-    return opts
+    return registry.implementation("cross_entropy", backend)
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -108,11 +61,11 @@ def _cross_entropy_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef, grad) per row; grad is empty unless grad_scale is given."""
-    _check_target_values(target, logits.shape[1], ignore_index, backend)
+    check_target_values(target, logits.shape[1], ignore_index, backend)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
     out = _impl(backend).cross_entropy_forward(
         logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread,
-        **_fwd_options(z_loss, softcap),
+        z_loss, softcap,
     )  # fmt: skip
     return (*out, grad)
 
@@ -138,9 +91,9 @@ def _cross_entropy_fwd_inplace(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row; overwrites logits with grad_scale * dl/dlogits."""
-    _check_target_values(target, logits.shape[1], ignore_index, backend)
+    check_target_values(target, logits.shape[1], ignore_index, backend)
     return _impl(backend).cross_entropy_forward(
-        logits, target, weight, logits, grad_scale, ignore_index, keep, spread, **_fwd_options(z_loss, softcap)
+        logits, target, weight, logits, grad_scale, ignore_index, keep, spread, z_loss, softcap
     )
 
 
@@ -170,7 +123,7 @@ def _cross_entropy_bwd(
     grad_target = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else None
     _impl(backend).cross_entropy_backward(
         grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread,
-        **({} if softcap is None else {"softcap": softcap}),
+        softcap,
     )  # fmt: skip
     return grad, grad_target if target_grad else logits.new_empty(0)
 
@@ -274,32 +227,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
 
 
-def mean_denominator(target, weight, ignore_index: int, n_cols: int, acc: torch.dtype) -> torch.Tensor:
-    """torch's denominator of a class-id mean: the summed weights of the rows not ignored."""
-    valid = target != ignore_index
-    if weight is None:
-        return valid.sum(dtype=acc)
-    return (weight[target.clamp(0, n_cols - 1).long()] * valid).sum()
-
-
-def finish_forward(ctx, loss, lse, reduction: str, denom, z_loss: float, want_z: bool):
-    """The ``(loss, z, lse)`` outputs of a loss Function's forward: the reduced loss, the z-loss
-    term reduced alike (empty unless ``want_z``) and the per-row lse, the last two without grad."""
-    ctx.set_materialize_grads(False)
-    # Ignored rows have lse = 0, so z lse^2 counts the rows that are not ignored only.
-    z = _reduce(z_loss * lse * lse, reduction, denom) if want_z else lse.new_empty(0)
-    ctx.mark_non_differentiable(z, lse)
-    return _reduce(loss, reduction, denom), z, lse
-
-
-def _reduce(rows: torch.Tensor, reduction: str, denom) -> torch.Tensor:
-    """Per-row values reduced as the loss is: as they are, summed, or summed / ``denom``."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total if denom is None else total / denom
-
-
 # ---------------------------------------------------------------------------- public function
 
 
@@ -332,7 +259,7 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
                 f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
             )
     else:
-        if target.dtype not in _INDEX_DTYPES:
+        if target.dtype not in INDEX_DTYPES:
             raise TypeError(f"target must hold class ids (int64 or another integer dtype) or probabilities, got {target.dtype}")
         expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
         if target.shape != expected:
@@ -351,19 +278,6 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
         if weight.shape != (n_cols,):
             raise ValueError(f"weight must have shape ({n_cols},), one entry per class, got {tuple(weight.shape)}")
     return class_dim, n_cols, eps
-
-
-def check_loss_options(z_loss, softcap, return_z_loss, return_lse) -> tuple[float, Optional[float], frozenset]:
-    """Validates the options that fusedls adds to cross-entropy; returns ``(z_loss, softcap,
-    features)``, ``features`` naming those in use for :func:`fusedls._backend.resolve`."""
-    z_loss = check_float_at_least("z_loss", z_loss, 0.0)
-    if softcap is not None:
-        softcap = check_float_at_least("softcap", softcap, 0.0, strict=True)
-    for name, flag in (("return_z_loss", return_z_loss), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    used = {"z_loss": z_loss != 0.0, "softcap": softcap is not None, "return_lse": return_lse}
-    return z_loss, softcap, frozenset(name for name, on in used.items() if on)
 
 
 def cross_entropy(
@@ -435,10 +349,10 @@ def cross_entropy(
     if prob and n_cols == 0:  # nothing to compute; torch's own answer for the degenerate case
         loss = torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
         zeros = input.new_zeros(row_shape, dtype=acc_dtype(input))
-        return _result(loss, torch.zeros_like(loss), zeros, return_z_loss, return_lse)
+        return result(loss, torch.zeros_like(loss), zeros, return_z_loss, return_lse)
     if smoothing_convention == "others":
         eps = eps * n_cols / (n_cols - 1) if n_cols > 1 else 0.0
-    backend = _backend.resolve(input.device, input.dtype, "cross_entropy", features)
+    backend = registry.resolve(input.device, input.dtype, "cross_entropy", features)
     logits = _rows(input, class_dim)
     target_rows = _rows(target, class_dim) if prob else target.reshape(-1)
     if not prob and target_rows.dtype not in (torch.int64, torch.int32):
@@ -450,11 +364,4 @@ def cross_entropy(
     )  # fmt: skip
     if reduction == "none":
         loss, z = loss.reshape(row_shape), z.reshape(row_shape) if return_z_loss else z
-    return _result(loss.to(out_dtype), z.to(out_dtype), lse.reshape(row_shape), return_z_loss, return_lse)
-
-
-def _result(loss, z, lse, return_z_loss: bool, return_lse: bool):
-    """The loss alone, or the :class:`CrossEntropyResult` the flags ask for."""
-    if not (return_z_loss or return_lse):
-        return loss
-    return CrossEntropyResult(loss, z if return_z_loss else None, lse if return_lse else None)
+    return result(loss.to(out_dtype), z.to(out_dtype), lse.reshape(row_shape), return_z_loss, return_lse)

@@ -1,5 +1,5 @@
-"""``dropout``, ``dropout_add`` and ``dropout_add_{rms,layer}_norm``: the public functions, their
-autograd Functions, their custom ops and their modules.
+"""``dropout`` and ``dropout_add``: the public functions, their autograd Function and custom ops
+(``dropout_add_{rms,layer}_norm`` are in ``dropout_norm.py``, the modules in ``fusedls/nn.py``).
 
 Layers, as for ``cross_entropy``:
 
@@ -8,7 +8,7 @@ Layers, as for ``cross_entropy``:
 * :class:`DropoutFunction` / :class:`DropoutAddNormFunction` save only the 8-byte seed (plus,
   for the norms, the returned h and fp32 row statistics): no mask, zero bytes per element;
 * the ``fusedls::dropout_*`` custom ops (opaque to ``torch.compile``) run one backend:
-  ``fusedls/kernels/dropout.py`` (triton) or ``fusedls/eager/dropout.py`` (eager).
+  ``fusedls/backend/triton/dropout.py`` (triton) or ``fusedls/backend/eager/dropout.py`` (eager).
 
 Seeds. Each call with dropout active draws one int64 from torch's generator (the default one of
 the input's device, or ``generator=``) as a device tensor, with no host synchronisation; the
@@ -26,20 +26,16 @@ import functools
 
 import torch
 
-from .. import _backend
-from .._dtypes import acc_dtype
+from ..backend import registry
+from .._tensors import acc_dtype
 from ._custom_op import custom_op
 from ._checks import check_floating, check_same_device, check_tensor, check_unit_interval
 
-__all__ = [
-    "Dropout", "DropoutAddLayerNorm", "DropoutAddNormFunction", "DropoutAddRMSNorm", "DropoutFunction",
-    "dropout", "dropout_add", "dropout_add_layer_norm", "dropout_add_rms_norm",
-]  # fmt: skip
+__all__ = ["DropoutFunction", "dropout", "dropout_add"]
 
 
 def _impl(backend: str):
-    return _backend.implementation("dropout", backend)
-
+    return registry.implementation("dropout", backend)
 
 
 def _draw_seed(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -82,73 +78,6 @@ def _(x, seed, p, backend):
     return None
 
 
-def _norm_stats(x: torch.Tensor, h_dtype: torch.dtype, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rstd = torch.empty(x.shape[0], device=x.device, dtype=acc_dtype(h_dtype))
-    return rstd.new_empty(0 if is_rms else x.shape[0]), rstd
-
-
-@custom_op("fusedls::dropout_add_norm_fwd", mutates_args=())
-def _dropout_add_norm_fwd(
-    x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    p: float,
-    eps: float,
-    is_rms: bool,
-    h_dtype: torch.dtype,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd) of (R, N) rows; mean is empty for RMSNorm; no dropout if seed is None."""
-    y = torch.empty(x.shape, device=x.device, dtype=h_dtype)
-    h = torch.empty_like(y)
-    mean, rstd = _norm_stats(x, h_dtype, is_rms)
-    _impl(backend).dropout_add_norm_forward(x, residual, weight, bias, seed, p, eps, is_rms, y, h, mean, rstd)
-    return y, h, mean, rstd
-
-
-@_dropout_add_norm_fwd.register_fake
-def _(x, residual, weight, bias, seed, p, eps, is_rms, h_dtype, backend):
-    y = torch.empty(x.shape, device=x.device, dtype=h_dtype)
-    return (y, torch.empty_like(y), *_norm_stats(x, h_dtype, is_rms))
-
-
-def _norm_grads(h, weight, x_dtype, residual_dtype, has_bias):
-    dx = torch.empty(h.shape, device=h.device, dtype=x_dtype)
-    dres = torch.empty(h.shape, device=h.device, dtype=residual_dtype) if residual_dtype is not None else None
-    dw = torch.empty(weight.shape, device=h.device, dtype=acc_dtype(h.dtype))
-    return dx, dres, dw, torch.empty_like(dw) if has_bias else None
-
-
-@custom_op("fusedls::dropout_add_norm_bwd", mutates_args=())
-def _dropout_add_norm_bwd(
-    dy: torch.Tensor,
-    dh_next: Optional[torch.Tensor],
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    seed: Optional[torch.Tensor],
-    p: float,
-    is_rms: bool,
-    x_dtype: torch.dtype,
-    residual_dtype: Optional[torch.dtype],
-    has_bias: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dresidual, dweight, dbias); dresidual / dbias empty when not wanted; fp32 dweight, dbias."""
-    dx, dres, dw, db = _norm_grads(h, weight, x_dtype, residual_dtype, has_bias)
-    _impl(backend).dropout_add_norm_backward(dy, dh_next, h, weight, mean, rstd, seed, p, is_rms, dx, dres, dw, db)
-    return dx, dres if dres is not None else h.new_empty(0), dw, db if db is not None else h.new_empty(0)
-
-
-@_dropout_add_norm_bwd.register_fake
-def _(dy, dh_next, h, weight, mean, rstd, seed, p, is_rms, x_dtype, residual_dtype, has_bias, backend):
-    dx, dres, dw, db = _norm_grads(h, weight, x_dtype, residual_dtype, has_bias)
-    return dx, dres if dres is not None else h.new_empty(0), dw, db if db is not None else h.new_empty(0)
-
-
 # --------------------------------------------------------------------------- autograd Functions
 
 
@@ -186,44 +115,6 @@ class DropoutFunction(torch.autograd.Function):
         if ctx.residual_dtype is not None and ctx.needs_input_grad[2]:
             dres = grad.to(ctx.residual_dtype)
         return dx, dbias, dres, None, None, None, None
-
-
-class DropoutAddNormFunction(torch.autograd.Function):
-    """(y, h) of (R, N) rows: ``h = residual + dropout(x)``, ``y = norm(h) * weight + bias``.
-
-    forward(x, residual, weight, bias, seed, p, eps, is_rms, backend); seed None means no dropout.
-    Saves h, the fp32 row statistics and the seed; backward regenerates the mask (the
-    derivation is in fusedls/kernels/dropout.py).
-    """
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, seed, p, eps, is_rms, backend):
-        h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        y, h, mean, rstd = _dropout_add_norm_fwd(x, residual, weight, bias, seed, p, eps, is_rms, h_dtype, backend)
-        ctx.save_for_backward(h, weight, mean, rstd, seed)
-        ctx.args = (p, is_rms, x.dtype, residual.dtype if residual is not None else None, bias is not None, backend)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.set_materialize_grads(False)
-        return y, h
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh_next):
-        h, weight, mean, rstd, seed = ctx.saved_tensors
-        p, is_rms, x_dtype, residual_dtype, has_bias, backend = ctx.args
-        if dy is None:
-            dy = torch.zeros_like(h)
-        dh_next = dh_next.contiguous() if dh_next is not None else None
-        dx, dres, dw, db = _dropout_add_norm_bwd(
-            dy.contiguous(), dh_next, h, weight, mean, rstd, seed, p, is_rms, x_dtype, residual_dtype, has_bias, backend
-        )
-        return (
-            dx,
-            dres if residual_dtype is not None else None,
-            dw.to(weight.dtype),
-            db.to(ctx.bias_dtype) if has_bias else None,
-            *(None,) * 5,
-        )
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -265,7 +156,7 @@ def _promote(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def _resolve(x: torch.Tensor, *others: torch.Tensor | None) -> str:
-    return _backend.resolve(x.device, _promote(x, *others), "dropout")
+    return registry.resolve(x.device, _promote(x, *others), "dropout")
 
 
 def dropout(
@@ -325,115 +216,3 @@ def dropout_add(
         x.contiguous(), bias.contiguous() if bias is not None else None, residual.contiguous(), seed, p,
         _resolve(x, bias, residual),
     )  # fmt: skip
-
-
-def _dropout_add_norm(x, residual, weight, bias, p, eps, training, generator, is_rms):
-    _check_x_residual(x, residual)
-    n = x.shape[-1]
-    check_tensor("weight", weight)
-    _check_vector("weight", weight, n, x)
-    _check_vector("bias", bias, n, x)
-    p = _check_p(p, training)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    backend = _resolve(x, residual, weight, bias)
-    if backend == "triton":
-        from ..kernels.tuning import DROPOUT_NORM_MAX_N
-
-        widest = max(t.element_size() for t in (x, residual) if t is not None)
-        longest = DROPOUT_NORM_MAX_N.get(widest, 0)
-        if n > longest:  # the kernel keeps a whole row in registers
-            if _backend.requested_backend() == "triton":
-                raise ValueError(
-                    f"backend 'triton' was requested but cannot run: rows of {n} elements exceed the "
-                    f"norm kernel's {longest} for {widest}-byte data (the 'auto' backend runs them eagerly)"
-                )
-            backend = "eager"
-    seed = _draw_seed(x, generator) if training and p > 0.0 else None
-    rows = x.reshape(-1, n).contiguous()
-    res = residual.reshape(-1, n).contiguous() if residual is not None else None
-    y, h = DropoutAddNormFunction.apply(
-        rows, res, weight.contiguous(), bias.contiguous() if bias is not None else None, seed, p, float(eps),
-        is_rms, backend,
-    )  # fmt: skip
-    return y.reshape(x.shape), h.reshape(x.shape)
-
-
-def dropout_add_rms_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    p: float,
-    eps: float = 1e-6,
-    training: bool = True,
-    *,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = residual + dropout(x)``, ``y = F.rms_norm(h, (N,), weight, eps)``; returns ``(y, h)``.
-
-    ``residual=None`` gives ``h = dropout(x)``. ``h`` and ``y`` have torch's promotion of x and
-    residual; statistics in fp32. Gradients for x, residual and weight.
-    """
-    return _dropout_add_norm(x, residual, weight, None, p, eps, training, generator, True)
-
-
-def dropout_add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    p: float,
-    eps: float = 1e-5,
-    training: bool = True,
-    *,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = residual + dropout(x)``, ``y = F.layer_norm(h, (N,), weight, bias, eps)``; returns ``(y, h)``.
-
-    As :func:`dropout_add_rms_norm`, with mean subtraction and an optional bias.
-    """
-    return _dropout_add_norm(x, residual, weight, bias, p, eps, training, generator, False)
-
-
-# ------------------------------------------------------------------------------------ modules
-
-
-class Dropout(torch.nn.Dropout):
-    """:class:`torch.nn.Dropout` computed by :func:`fusedls.dropout` (no mask stored)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return dropout(input, self.p, self.training, self.inplace)
-
-
-class _DropoutAddNorm(torch.nn.Module):
-    def __init__(self, hidden_size: int, p: float, eps: float, bias: bool, device=None, dtype=None) -> None:
-        super().__init__()
-        self.p = check_unit_interval("p", p)
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype)) if bias else None
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, p={self.p}, eps={self.eps}"
-
-
-class DropoutAddRMSNorm(_DropoutAddNorm):
-    """``forward(x, residual=None) -> (y, h)``: :func:`dropout_add_rms_norm` with a learned weight."""
-
-    def __init__(self, hidden_size: int, p: float = 0.1, eps: float = 1e-6, device=None, dtype=None) -> None:
-        super().__init__(hidden_size, p, eps, False, device, dtype)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return dropout_add_rms_norm(x, residual, self.weight, self.p, self.eps, self.training)
-
-
-class DropoutAddLayerNorm(_DropoutAddNorm):
-    """``forward(x, residual=None) -> (y, h)``: :func:`dropout_add_layer_norm` with weight and bias."""
-
-    def __init__(
-        self, hidden_size: int, p: float = 0.1, eps: float = 1e-5, bias: bool = True, device=None, dtype=None
-    ) -> None:
-        super().__init__(hidden_size, p, eps, bias, device, dtype)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, self.eps, self.training)

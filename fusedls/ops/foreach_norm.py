@@ -3,9 +3,9 @@
 
 Layers, as for the other ops: the public functions check the arguments (metadata only: never a
 tensor value, so no host synchronisation) and pick a backend; the ``fusedls::foreach_*`` custom
-ops (opaque to ``torch.compile``) run it: ``fusedls/kernels/foreach_norm.py`` (triton: a fixed
+ops (opaque to ``torch.compile``) run it: ``fusedls/backend/triton/foreach_norm.py`` (triton: a fixed
 number of launches whatever the number of tensors, one elementwise launch per dtype in the list)
-or ``fusedls/eager/foreach_norm.py`` (``torch._foreach_*``). The penalties are autograd Functions
+or ``fusedls/backend/eager/foreach_norm.py`` (``torch._foreach_*``). The penalties are autograd Functions
 whose backward writes every weight's gradient in one launch per dtype.
 
 Layout: the kernels read a tensor as the flat run of ``numel`` elements at ``data_ptr()``, which
@@ -26,7 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .. import _backend
+from ..backend import registry
+from .._tensors import is_dense
 from ._checks import check_floating, check_tensor
 from ._custom_op import custom_op
 
@@ -39,7 +40,7 @@ _OP = "foreach_norm"
 
 
 def _impl(backend: str):
-    return _backend.implementation(_OP, backend)
+    return registry.implementation(_OP, backend)
 
 
 def _result_dtype(tensors) -> torch.dtype:
@@ -125,20 +126,6 @@ def _check_ord(name: str, value) -> float:
     return ord
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Its elements fill ``numel`` consecutive slots from ``data_ptr()`` (strides are never
-    negative in torch): contiguous in some dimension order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size != 1:
-            if stride != expected:
-                return False
-            expected *= size
-    return True
-
-
 def _check_tensors(name: str, tensors: list, ord: float | None = None) -> list[torch.Tensor]:
     """Checked, dense tensors of one device (non-dense ones made contiguous; the same list when
     all are dense). A fast pass first: this runs on every training step over every gradient."""
@@ -160,7 +147,7 @@ def _check_tensors(name: str, tensors: list, ord: float | None = None) -> list[t
             )
         if not empty_ok and t.numel() == 0:
             raise ValueError(f"{name}[{i}] is empty: the {ord} norm of an empty tensor is undefined (no identity)")
-        out.append(t if _dense(t) else t.contiguous())
+        out.append(t if is_dense(t) else t.contiguous())
     return out
 
 
@@ -175,7 +162,7 @@ def _as_list(name: str, tensors) -> list:
 def _backend_for(tensors: list[torch.Tensor]) -> str:
     dtypes = {t.dtype for t in tensors}
     dtype = torch.float64 if torch.float64 in dtypes else tensors[0].dtype
-    return _backend.resolve(tensors[0].device, dtype, _OP)
+    return registry.resolve(tensors[0].device, dtype, _OP)
 
 
 def _out_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -291,7 +278,7 @@ def clip_grad_norm_(
     if not grads:
         total = _empty_total(process_group)
         return _all_reduce_norm(total, ord, process_group) if process_group is not None else total
-    dense = raw if grads is raw else [g for g in raw if _dense(g)]
+    dense = raw if grads is raw else [g for g in raw if is_dense(g)]
     backend = _backend_for(grads)
     if process_group is None and len(dense) == len(grads) and not error_if_nonfinite:
         return _clip_op(grads, ord, max_norm, backend).to(_out_dtype(grads))
@@ -308,7 +295,7 @@ def clip_grad_norm_(
     if dense:
         _scale_op(dense, coef, backend)
     for g in raw:  # gradients that are not dense: scaled one by one
-        if not _dense(g):
+        if not is_dense(g):
             g.mul_(coef)
     return total.to(_out_dtype(grads))
 

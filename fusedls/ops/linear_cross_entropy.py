@@ -6,12 +6,12 @@ Layers (one name, ``linear_cross_entropy``, at each):
   ``(N, d)`` rows and applies :class:`LinearCrossEntropyFunction`;
 * :class:`LinearCrossEntropyFunction` picks the gradient strategy and does the reduction;
 * the ``fusedls::linear_cross_entropy_*`` custom ops (opaque to ``torch.compile``) run the chunk
-  loop below with the cross-entropy backend (``fusedls/kernels/cross_entropy.py`` or
-  ``fusedls/eager/cross_entropy.py``): no kernel of its own.
+  loop below with the cross-entropy backend (``fusedls/backend/triton/cross_entropy.py`` or
+  ``fusedls/backend/eager/cross_entropy.py``): no kernel of its own.
 
 Chunk loop. The logits exist one chunk of tokens at a time, in one reused buffer of about
 :data:`CHUNK_BYTES` bytes (or, with the weight gradient of a bf16/fp16 head, as many bytes as that
-gradient, which rounding the fp32 sum holds beside it at the end anyway: :func:`_chunk_rows`):
+gradient, which rounding the fp32 sum holds beside it at the end anyway: :func:`chunk_rows`):
 per chunk ``logits = h_c @ W.T (+ b)`` (torch matmul: cuBLAS on GPU),
 then the cross-entropy forward computes each row's loss and lse and, when gradients are wanted,
 overwrites the chunk IN PLACE with ``g = grad_scale * dloss/dlogits`` while each row is still in
@@ -40,7 +40,7 @@ the per-row upstream factors, so nothing logits-sized outlives a chunk either wa
 
 Which strategy: ``strategy="auto"`` (the default) takes the token chunks above when their
 working memory (fp32 sum + one chunk) is at most one ``(N, V)`` logits tensor, else the vocabulary
-blocks (:func:`_pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
+blocks (:func:`pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
 
 Vocabulary blocks (``strategy="vocab"``, no fp32 buffer of the weight gradient, a 4th matmul):
 the token chunks above give each row's loss, lse and coef (and, for ``mean``/``sum``,
@@ -54,152 +54,18 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
-from .._dtypes import acc_dtype
+from ..backend import registry
+from .._tensors import acc_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._custom_op import custom_op
 from . import linear_cross_entropy_vocab as vocab
-from .linear_cross_entropy_sums import _Grads
-from .cross_entropy import (
-    CrossEntropyResult,
-    _check_target_values,
-    _cross_entropy_scale_grad_,
-    _fwd_options,
-    _result,
-    check_loss_options,
-    finish_forward,
-    mean_denominator,
-)
+from .cross_entropy import _cross_entropy_scale_grad_
+from ._loss import (
+    REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward, mean_denominator, result,
+)  # fmt: skip
+from .linear_cross_entropy_tokens import backward_chunks, forward_chunks, pass1, pick_strategy, tokens_per_chunk
 
-REDUCTIONS = ("none", "mean", "sum")
-# Bytes of one chunk of logits, per device type: large enough that the matmuls stay efficient
-# (a few thousand tokens at LLM vocabularies), small next to the whole logits.
-# On CUDA every chunk after the first also costs one read-add-write of the fp32 grad-weight sum
-# (8 bytes per head element), so fewer, larger chunks: 1 GiB is 4 chunks for the Llama-3 8B head
-# at 16k tokens (and a half-precision head's gradient bytes, when larger, set the size: 4 chunks
-# for a 256k head, whose gradient is 2000 MiB, instead of 8).
-# "meta": tensors without data stand for a GPU's (memory planning, fusedls/bench/live_bytes.py).
-CHUNK_BYTES = {"cuda": 1 << 30, "meta": 1 << 30, "cpu": 32 << 20}
 STRATEGIES = ("auto", "tokens", "vocab")
-
-
-def _chunk_rows(
-    n_rows: int, n_cols: int, element_size: int, device: torch.device, chunk_size: int | None, strategy: str = "tokens",
-    room: int = 0,
-) -> int:
-    """Tokens per chunk: ``chunk_size`` (None or 0: the default), or as many as fit a budget of
-    CHUNK_BYTES, evened out over chunks, with ``room`` (bytes, 0: none):
-
-    * ``"tokens"``: at least ``room``, the bytes of a half-precision head's gradient, which
-      rounding the fp32 sum holds beside it at the end anyway (fewer chunks, no more memory);
-    * ``"vocab"``: at most ``room``, the weight gradient's storage, which pass 1 may use (nothing
-      is written there before pass 2); without it, at most pass 2's ``(N, VOCAB_BLOCK_COLS)`` block.
-    """
-    if chunk_size:
-        return max(1, min(chunk_size, n_rows))
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    if strategy == "vocab":
-        block = max(1, n_rows) * vocab.block_cols(n_rows, n_cols, element_size, device) * element_size
-        budget = min(budget, room or block)
-    else:
-        budget = max(budget, room)
-    most = max(1, budget // max(1, n_cols * element_size))
-    n_chunks = -(-n_rows // most) if n_rows else 1
-    return max(1, -(-n_rows // n_chunks))
-
-
-def _pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows: int) -> str:
-    """``"auto"``: the token chunks (3 matmuls) when their working memory, the fp32 ``(V, d)``
-    grad-weight sum of a half-precision head plus one chunk of logits, is no more than one
-    ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
-    (their buffers mostly in the weight gradient's storage, a 4th matmul). Llama-3 8B head (d =
-    4096, V = 128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096
-    tokens the token chunks would take 3038 MiB against torch's 3006)."""
-    if strategy != "auto":
-        return strategy
-    n_cols, d = weight.shape
-    acc_bytes = acc_dtype(weight).itemsize
-    weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() else 0
-    logits_row = n_cols * weight.element_size()
-    return "tokens" if weight_sum + min(chunk_rows, n_rows) * logits_row <= n_rows * logits_row else "vocab"
-
-
-def _impl(backend: str):
-    return _backend.implementation("cross_entropy", backend)
-
-
-def _logits_chunks(hidden, weight, bias, chunk_rows, storage=None):
-    """Yields ``(rows, logits)`` chunk by chunk; ``logits`` lives in one reused buffer, placed at
-    the start of ``storage`` (a contiguous tensor of hidden's dtype whose values are not needed)
-    when it is large enough."""
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
-    size = min(chunk_rows, n_rows) * n_cols
-    if storage is not None and storage.dtype == hidden.dtype and storage.is_contiguous() and storage.numel() >= size:
-        buffer = storage.view(-1)[:size].view(-1, n_cols)
-    else:
-        buffer = hidden.new_empty(min(chunk_rows, n_rows), n_cols)
-    for start in range(0, n_rows, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n_rows))
-        logits = buffer[: rows.stop - start]
-        if bias is None:
-            torch.mm(hidden[rows], weight.t(), out=logits)
-        else:
-            torch.addmm(bias, hidden[rows], weight.t(), out=logits)
-        yield rows, logits
-
-
-def _forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, opts,
-                    chunk_rows, need, backend, storage=None):  # fmt: skip
-    """Forward over token chunks: (loss, lse, coef) per row and, for ``grad_scale`` given, the
-    gradients in ``need`` = (hidden, weight, bias) of ``grad_scale * loss`` (empty if not needed).
-    The chunk buffer is in ``storage`` when given and large enough (see _logits_chunks), else its
-    own, which dies with this frame."""
-    impl, acc, n_rows = _impl(backend), acc_dtype(hidden), hidden.shape[0]
-    loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
-    grads = _Grads(hidden, weight, bias, *need)
-    write = grad_scale is not None and any(need)
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows, storage):
-        loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
-            logits, target[rows], class_weight, logits if write else None, grad_scale if write else None,
-            ignore_index, keep, spread, **opts,
-        )  # fmt: skip
-        if write:
-            grads.add(rows, logits, hidden[rows], weight)
-        del logits  # the last view would keep the chunk buffer alive while result() rounds the sums
-    return (loss, lse, coef, *grads.result(bias))
-
-
-def _backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread,
-                     softcap, chunk_rows, need, backend, storage=None):  # fmt: skip
-    """Gradients in ``need`` for per-row upstream factors ``grad_loss``, recomputing each token
-    chunk's logits (empty for those not needed); ``storage`` as for _forward_chunks."""
-    grads = _Grads(hidden, weight, bias, *need)
-    if not any(need):
-        return grads.result(bias)
-    impl = _impl(backend)
-    opts = {} if softcap is None else {"softcap": softcap}
-    for rows, logits in _logits_chunks(hidden, weight, bias, chunk_rows, storage):
-        impl.cross_entropy_backward(
-            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
-            keep, spread, **opts,
-        )  # fmt: skip
-        grads.add(rows, logits, hidden[rows], weight)
-        del logits  # as in _forward_chunks
-    return grads.result(bias)
-
-
-def _pass1(hidden, weight, chunk_size, strategy, need_weight):
-    """``(chunk_rows, grad_w)`` of a call: tokens per chunk (see _chunk_rows's ``room``), and for
-    ``strategy="vocab"`` with a weight gradient that gradient's (uninitialised) tensor, allocated
-    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None."""
-    grad_w = torch.empty_like(weight) if strategy == "vocab" and need_weight else None
-    head_bytes = weight.numel() * weight.element_size()
-    if grad_w is not None:
-        room = head_bytes if grad_w.is_contiguous() else 0
-    else:
-        room = head_bytes if need_weight and acc_dtype(weight) != weight.dtype else 0
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
-    return _chunk_rows(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, room), grad_w
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -227,14 +93,14 @@ def _linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
     weight, bias) times it; gradients not asked for are empty. ``chunk_size`` 0: the default."""
-    _check_target_values(target, weight.shape[0], ignore_index, backend)
+    check_target_values(target, weight.shape[0], ignore_index, backend)
     write_grad = grad_scale is not None
     need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
     # strategy="vocab": the token chunks give grad_hidden only, the vocabulary blocks the rest
     per_chunk = need if strategy == "tokens" else (need[0], False, False)
-    chunk_rows, grad_w = _pass1(hidden, weight, chunk_size, strategy, need[1])
-    loss, lse, coef, grad_h, grad_w_chunks, grad_b = _forward_chunks(
-        hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, _fwd_options(z_loss, softcap),
+    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need[1])
+    loss, lse, coef, grad_h, grad_w_chunks, grad_b = forward_chunks(
+        hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, (z_loss, softcap),
         chunk_rows, per_chunk, backend, storage=grad_w,
     )  # fmt: skip
     if strategy == "vocab":
@@ -287,18 +153,18 @@ def _linear_cross_entropy_bwd(
     """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
     recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
     need = (need_hidden, need_weight, need_bias)
-    chunk_rows, grad_w = _pass1(hidden, weight, chunk_size, strategy, need_weight)
+    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need_weight)
     args = (hidden, weight, bias, target, class_weight, lse, coef)
     opts = (ignore_index, keep, spread, softcap)
     if strategy != "vocab":
-        return _backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
+        return backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
     # grad_hidden: summed over the blocks when they run anyway (a weight or bias gradient) and its
     # fp32 sum is small (linear_cross_entropy_vocab.py), else from the token chunks recomputed (a
     # 5th matmul with the blocks, no such buffer)
     in_blocks = need_hidden and (need_weight or need_bias) and vocab.grad_hidden_in_blocks(hidden)
     grad_h = hidden.new_empty(0)
     if need_hidden and not in_blocks:
-        grad_h = _backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]
+        grad_h = backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]
     block_h, grad_w, grad_b = vocab.block_grads(*args, grad_loss, *opts, (in_blocks, need_weight, need_bias),
                                                  backend, grad_w)  # fmt: skip
     return (block_h if in_blocks else grad_h), grad_w, grad_b
@@ -448,7 +314,7 @@ def linear_cross_entropy(
     counted with ``python -m fusedls.bench.memory_model``: ``F.linear`` + torch's cross-entropy
     12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
-    one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`_pick_strategy`): the Llama-3
+    one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`): the Llama-3
     head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks
     would need more memory than torch. Works under autograd and ``torch.compile`` (custom ops,
     no graph break).
@@ -458,19 +324,19 @@ def linear_cross_entropy(
     check_choice("strategy", strategy, STRATEGIES)
     z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
     n_cols, d = weight.shape
-    backend = _backend.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
+    backend = registry.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
     rows = hidden.reshape(-1, d)
     rows = rows if rows.is_contiguous() else rows.contiguous()
     target_rows = target.reshape(-1)
     if target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
-    tokens_chunk = _chunk_rows(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
-    strategy = _pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
+    tokens_chunk = tokens_per_chunk(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
+    strategy = pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
     loss, z, lse = LinearCrossEntropyFunction.apply(
         rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
         softcap, chunk_size or 0, backend, torch.is_grad_enabled(), return_z_loss, strategy,
     )  # fmt: skip
     if reduction == "none":
         loss, z = loss.reshape(target.shape), z.reshape(target.shape) if return_z_loss else z
-    return _result(loss.to(hidden.dtype), z.to(hidden.dtype), lse.reshape(target.shape), return_z_loss, return_lse)
+    return result(loss.to(hidden.dtype), z.to(hidden.dtype), lse.reshape(target.shape), return_z_loss, return_lse)

@@ -1,5 +1,5 @@
 """Gradient sums of ``linear_cross_entropy``'s token chunks (``strategy="tokens"``), also used
-by the vocabulary-parallel linear path (fusedls/distributed.py).
+by the vocabulary-parallel linear path (fusedls/ops/vocab_parallel_cross_entropy.py).
 
 Each token chunk adds its contribution to every gradient: ``grad_hidden[chunk] = g @ W`` is
 complete within the chunk; ``grad_weight = sum over chunks of g.T @ h_c`` and ``grad_bias = sum
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._dtypes import acc_dtype
+from .._tensors import acc_dtype
 
 
 class _WeightGrad:

@@ -8,7 +8,7 @@ accumulation inside it); then a second pass sweeps blocks of classes (at most
 :data:`VOCAB_BLOCK_COLS`, and at most :data:`VOCAB_BLOCK_BYTES` of logits):
 ``x = H @ W[blk].T (+ b[blk])`` for ALL tokens in one reused ``(N, Cb)`` buffer, turned in place
 into ``g = scale * dl/dx`` by the vocabulary-parallel local gradient (``local_grad`` of
-``fusedls/{kernels,eager}/vocab_parallel_cross_entropy.py``: the same math on a slice of the
+``fusedls/backend/{triton,eager}/vocab_parallel_cross_entropy.py``: the same math on a slice of the
 classes given the global lse and coef), then ``grad_W[blk] = g.T @ H`` (one matmul over every
 token, fp32 accumulation inside it, written once in the weight dtype) and ``grad_b[blk] =
 g.sum(0)`` in fp32. ``mean``/``sum`` run both passes in forward (as the token strategy does).
@@ -39,12 +39,12 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
-from .._dtypes import acc_dtype
+from ..backend import registry
+from .._tensors import acc_dtype
 from .linear_cross_entropy_sums import _WeightGrad
 
 # At most this many classes per block of the second pass and at most VOCAB_BLOCK_BYTES of logits
-# (an (N, cols) buffer); without a weight gradient to borrow from (linear_cross_entropy._pass1),
+# (an (N, cols) buffer); without a weight gradient to borrow from (linear_cross_entropy_tokens.pass1),
 # the token chunks of the first pass are capped at the same bytes when chunk_size is not given, so
 # one buffer of that size is the whole working memory. 256 MiB: 8192 classes for 16k bf16 tokens
 # (matmuls of 16384 x 4096 x 8192 stay efficient).
@@ -118,9 +118,9 @@ def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ig
     grad_h = _WeightGrad(hidden) if need[0] else None  # sum over blocks of g @ W[blk]: (g.T).T @ W[blk]
     if not any(need):
         return hidden.new_empty(0), grad_w, grad_b
-    local = _backend.implementation(
+    local = registry.implementation(
         "vocab_parallel_cross_entropy",
-        backend if _backend.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
+        backend if registry.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
     )
     y = target.long()
     ignored = y == ignore_index

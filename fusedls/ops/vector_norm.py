@@ -9,7 +9,7 @@ Layers (one name, ``vector_norm``, at each):
 * :class:`VectorNormFunction` saves what backward needs (the rows, the fp32 norms and, for
   ord +-inf, the tie counts);
 * the ``fusedls::vector_norm_*`` custom ops (opaque to ``torch.compile``) run one backend:
-  ``fusedls/kernels/vector_norm.py`` (triton) or ``fusedls/eager/vector_norm.py`` (eager).
+  ``fusedls/backend/triton/vector_norm.py`` (triton) or ``fusedls/backend/eager/vector_norm.py`` (eager).
 
 Errors follow torch's classes, so code catching torch's keeps working: TypeError for an ord that
 is not a real number or a dim that is not an int; IndexError for a dim out of range; RuntimeError
@@ -25,14 +25,14 @@ from typing import Sequence
 
 import torch
 
-from .. import _backend
-from .._dtypes import acc_dtype
+from ..backend import registry
+from .._tensors import acc_dtype
 from ._checks import check_tensor
 from ._custom_op import custom_op
 
 
 def _impl(backend: str):
-    return _backend.implementation("vector_norm", backend)
+    return registry.implementation("vector_norm", backend)
 
 
 def _is_max(ord: float) -> bool:
@@ -213,6 +213,6 @@ def vector_norm(
     rows = rows.reshape(math.prod([x.shape[d] for d in kept]), n_cols)
     if rows.stride(1) != 1 and n_cols > 1:
         rows = rows.contiguous()
-    backend = _backend.resolve(x.device, out_dtype, "vector_norm")
+    backend = registry.resolve(x.device, out_dtype, "vector_norm")
     out = VectorNormFunction.apply(rows, ord, out_dtype, backend)
     return out.reshape(shape)

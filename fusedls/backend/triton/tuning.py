@@ -1,0 +1,267 @@
+"""Launch parameters of the Triton kernels, kept apart from the kernels themselves.
+
+Every row of the logits is swept in chunks of ``block_c`` classes. The chunk is capped so the
+per-thread working set stays in registers (``python -m tools.aot`` checks that no
+specialisation spills): at the cap one thread holds ``block_c / (32 * num_warps)`` elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_c: int  # classes per chunk (a power of two)
+    num_warps: int
+
+    @property
+    def maxnreg(self) -> int:
+        """Register cap: all a program may use with one program per SM. Without it ptxas
+        aims at two programs per SM and spills a few bytes at 64 registers (seen with
+        num_warps 8 and 16 on sm_90a, triton 3.6 and 3.9)."""
+        return min(255, 65536 // (32 * self.num_warps))
+
+    def launch_options(self) -> dict:
+        """Keyword arguments of a kernel launch (and of triton.compile in tools.aot)."""
+        return dict(num_warps=self.num_warps, maxnreg=self.maxnreg)
+
+
+# Largest chunk per element size in bytes. Tests lower it to make the chunk loop run many
+# times on small vocabularies under the interpreter.
+CROSS_ENTROPY_MAX_BLOCK = {2: 8192, 4: 4096}
+
+# (largest chunk, warps) in increasing chunk order: the first row whose chunk fits is used.
+_CROSS_ENTROPY_WARPS = ((1024, 4), (4096, 8), (8192, 16))
+
+
+def cross_entropy_config(n_cols: int, element_size: int) -> LaunchConfig:
+    """Chunk and warps for a row of ``n_cols`` classes of ``element_size``-byte logits."""
+    cap = CROSS_ENTROPY_MAX_BLOCK.get(element_size, CROSS_ENTROPY_MAX_BLOCK[4])
+    block = max(16, min(triton.next_power_of_2(max(n_cols, 1)), cap))
+    warps = next(w for limit, w in _CROSS_ENTROPY_WARPS if block <= limit or limit == _CROSS_ENTROPY_WARPS[-1][0])
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
+# The forward kernel that also writes the gradient sweeps each row twice; the second sweep
+# must find the row in L2. Its programs loop over rows, and their number is capped so that the
+# rows in flight (one per program) take at most this fraction of L2: an H100 (50 MB L2, 132
+# SMs) keeps 132 rows of 128k bf16 logits (34 MB) in flight, one per SM.
+L2_FRACTION = 0.7
+MAX_PROGRAMS_PER_SM = 8
+# Programs off CUDA (the interpreter): None is one per row; tests set a small number so each
+# program loops over several rows.
+INTERPRETER_PROGRAMS: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_and_l2_bytes(device_index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
+
+
+def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) -> int:
+    """Programs for the forward kernel with the gradient: rows in flight that fit in L2, at
+    least one per SM, at most n_rows. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
+    if device.type != "cuda":
+        return min(n_rows, INTERPRETER_PROGRAMS or n_rows)
+    sms, l2_bytes = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    per_sm = int(L2_FRACTION * l2_bytes) // (sms * max(row_bytes, 1))
+    return max(1, min(n_rows, sms * max(1, min(per_sm, MAX_PROGRAMS_PER_SM))))
+
+
+# ----------------------------------------------------------------------------------------------
+# vocab_parallel_cross_entropy (fusedls/backend/triton/vocab_parallel_cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+
+# Rows per launch: a chunk of rows holds about this many logits. The kernels need no
+# temporaries, but the linear variant materialises each chunk's logits (and, in backward, an
+# fp32 gradient chunk): 16M elements are 32 MiB of bf16 logits, and ~1k rows of a 16k-class slice
+# (8 programs per SM on an H100). Tests lower it to run the chunk loop.
+VOCAB_PARALLEL_CHUNK_ELEMENTS = 1 << 24
+
+
+def vocab_parallel_config(n_cols: int, element_size: int) -> LaunchConfig:
+    """Chunk and warps of the vocabulary-parallel kernels: they sweep a row of a rank's classes
+    as the cross-entropy kernels do, with the same per-thread working set, so the same table."""
+    return cross_entropy_config(n_cols, element_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (fusedls/backend/triton/dropout.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elementwise dropout / dropout_add: elements per program and warps (8 elements per thread).
+DROPOUT_BLOCK = 2048
+DROPOUT_WARPS = 8
+
+
+def dropout_config() -> LaunchConfig:
+    """Block (``block_c``: elements per program) and warps of ``dropout_kernel``."""
+    return LaunchConfig(block_c=DROPOUT_BLOCK, num_warps=DROPOUT_WARPS)
+
+
+# dropout + add + norm keep a whole row in registers; longer rows run on the eager backend. Per
+# element size in bytes: fp32 LayerNorm backward (dweight and dbias partial sums in registers
+# besides the row) spills a few bytes at 8192 (16 warps, 128 registers; sm_80 and sm_90a).
+DROPOUT_NORM_MAX_N = {2: 8192, 4: 4096}
+# (largest row block, warps): the first whose block fits is used (at most 32 elements/thread).
+_DROPOUT_NORM_WARPS = ((256, 1), (512, 2), (1024, 4), (2048, 8), (8192, 16))
+# Programs of the backward kernel (each loops over rows and keeps fp32 partial sums of dweight
+# and dbias): this many per SM; off CUDA (the interpreter) DROPOUT_NORM_INTERPRETER_PROGRAMS.
+DROPOUT_NORM_PROGRAMS_PER_SM = 4
+DROPOUT_NORM_INTERPRETER_PROGRAMS = 3
+
+
+def dropout_norm_config(n_cols: int) -> LaunchConfig:
+    """Row block (``block_c``, a power of two >= n_cols) and warps of the norm kernels."""
+    block = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    warps = next((w for limit, w in _DROPOUT_NORM_WARPS if block <= limit), _DROPOUT_NORM_WARPS[-1][1])
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
+def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the norm backward kernel: a few per SM, at most one per row."""
+    if device.type != "cuda":
+        return max(1, min(n_rows, DROPOUT_NORM_INTERPRETER_PROGRAMS))
+    sms, _ = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_rows, sms * DROPOUT_NORM_PROGRAMS_PER_SM))
+
+
+# ----------------------------------------------------------------------------------------------
+# foreach_norm, total_norm, clip_grad_norm_, l1/l2 penalties (fusedls/backend/triton/foreach_norm.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elementwise multi-tensor kernels: elements per chunk and warps (16 elements per thread per
+# chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks. Measured (H100, 2026-11-22,
+# the bench's 201-tensor bf16 list, medians of 5 interleaved rounds; foreach_norm % of copy /
+# clip_grad_norm_ that scales, % of copy): (block, chunks, warps) (4096, 2, 8) 87.5 / 92.7;
+# (4096, 4, 8) 95.4 / 85.8; (2048, 8, 8) 95.9 / 86.0; (4096, 4, 4) 92.3 / 96.0 but its map
+# kernels spill; (2048, 4, 4) 93.0 / 94.4, no spills: chosen (64 elements a thread per item).
+FOREACH_NORM_BLOCK = 2048
+FOREACH_NORM_WARPS = 4
+# Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements as one tile
+# (all its loads in flight together) after one lookup of its tensor (three dependent loads: item
+# -> tensor -> offset / numel), and writes one partial. Model (H100 SXM, bf16, 16-byte loads):
+# - needed: ~3.35 TB/s x ~0.7 us DRAM latency ~ 2.3 MB in flight, ~18 KB per SM (132 SMs) at
+#   every instant; a program has nothing in flight during its lookup and its reduction / store,
+#   so the SM needs several programs, and a maximum of about twice that.
+# - registers cap it: bytes in flight need registers, and ptxas (sm_90a, `python -m tools.aot`)
+#   takes for partial p=2 / map scale, per thread: CHUNKS 1: 32 / 44, 2: 48 / 75, 4: 96 / 128,
+#   8: 168 / 254 (capped lower, they spill: 64 elements a thread need ~100). Programs of 256
+#   threads per SM (64K registers, at most 8): 8 / 5, 5 / 3, 2 / 2, 1 / 1, so at most
+#   64 / 40, 80 / 48, 64 / 64, 64 / 64 KB of reads in flight per SM.
+# - the old kernel (CHUNKS 1, 40 registers: 6 programs, 48 KB, a lookup per 8 KB) reached 70 %
+#   of copy bandwidth (measured), as if a program spent about as long on its lookup as on its
+#   data (inferred, not profiled).
+# - CHUNKS 2: the most in flight for the norms (80 KB over 5 programs, one's lookup overlapping
+#   the others' loads), half the lookups, 48 KB for the map kernels (clipping, penalties'
+#   gradients). CHUNKS 4: a quarter of the lookups but 2 programs (none in flight when both look
+#   up); 8: one program per SM. benchmarks/tune_foreach_norm.py sweeps 1, 2, 4, 8.
+# - the merge tail: a 128256 x 2048 embedding (262.7M elements) has ceil(262.7M / (CHUNKS x
+#   BLOCK)) partials: 64,128 (CHUNKS 1), 32,064 (2), 16,032 (4); the benchmark list's largest
+#   (fusedls/bench/foreach_norm.py: 32000 x 2048, 65.5M) 16,000, 8,000, 4,000.
+# - measured (above): 4 chunks of 2048 beat the model's 2 of 4096; the model's register figures
+#   are for 8 warps of 4096-element chunks.
+FOREACH_NORM_CHUNKS = 4
+# The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
+# Stage 2 merges a tensor's partials in one program after stage 1: ceil(partials / MERGE_BLOCK)
+# dependent steps per pass, two passes for the p-norms (max, then the scaled sum), each step
+# ~1 us (its loads, from DRAM: the embedding's partials are written first). A 262.7M-element
+# tensor: 2 x 63 = 126 steps (~0.1 ms of 1.2) at CHUNKS 1 and 1024; 2 x 4 = 8 (~10 us) at CHUNKS
+# 2 and 8192; the benchmark's 65.5M: 2 x 16 = 32 steps, now 2 x 1 = 2. 8192 fp32 on 8 warps: 32
+# a thread, for a and b (~180-220 registers; one program per tensor, so occupancy is moot).
+FOREACH_NORM_MERGE_BLOCK = 8192
+FOREACH_NORM_MERGE_WARPS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ForeachNormConfig(LaunchConfig):
+    chunks: int = 1  # chunks of block_c elements per work item (elementwise kernels)
+
+    @property
+    def item(self) -> int:
+        """Elements per work item."""
+        return self.chunks * self.block_c
+
+
+def foreach_norm_config() -> ForeachNormConfig:
+    """Chunk (``block_c``), chunks per work item and warps of the elementwise kernels."""
+    return ForeachNormConfig(block_c=FOREACH_NORM_BLOCK, num_warps=FOREACH_NORM_WARPS, chunks=FOREACH_NORM_CHUNKS)
+
+
+def foreach_norm_merge_config() -> LaunchConfig:
+    """Partials per step (``block_c``) and warps of the merge kernels."""
+    return LaunchConfig(block_c=FOREACH_NORM_MERGE_BLOCK, num_warps=FOREACH_NORM_MERGE_WARPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# vector_norm (fusedls/backend/triton/vector_norm.py)
+# ----------------------------------------------------------------------------------------------
+
+# Elements of one (BLOCK_R, BLOCK_N) tile per element size in bytes: BLOCK_N = the row length
+# rounded up to a power of two, at most the tile; BLOCK_R = tile // BLOCK_N rows side by side
+# (many short rows per program). 8192 bf16 on 8 warps: 32 elements, four 16-byte loads a thread.
+VECTOR_NORM_TILE = {2: 8192, 4: 4096}
+VECTOR_NORM_WARPS = 8
+# At most this many rows per tile: 512 rows of 16 took all 255 registers (sm_80, 8 warps).
+VECTOR_NORM_MAX_BLOCK_R = 64
+VECTOR_NORM_SMALL_TILE_WARPS = 4  # tiles of at most 1024 elements (rows shorter than that, few rows)
+# Persistent forward, row path: at most this many programs per SM, each looping over row blocks;
+# far more than fit at once (~80 registers x 256 threads: 3 per SM), so the hardware keeps every
+# SM full as programs finish, and each loops only a few times (a short tail).
+VECTOR_NORM_PROGRAMS_PER_SM = 16
+# Split path: rows x slices ~ this many programs per SM, all resident at once (8 warps at up to
+# 128 registers), each streaming its slice.
+VECTOR_NORM_SPLIT_PROGRAMS_PER_SM = 2
+# Split path: a row of at least 2 * VECTOR_NORM_SPLIT_COLS elements, when the row blocks alone
+# cannot give every program work, is cut into slices of at least this many columns (a multiple
+# of BLOCK_N), reduced to fp32 partials by the programs of stage 1 and merged in order by stage 2.
+VECTOR_NORM_SPLIT_COLS = 16384
+# SM count assumed off CUDA (the interpreter), where no device can be asked.
+VECTOR_NORM_INTERPRETER_SMS = 2
+# Stage 2 merges a row's partials in chunks of at most this many.
+VECTOR_NORM_MERGE_BLOCK = 1024
+VECTOR_NORM_MERGE_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorNormConfig:
+    block_r: int  # rows per tile
+    block_n: int  # columns per tile (a power of two)
+    num_warps: int
+
+    def launch_options(self) -> dict:
+        return LaunchConfig(self.block_n, self.num_warps).launch_options()
+
+
+def vector_norm_config(n_rows: int, n_cols: int, element_size: int) -> VectorNormConfig:
+    """Tile and warps of the vector_norm kernels for (n_rows, n_cols) rows of ``element_size``-byte data."""
+    tile = VECTOR_NORM_TILE.get(element_size, VECTOR_NORM_TILE[4])
+    block_n = max(16, min(triton.next_power_of_2(max(n_cols, 1)), tile))
+    block_r = max(1, min(tile // block_n, VECTOR_NORM_MAX_BLOCK_R, triton.next_power_of_2(max(n_rows, 1))))
+    warps = VECTOR_NORM_WARPS if block_r * block_n > 1024 else VECTOR_NORM_SMALL_TILE_WARPS
+    return VectorNormConfig(block_r, block_n, warps)
+
+
+def vector_norm_sms(device: torch.device) -> int:
+    """SMs of ``device`` (asked once, lazily), or VECTOR_NORM_INTERPRETER_SMS off CUDA."""
+    if device.type != "cuda":
+        return VECTOR_NORM_INTERPRETER_SMS
+    return _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, block_n: int) -> tuple[int, int]:
+    """(splits, columns per split) of each row: (1, n_cols) unless the row is long and the row
+    blocks too few to occupy every SM; slices are multiples of block_n and never empty."""
+    programs = vector_norm_sms(device) * VECTOR_NORM_SPLIT_PROGRAMS_PER_SM
+    if n_cols < 2 * VECTOR_NORM_SPLIT_COLS or n_row_blocks >= programs:
+        return 1, n_cols
+    splits = min(n_cols // VECTOR_NORM_SPLIT_COLS, triton.cdiv(programs, n_row_blocks))
+    per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_n) * block_n
+    return triton.cdiv(n_cols, per_split), per_split

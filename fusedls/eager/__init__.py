@@ -1,1 +1,0 @@
-"""Eager (pure PyTorch) backend: the kernels' math and interface, one module per op."""

@@ -1,1 +1,0 @@
-"""Triton kernels, one module per op (imported lazily: these modules import triton)."""
