@@ -160,19 +160,23 @@ def test_vector_norm_runs_in_cpp_and_splits_rows_deterministically(monkeypatch, 
 
 
 @needs_cpp
-def test_kernels_give_nan_rows_for_out_of_range_ids():
-    """What the kernels do with ids the Python layer would have refused: NaN rows, nothing
-    read outside the row."""
+def test_out_of_range_ids_raise_in_the_binding_and_give_nan_rows_in_the_kernels():
+    """The forward binding raises Python's ValueError (one pass over the ids in C++, no Python
+    check); the kernels themselves, reached through the backward binding, give NaN rows for such
+    ids and read nothing outside the row."""
     from fusedls.backend.cpp import cross_entropy as cpp_ce
 
     x = torch.randn(4, 10)
     t = torch.tensor([1, 10, -100, -3])
+    with pytest.raises(ValueError, match="target contains class id 10, outside \\[0, 10\\) and not ignore_index=-100"):
+        cpp_ce.cross_entropy_forward(x, t, None, torch.empty_like(x), torch.tensor(1.0), -100, 0.9, 0.01)
+    valid = torch.tensor([1, 5, -100, 2])
+    _, lse, coef = cpp_ce.cross_entropy_forward(x, valid, None, None, None, -100, 0.9, 0.01)
     grad = torch.empty_like(x)
-    loss, lse, coef = cpp_ce.cross_entropy_forward(x, t, None, grad, torch.tensor(1.0), -100, 0.9, 0.01)
-    assert loss[[1, 3]].isnan().all() and loss[0].isfinite() and loss[2] == 0
+    cpp_ce.cross_entropy_backward(torch.tensor(1.0), x, t, None, lse, coef, grad, None, -100, 0.9, 0.01)
     assert grad[[1, 3]].isnan().all() and grad[0].isfinite().all() and (grad[2] == 0).all()
-    ref = reference_cross_entropy(x[:1], t[:1], label_smoothing=0.1, reduction="none")[0]
-    assert_close(loss[:1], ref)
+    ref = reference_cross_entropy(x[:1].requires_grad_(), t[:1], label_smoothing=0.1, reduction="sum")[1]
+    assert_close(grad[:1], ref)
 
 
 def test_builds_are_announced_and_can_be_forbidden(monkeypatch, capsys, tmp_path):

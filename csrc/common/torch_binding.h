@@ -5,6 +5,8 @@
 //   static auto guard(const at::Tensor&);                     // RAII: that tensor's device current
 //   static void fresh_buffer(const at::Tensor&);              // before the first write of a new grad
 //   static void forward(const CrossEntropyArgs&);  backward(...);  scale_grad(...);
+//   static constexpr bool kCheckTargets;   // raise ValueError on an out-of-range class id (CPU:
+//                                         // free; a GPU binding instead gets NaN rows, no sync)
 // and registers run_forward<B>, run_backward<B>, run_scale_grad<B> under the schemas below.
 //
 // The bindings receive what fusedls/ops/cross_entropy.py passes to every backend (see
@@ -86,6 +88,19 @@ inline Prepared prepare(const at::Tensor& logits, const at::Tensor& target, cons
   return p;
 }
 
+// ValueError (Python's) naming the first class id outside [0, C) that is not ignore_index, as
+// fusedls's eager backend raises on CPU tensors; one pass over the R ids (host memory).
+inline void check_class_ids(const Prepared& p) {
+  const CrossEntropyArgs& a = p.args;
+  if (a.prob_target) return;
+  const int64_t* ids = p.target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    const int64_t y = ids[r * a.stride_target];
+    TORCH_CHECK_VALUE(y == a.ignore_index || (y >= 0 && y < a.n_cols), "target contains class id ", y,
+                      ", outside [0, ", a.n_cols, ") and not ignore_index=", a.ignore_index);
+  }
+}
+
 // A per-row factor: fp32, 0-dim (broadcast, stride 0) or (R,) with any stride.
 inline at::Tensor row_factor(const at::Tensor& factor, int64_t n_rows, int64_t& stride, const char* name) {
   TORCH_CHECK(factor.dim() == 0 || (factor.dim() == 1 && factor.size(0) == n_rows), name,
@@ -119,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& log
   B::check(target, "target");
   const auto guard = B::guard(logits);
   Prepared p = prepare(logits, target, weight, ignore_index, keep, spread, block_c);
+  if constexpr (B::kCheckTargets) check_class_ids(p);
   CrossEntropyArgs& a = p.args;
   const auto options = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({a.n_rows}, options);

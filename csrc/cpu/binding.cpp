@@ -55,6 +55,7 @@ struct Cpu {
   static void check(const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu(), "the cpp backend runs on CPU tensors; ", name, " is on ", t.device());
   }
+  static constexpr bool kCheckTargets = true;
   static int guard(const at::Tensor&) { return 0; }  // one device: nothing to switch
   static void fresh_buffer(const at::Tensor& t) { advise_huge_pages(t); }
   static void forward(const CrossEntropyArgs& a) { cpu::cross_entropy_forward(a); }

@@ -22,8 +22,8 @@
 //     (derivation: fusedls/kernels/cross_entropy.py). The [c == y] term is applied to the one
 //     element after the vector loop.
 // Ignored rows: loss, lse, coef and gradient 0. A class id outside [0, C) that is not
-// ignore_index gives a NaN loss and NaN gradient row (the Python layer raises before that on
-// CPU; the kernel never reads outside the row either way).
+// ignore_index gives a NaN loss and NaN gradient row (the torch binding raises ValueError before
+// the forward kernel runs: csrc/common/torch_binding.h; the kernel never reads outside the row).
 #include "cross_entropy.h"
 #include "vec_io.h"
 

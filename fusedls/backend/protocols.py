@@ -17,6 +17,12 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
+def bad_target_error(value: int, n_cols: int, ignore_index: int) -> ValueError:
+    """The error a backend raises for a class id outside ``[0, n_cols)`` that is not
+    ``ignore_index``, where checking costs no synchronisation (CPU tensors)."""
+    return ValueError(f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}")
+
+
 # Columns of the vocabulary-parallel per-row statistics, summed across ranks in one all-reduce.
 SUM_EXP, TARGET_LOGIT, TARGET_WEIGHT, WEIGHTED_SUM, WEIGHT_TOTAL = range(5)
 N_STATS = 5
@@ -31,8 +37,9 @@ class CrossEntropyBackend(Protocol):
     convention already applied); ``z_loss``: z of ``z * lse^2`` (0: none); ``softcap``: s of the
     cap ``s * tanh(x / s)`` (None: none). The math is derived in
     ``fusedls/backend/triton/cross_entropy.py``. Ignored rows: loss, lse, coef and gradient 0. A
-    class id outside ``[0, C)`` that is not ``ignore_index`` gives a NaN loss and a NaN gradient
-    row (never a read outside the row).
+    class id outside ``[0, C)`` that is not ``ignore_index``: on CPU tensors the forward raises
+    :func:`bad_target_error` (free there); elsewhere that row's loss and gradient are NaN, with no
+    host synchronisation and never a read outside the row.
     """
 
     UNSUPPORTED: frozenset[str]  # of {"z_loss", "softcap", "return_lse"}

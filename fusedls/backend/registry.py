@@ -12,7 +12,7 @@ an op implements is that op's Protocol in ``protocols.py``):
 
 The requested backend comes from, in order: :func:`use_backend` (a context manager),
 :func:`set_backend`, the ``FUSEDLS_BACKEND`` environment variable (read when fusedls is
-imported and again by ``set_backend(None)``), and ``auto``. ``TRITON_INTERPRET`` is read once,
+imported and again by ``set_backend(None)``, as is ``FUSEDLS_CHECK_TARGETS``), and ``auto``. ``TRITON_INTERPRET`` is read once,
 when the triton backend is first asked about: triton's own ``@jit`` reads it once too, when a
 kernel module is imported. A call asks :func:`resolve` for a backend name and
 :func:`implementation` for its module; both answers are cached, so a call costs a few
@@ -73,6 +73,7 @@ class _State:
     requested: str | None = None
     from_environment: str | None = None  # None: FUSEDLS_BACKEND held a bad name (raised when used)
     interpreting: bool | None = None  # TRITON_INTERPRET, read on first use
+    check_targets: bool = False  # FUSEDLS_CHECK_TARGETS=1: a synchronising class-id check on every backend
 
 
 def _read_environment() -> None:
@@ -80,6 +81,7 @@ def _read_environment() -> None:
         _State.from_environment = _environment_backend()
     except ValueError:
         _State.from_environment = None  # said when a call needs it, not at import
+    _State.check_targets = os.environ.get("FUSEDLS_CHECK_TARGETS", "0") not in ("", "0")
 
 
 _read_environment()
@@ -113,6 +115,13 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _State.requested = previous
+
+
+def check_targets() -> bool:
+    """Whether every backend's call checks class ids on the host (``FUSEDLS_CHECK_TARGETS=1``, for
+    debugging: one synchronisation per call). Without it CPU backends raise on bad ids and GPU
+    kernels give NaN rows."""
+    return _State.check_targets
 
 
 def interpreting() -> bool:

@@ -4,11 +4,12 @@ return convention."""
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
+from ..backend import registry
+from ..backend.protocols import bad_target_error
 from ._checks import check_float_at_least
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -37,25 +38,20 @@ def check_loss_options(z_loss, softcap, return_z_loss, return_lse) -> tuple[floa
     return z_loss, softcap, frozenset(name for name, on in used.items() if on)
 
 
-def check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, backend: str) -> None:
+def check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, always: bool = False) -> None:
     """Raises ValueError for a class id outside ``[0, n_cols)`` that is not ``ignore_index``.
 
-    Free on CPU tensors, and done there for the eager and cpp backends (torch raises IndexError
-    there). On GPU (and for the triton kernels under the CPU interpreter, which stand for the
-    GPU) the kernels turn such rows into NaN instead of synchronising; ``FUSEDLS_CHECK_TARGETS=1``
-    asks for this (synchronising) check everywhere, for debugging.
+    Done when ``always`` (a caller whose backends do not check: CPU tensors only, where it costs no
+    synchronisation) or when ``FUSEDLS_CHECK_TARGETS=1`` asks for it everywhere (for debugging:
+    one host synchronisation per call). The CPU backends check their targets themselves (the
+    eager backend from the mask it computes anyway, the cpp backend in C++); GPU kernels, and
+    the triton kernels under the CPU interpreter that stand for them, give NaN rows instead.
     """
-    if target.is_floating_point() or target.numel() == 0:
-        return
-    on_cpu = backend in ("eager", "cpp") and target.device.type == "cpu"
-    if not (on_cpu or os.environ.get("FUSEDLS_CHECK_TARGETS") == "1"):
+    if not (always or registry.check_targets()) or target.is_floating_point() or target.numel() == 0:
         return
     bad = ((target < 0) | (target >= n_cols)) & (target != ignore_index)
     if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(
-            f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}"
-        )
+        raise bad_target_error(int(target[bad][0]), n_cols, ignore_index)
 
 
 def mean_denominator(target, weight, ignore_index: int, n_cols: int, acc: torch.dtype) -> torch.Tensor:

@@ -23,7 +23,7 @@ Options beyond torch (``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.nn import _reduction
@@ -33,7 +33,7 @@ from .._tensors import acc_dtype
 from ._custom_op import custom_op
 from ._loss import (
     INDEX_DTYPES, REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward,
-    mean_denominator, result,
+    mean_denominator, reduce_rows, result,
 )  # fmt: skip
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 
@@ -61,7 +61,7 @@ def _cross_entropy_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef, grad) per row; grad is empty unless grad_scale is given."""
-    check_target_values(target, logits.shape[1], ignore_index, backend)
+    check_target_values(target, logits.shape[1], ignore_index)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
     out = _impl(backend).cross_entropy_forward(
         logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread,
@@ -91,7 +91,7 @@ def _cross_entropy_fwd_inplace(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row; overwrites logits with grad_scale * dl/dlogits."""
-    check_target_values(target, logits.shape[1], ignore_index, backend)
+    check_target_values(target, logits.shape[1], ignore_index)
     return _impl(backend).cross_entropy_forward(
         logits, target, weight, logits, grad_scale, ignore_index, keep, spread, z_loss, softcap
     )
@@ -148,35 +148,45 @@ def _(grad, factor, backend):
 # --------------------------------------------------------------------------- autograd Function
 
 
+class Call(NamedTuple):
+    """The constant arguments of one call, handed to :class:`CrossEntropyFunction` as one object."""
+
+    reduction: str
+    ignore_index: int
+    keep: float  # 1 - eps
+    spread: float  # eps / C (the smoothing convention already applied)
+    z_loss: float
+    softcap: Optional[float]
+    inplace: bool
+    backend: str
+    grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
+    extras: bool  # return (loss, z, lse) rather than the loss alone
+    want_z: bool  # compute the reduced z-loss term (extras only)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Loss of ``(R, C)`` logits with reduction; see the module docstring for the strategy.
 
-    forward(logits, target, weight, reduction, ignore_index, keep, spread, z_loss, softcap, inplace, backend,
-    grad_enabled, want_z)
-    ``weight`` is fp32 (fp64 for fp64 logits) or None; ``keep = 1 - eps`` and ``spread = eps / C`` already carry the
-    smoothing convention. Returns ``(loss, z, lse)``: the fp32 loss (0-dim, or (R,) for ``reduction="none"``; the
-    z-loss included), the z-loss alone reduced the same way (empty unless ``want_z``) and the per-row lse; the last
-    two are not differentiable.
+    ``forward(logits, target, weight, call)``: ``weight`` fp32 (fp64 for fp64 logits) or None,
+    ``call`` a :class:`Call`. Returns the fp32 loss (0-dim, or ``(R,)`` for ``reduction="none"``;
+    the z-loss included), or with ``call.extras`` ``(loss, z, lse)``: the z-loss alone reduced the
+    same way (empty unless ``call.want_z``) and the per-row lse, both without gradient.
     """
 
     @staticmethod
-    def forward(
-        ctx, logits, target, weight, reduction, ignore_index, keep, spread, z_loss, softcap, inplace, backend,
-        grad_enabled, want_z,
-    ):  # fmt: skip
-        n_rows = logits.shape[0]
+    def forward(ctx, logits, target, weight, call):
         prob = target.is_floating_point()
         # needs_input_grad says True under torch.no_grad() too: the caller's grad mode decides.
-        need_grad = grad_enabled and ctx.needs_input_grad[0]
-        need_target_grad = grad_enabled and prob and ctx.needs_input_grad[1]
-        if reduction != "mean":
+        need_grad = call.grad_enabled and ctx.needs_input_grad[0]
+        need_target_grad = call.grad_enabled and prob and ctx.needs_input_grad[1]
+        if call.reduction != "mean":
             denom = None
         elif prob:
-            denom = float(n_rows)
+            denom = float(logits.shape[0])
         else:
-            denom = mean_denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits))
-        fused = need_grad and not need_target_grad and (reduction != "none" or inplace)
-        opts = (ignore_index, keep, spread, z_loss, softcap, backend)
+            denom = mean_denominator(target, weight, call.ignore_index, logits.shape[1], acc_dtype(logits))
+        fused = need_grad and not need_target_grad and (call.reduction != "none" or call.inplace)
+        opts = (call.ignore_index, call.keep, call.spread, call.z_loss, call.softcap, call.backend)
         if fused:
             # One launch: every small op here costs host time comparable to the kernel itself
             # on a GPU (benchmarks/profile_host.py).
@@ -185,7 +195,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             else:  # None (sum, none) or the row count of probability targets (0: no rows to scale)
                 scale = 1.0 if not denom else 1.0 / denom
                 grad_scale = torch.full((), scale, device=logits.device, dtype=acc_dtype(logits))
-            if inplace:
+            if call.inplace:
                 loss, lse, coef = _cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *opts)
                 grad = logits
             else:
@@ -195,36 +205,33 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss, lse, coef, _ = _cross_entropy_fwd(logits, target, weight, None, *opts)
             if need_grad or need_target_grad:
                 ctx.save_for_backward(logits, target, weight, lse, coef)
-        ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad = fused, denom, need_grad, need_target_grad
-        ctx.args = (ignore_index, keep, spread, softcap, backend)
-        return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
+        ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad, ctx.call = fused, denom, need_grad, need_target_grad, call
+        if call.extras:
+            return finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z)
+        ctx.set_materialize_grads(False)
+        return reduce_rows(loss, call.reduction, denom)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_z, _grad_lse):
-        none = (None,) * 11
+    def backward(ctx, grad_out, *_extras):
         if grad_out is None:
-            return (None, None, *none)
-        ignore_index, keep, spread, softcap, backend = ctx.args
-        factor = grad_out.to(acc_dtype(grad_out))
+            return None, None, None, None
+        call = ctx.call
+        factor = grad_out if grad_out.dtype == acc_dtype(grad_out) else grad_out.to(acc_dtype(grad_out))
         if ctx.fused:
             # Reusing this gradient (backward twice with retain_graph=True) is refused by
             # autograd's saved-tensor version check, since the rescale below is in place.
             (grad,) = ctx.saved_tensors
-            _cross_entropy_scale_grad_(grad, factor, backend)
-            return (grad, None, *none)
+            _cross_entropy_scale_grad_(grad, factor, call.backend)
+            return grad, None, None, None
         logits, target, weight, lse, coef = ctx.saved_tensors
         if ctx.denom is not None:
             factor = factor / ctx.denom
         grad, grad_target = _cross_entropy_bwd(
-            factor, logits, target, weight, lse, coef, ignore_index, keep, spread, softcap, ctx.need_target_grad,
-            backend,
+            factor, logits, target, weight, lse, coef, call.ignore_index, call.keep, call.spread, call.softcap,
+            ctx.need_target_grad, call.backend,
         )  # fmt: skip
-        return (
-            grad if ctx.need_grad else None,
-            grad_target if ctx.need_target_grad else None,
-            *none,
-        )
+        return grad if ctx.need_grad else None, grad_target if ctx.need_target_grad else None, None, None
 
 
 # ---------------------------------------------------------------------------- public function
@@ -344,24 +351,33 @@ def cross_entropy(
     )
     z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
     prob = target.is_floating_point()
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
-    row_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape
     if prob and n_cols == 0:  # nothing to compute; torch's own answer for the degenerate case
         loss = torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
-        zeros = input.new_zeros(row_shape, dtype=acc_dtype(input))
+        zeros = input.new_zeros(target.shape[:class_dim] + target.shape[class_dim + 1 :], dtype=acc_dtype(input))
         return result(loss, torch.zeros_like(loss), zeros, return_z_loss, return_lse)
     if smoothing_convention == "others":
         eps = eps * n_cols / (n_cols - 1) if n_cols > 1 else 0.0
     backend = registry.resolve(input.device, input.dtype, "cross_entropy", features)
-    logits = _rows(input, class_dim)
-    target_rows = _rows(target, class_dim) if prob else target.reshape(-1)
-    if not prob and target_rows.dtype not in (torch.int64, torch.int32):
-        target_rows = target_rows.to(torch.int64)
+    logits = input if input.dim() == 2 and input.stride(1) == 1 else _rows(input, class_dim)
+    if prob:
+        target_rows = target if target.dim() == 2 and target.stride(1) == 1 else _rows(target, class_dim)
+    else:
+        target_rows = target if target.dim() == 1 else target.reshape(-1)
+        if target_rows.dtype not in (torch.int64, torch.int32):
+            target_rows = target_rows.to(torch.int64)
     weight_acc = weight.to(acc_dtype(input)).contiguous() if weight is not None else None
-    loss, z, lse = CrossEntropyFunction.apply(
-        logits, target_rows, weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap,
-        bool(inplace_backward), backend, torch.is_grad_enabled(), return_z_loss,
-    )  # fmt: skip
-    if reduction == "none":
-        loss, z = loss.reshape(row_shape), z.reshape(row_shape) if return_z_loss else z
-    return result(loss.to(out_dtype), z.to(out_dtype), lse.reshape(row_shape), return_z_loss, return_lse)
+    extras = return_z_loss or return_lse
+    call = Call(reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap, bool(inplace_backward), backend,
+                torch.is_grad_enabled(), extras, return_z_loss)  # fmt: skip
+    out = CrossEntropyFunction.apply(logits, target_rows, weight_acc, call)
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    loss = out[0] if extras else out
+    if reduction == "none" and loss.dim() != target.dim() - prob:
+        loss = loss.reshape(target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape)
+    if loss.dtype != out_dtype:
+        loss = loss.to(out_dtype)
+    if not extras:
+        return loss
+    row_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape
+    z = out[1].reshape(row_shape) if return_z_loss and reduction == "none" else out[1]
+    return result(loss, z.to(out_dtype), out[2].reshape(row_shape), return_z_loss, return_lse)

@@ -93,7 +93,7 @@ def _linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
     weight, bias) times it; gradients not asked for are empty. ``chunk_size`` 0: the default."""
-    check_target_values(target, weight.shape[0], ignore_index, backend)
+    check_target_values(target, weight.shape[0], ignore_index)
     write_grad = grad_scale is not None
     need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
     # strategy="vocab": the token chunks give grad_hidden only, the vocabulary blocks the rest

@@ -108,7 +108,7 @@ def _prepare(
             )
         weight = weight.to(acc_dtype(input)).contiguous()
     if not torch.compiler.is_compiling():  # a data-dependent branch; compiled code gets NaN rows instead
-        check_target_values(target, total, ignore_index, "eager")  # CPU tensors (or FUSEDLS_CHECK_TARGETS=1)
+        check_target_values(target, total, ignore_index, always=target.device.type == "cpu")
     if torch.compiler.is_compiling():  # the compiler fuses the eager math itself (and cannot import while tracing)
         backend = "eager"
     else:

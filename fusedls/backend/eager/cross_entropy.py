@@ -1,18 +1,12 @@
 """Eager (pure PyTorch) backend of ``cross_entropy``: the kernels' math, row block by row block.
 
-Same interface and the same formulas as ``fusedls/backend/triton/cross_entropy.py`` (read its module
-docstring for the derivation): fp32 statistics (fp64 for fp64 logits, which only this backend
-takes), the gradient formed in that precision and rounded once,
-NaN for out-of-range class ids that reach it. Rows are processed in blocks so the fp32
-temporaries stay about ``_BLOCK_ELEMENTS`` elements (``_DEVICE_BLOCK_ELEMENTS`` off the CPU),
-whatever the size of the logits.
-
-Every function takes 2-D logits ``(R, C)`` with contiguous classes; ``target`` is ``(R,)``
-class ids or ``(R, C)`` probabilities; ``weight`` is fp32 ``(C,)`` or None;
-``keep = 1 - eps`` and ``spread = eps / C``; ``z_loss`` (z of ``z * lse^2``, 0 for none) and
-``softcap`` (s of ``s * tanh(x / s)``, None for none) are the kernels' HAS_Z_LOSS / HAS_SOFTCAP
-options. Callers pass them only when used, so a backend with the older signature still serves
-the calls that do not use them.
+A ``CrossEntropyBackend`` (``fusedls/backend/protocols.py``, which states the contract) with the
+formulas of ``fusedls/backend/triton/cross_entropy.py`` (read its module docstring for the
+derivation): fp32 statistics (fp64 for fp64 logits, which only this backend takes), the gradient
+formed in that precision and rounded once; an out-of-range class id raises ValueError on CPU
+tensors and gives NaN rows elsewhere. Rows are processed in blocks so the fp32 temporaries stay
+about ``_BLOCK_ELEMENTS`` elements (``_DEVICE_BLOCK_ELEMENTS`` off the CPU), whatever the size of
+the logits.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..._tensors import acc_dtype
+from ..protocols import bad_target_error
 
 UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
 
@@ -121,6 +116,8 @@ def cross_entropy_forward(
             y = target_term = None
         else:
             y, ignored, bad, target_term = _class_terms(target[rows], weight, n_cols, ignore_index, keep, acc)
+            if bad.device.type == "cpu" and bool(bad.any()):  # free on CPU; GPU rows become NaN
+                raise bad_target_error(int(target[rows][bad][0]), n_cols, ignore_index)
             x_y = x.gather(1, y[:, None]).squeeze(1)
             blk_loss = target_term * (blk_lse - x_y)
             blk_coef = target_term.clone()
