@@ -50,7 +50,7 @@ and its cost are in ``linear_cross_entropy_vocab.py``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -61,7 +61,8 @@ from ._custom_op import custom_op
 from . import linear_cross_entropy_vocab as vocab
 from .cross_entropy import _cross_entropy_scale_grad_
 from ._loss import (
-    REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward, mean_denominator, result,
+    REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward, mean_denominator,
+    reduce_rows, result,
 )  # fmt: skip
 from .linear_cross_entropy_tokens import backward_chunks, forward_chunks, pass1, pick_strategy, tokens_per_chunk
 
@@ -179,62 +180,79 @@ def _(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_i
 # --------------------------------------------------------------------------- autograd Function
 
 
+class Call(NamedTuple):
+    """The constant arguments of one call, handed to :class:`LinearCrossEntropyFunction` as one object."""
+
+    reduction: str
+    ignore_index: int
+    keep: float  # 1 - eps
+    spread: float  # eps / V
+    z_loss: float
+    softcap: Optional[float]
+    chunk_size: int  # 0: the default
+    backend: str  # the cross-entropy backend of each chunk
+    strategy: str  # "tokens" or "vocab" (auto already decided)
+    grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
+    extras: bool  # return (loss, z, lse) rather than the loss alone
+    want_z: bool
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss of ``(N, d)`` hidden rows through the ``(V, d)`` head; see the module docstring.
 
-    forward(hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-    chunk_size, backend, grad_enabled, want_z, strategy) -> ``(loss, z, lse)`` as :class:`CrossEntropyFunction`.
+    ``forward(hidden, weight, bias, target, class_weight, call)`` -> the loss, or ``(loss, z, lse)``
+    with ``call.extras``, as :class:`~fusedls.ops.cross_entropy.CrossEntropyFunction`.
     """
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, target, class_weight, reduction, ignore_index, keep, spread, z_loss, softcap,
-        chunk_size, backend, grad_enabled, want_z, strategy,
-    ):  # fmt: skip
-        need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-        need = (need[0], need[1], need[2] and bias is not None)
+    def forward(ctx, hidden, weight, bias, target, class_weight, call):
+        needs = ctx.needs_input_grad
+        need = (call.grad_enabled and needs[0], call.grad_enabled and needs[1],
+                call.grad_enabled and needs[2] and bias is not None)  # fmt: skip
         denom = None
-        if reduction == "mean":
-            denom = mean_denominator(target, class_weight, ignore_index, weight.shape[0], acc_dtype(hidden))
-        fused = any(need) and reduction != "none"
+        if call.reduction == "mean":
+            denom = mean_denominator(target, class_weight, call.ignore_index, weight.shape[0], acc_dtype(hidden))
+        fused = any(need) and call.reduction != "none"
         grad_scale = None
         if fused:
-            grad_scale = torch.ones((), device=hidden.device, dtype=acc_dtype(hidden))
-            grad_scale = grad_scale if denom is None else grad_scale / denom
-        opts = (ignore_index, keep, spread, z_loss, softcap, chunk_size, *need, backend, strategy)
+            grad_scale = torch.reciprocal(denom) if denom is not None else torch.ones(
+                (), device=hidden.device, dtype=acc_dtype(hidden))  # fmt: skip
         loss, lse, coef, *grads = _linear_cross_entropy_fwd(
-            hidden, weight, bias, target, class_weight, grad_scale, *opts
-        )
+            hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
+            call.z_loss, call.softcap, call.chunk_size, *need, call.backend, call.strategy,
+        )  # fmt: skip
         if fused:
             ctx.save_for_backward(*grads)
         elif any(need):
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, coef)
-        ctx.fused, ctx.need, ctx.backend, ctx.strategy = fused, need, backend, strategy
-        ctx.args = (ignore_index, keep, spread, softcap, chunk_size)
-        return finish_forward(ctx, loss, lse, reduction, denom, z_loss, want_z)
+        ctx.fused, ctx.need, ctx.call = fused, need, call
+        if call.extras:
+            return finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z)
+        ctx.set_materialize_grads(False)
+        return reduce_rows(loss, call.reduction, denom)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_z, _grad_lse):
-        rest = (None,) * 13
+    def backward(ctx, grad_out, *_extras):
         if grad_out is None or not any(ctx.need):
-            return (None, None, None, *rest)
-        factor = grad_out.to(acc_dtype(grad_out))
+            return None, None, None, None, None, None
+        call = ctx.call
+        factor = grad_out if grad_out.dtype == acc_dtype(grad_out) else grad_out.to(acc_dtype(grad_out))
         if ctx.fused:
             # Forward computed the gradients for an upstream 1; scale them in place (no work
             # on the device where the factor is 1). Backward twice is refused by autograd.
             grads = ctx.saved_tensors
             for grad, need in zip(grads, ctx.need):
                 if need:
-                    _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, ctx.backend)
+                    _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, call.backend)
         else:
             hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
-            ignore_index, keep, spread, softcap, chunk_size = ctx.args
             grads = _linear_cross_entropy_bwd(
                 factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
-                ignore_index, keep, spread, softcap, chunk_size, *ctx.need, ctx.backend, ctx.strategy,
+                call.ignore_index, call.keep, call.spread, call.softcap, call.chunk_size, *ctx.need, call.backend,
+                call.strategy,
             )  # fmt: skip
-        return (*(g if need else None for g, need in zip(grads, ctx.need)), *rest)
+        return (*(g if need else None for g, need in zip(grads, ctx.need)), None, None, None)
 
 
 # ---------------------------------------------------------------------------- public function
@@ -325,18 +343,23 @@ def linear_cross_entropy(
     z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
     n_cols, d = weight.shape
     backend = registry.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
-    rows = hidden.reshape(-1, d)
-    rows = rows if rows.is_contiguous() else rows.contiguous()
-    target_rows = target.reshape(-1)
+    rows = hidden if hidden.dim() == 2 and hidden.is_contiguous() else hidden.reshape(-1, d).contiguous()
+    target_rows = target if target.dim() == 1 else target.reshape(-1)
     if target_rows.dtype not in (torch.int64, torch.int32):
         target_rows = target_rows.to(torch.int64)
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
     tokens_chunk = tokens_per_chunk(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
     strategy = pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
-    loss, z, lse = LinearCrossEntropyFunction.apply(
-        rows, weight, bias, target_rows, class_weight_acc, reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss,
-        softcap, chunk_size or 0, backend, torch.is_grad_enabled(), return_z_loss, strategy,
-    )  # fmt: skip
-    if reduction == "none":
-        loss, z = loss.reshape(target.shape), z.reshape(target.shape) if return_z_loss else z
-    return result(loss.to(hidden.dtype), z.to(hidden.dtype), lse.reshape(target.shape), return_z_loss, return_lse)
+    extras = return_z_loss or return_lse
+    call = Call(reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap, chunk_size or 0, backend, strategy,
+                torch.is_grad_enabled(), extras, return_z_loss)  # fmt: skip
+    out = LinearCrossEntropyFunction.apply(rows, weight, bias, target_rows, class_weight_acc, call)
+    loss = out[0] if extras else out
+    if reduction == "none" and loss.shape != target.shape:
+        loss = loss.reshape(target.shape)
+    if loss.dtype != hidden.dtype:
+        loss = loss.to(hidden.dtype)
+    if not extras:
+        return loss
+    z = out[1].reshape(target.shape) if return_z_loss and reduction == "none" else out[1]
+    return result(loss, z.to(hidden.dtype), out[2].reshape(target.shape), return_z_loss, return_lse)
