@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedls
+from fusedls.backend import registry
 from fusedls import dropout, dropout_add, dropout_add_layer_norm, dropout_add_rms_norm
 from fusedls.nn import Dropout, DropoutAddLayerNorm, DropoutAddRMSNorm
 from fusedls.testing import assert_close, tolerance
@@ -86,20 +87,73 @@ def test_seed_reproducible_and_consecutive_calls_differ(backend, device):
 
 
 def test_far_apart_elements_independent(backend, device):
-    # Rows r and r + k*32 and elements i and i + BLOCK (the kernel's block, 2048) must not repeat.
-    from fusedls.backend.triton.tuning import DROPOUT_BLOCK
-
-    x = torch.ones(3 * DROPOUT_BLOCK, device=device)
-    m = dropout(x, 0.5) != 0
-    blocks = m.view(3, DROPOUT_BLOCK)
-    assert not torch.equal(blocks[0], blocks[1]) and not torch.equal(blocks[1], blocks[2])
-    rows = m.view(-1, 64)  # 96 rows of 64
+    # Rows r and r + k (k a power of two: a tile or counter period would show there) and columns
+    # c and c + 8 k (the next Philox counters) must not repeat; neighbours are independent.
+    m = dropout(torch.ones(256, 64, device=device), 0.5) != 0
     for r in (0, 1, 5):
-        for k in (32, 64):
-            assert not torch.equal(rows[r], rows[r + k])
-    # neighbours independent: P(both kept) ~ 1/4
-    both = (m[:-1] & m[1:]).double().mean().item()
-    assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / m.numel())
+        for k in (1, 8, 32, 64, 128):
+            assert not torch.equal(m[r], m[r + k])
+    for k in (1, 2, 4):
+        assert not torch.equal(m[:, : 8 * k], m[:, 8 * k : 16 * k])
+    # neighbours independent: P(both kept) ~ 1/4, along rows and across the 16-bit halves
+    flat = m.reshape(-1)
+    both = (flat[:-1] & flat[1:]).double().mean().item()
+    assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / flat.numel())
+
+
+def _mask(op, shape, device, seed=5, **kwargs):
+    """The mask ``op`` draws for ``shape`` under ``torch.manual_seed(seed)`` (inputs of ones)."""
+    x = torch.ones(shape, device=device)
+    torch.manual_seed(seed)
+    if op == "dropout":
+        return dropout(x, 0.3, **kwargs) != 0
+    if op == "dropout_add":
+        return dropout_add(x, torch.zeros_like(x), 0.3, **kwargs) != 0
+    return dropout_add_rms_norm(x, None, None, 0.3, **kwargs)[1] != 0  # h = dropout(x)
+
+
+@pytest.mark.parametrize("shape", [(37, 61), (3, 2000), (1000,), ()])
+def test_every_backend_and_kernel_draws_the_same_mask(device, monkeypatch, shape):
+    # The mask is a function of (seed, row, column, N) alone: the same bits from the eager backend
+    # (Philox in torch ops), the triton kernels (any tile), the cpp kernels, and from dropout,
+    # dropout_add and the fused norm.
+    from conftest import AVAILABLE
+
+    ops = ("dropout", "dropout_add", "dropout_add_rms_norm") if shape else ("dropout", "dropout_add")
+    with fusedls.use_backend("eager"):
+        want = _mask("dropout", shape, device)
+        for op in ops[1:]:
+            assert torch.equal(_mask(op, shape, device), want), op
+    assert 0.6 < want.double().mean() < 0.8 or want.numel() < 100
+    backends = [b for b in ("triton", "cpp") if b in AVAILABLE and registry.has_implementation("dropout", b)]
+    for backend in backends:
+        with fusedls.use_backend(backend):
+            for op in ops:
+                if op == "dropout_add_rms_norm" and shape[-1] > 1024:
+                    continue  # beyond the rows these tests give the norm kernel
+                assert torch.equal(_mask(op, shape, device), want), (backend, op)
+    if "triton" in backends:
+        from fusedls.backend.triton import tuning
+
+        monkeypatch.setattr(tuning, "DROPOUT_TILE", 64)
+        monkeypatch.setattr(tuning, "DROPOUT_BLOCK_N", 16)  # many tiles per row, several rows per tile
+        with fusedls.use_backend("triton"):
+            assert torch.equal(_mask("dropout", shape, device), want)
+
+
+def test_mask_bits_are_philox_4x32_10():
+    # Random123's known answer for Philox-4x32-10, counter 0 and key 0; the draw of element (r, c)
+    # is the half c % 2 of word (c % 8) // 2 of counter r * ceil(N / 8) + c // 8.
+    from fusedls.backend.eager.dropout import keep_mask, philox4x32
+
+    words = philox4x32(torch.tensor(0), torch.tensor([0]))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    seed, n = torch.tensor(77), 21  # 3 counters a row
+    w = torch.stack(philox4x32(seed, torch.arange(6)), -1)  # rows 0 and 1
+    draws = torch.stack((w & 0xFFFF, w >> 16), -1).reshape(2, 24)[:, :n]
+    t = fusedls.backend.protocols.dropout_threshold(0.3)
+    assert t == round(0.3 * 65536)
+    assert torch.equal(keep_mask(seed, slice(0, 2), n, 0.3, torch.device("cpu")), draws >= t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with 12 GB free")

@@ -102,8 +102,8 @@ KERNELS = {  # short name -> Kernel
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
                     ("tl.load(grad_row + cols",)),
-    "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK", frozenset(), _SEED,
-                      ("tl.load(x_ptr + offsets",)),
+    "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK_N", frozenset(), _SEED,
+                      ("tl.load(x_ptr + offsets",), derived=lambda row: {"BLOCK_R": dropout_config(row.block_c).block_r}),
     "norm_fwd": Kernel("dropout", "dropout_add_norm_fwd_kernel",
                        ("IS_RMS", "HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "HAS_DROPOUT"), "MRWBD", "BLOCK_N",
                        _NORM_FP32, _SEED, _NORM_LOADS, ("IS_RMS", "HAS_BIAS")),
@@ -246,14 +246,11 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
         return {(cfg.block_c, cfg.num_warps, "16"): []}
     if module == "vector_norm":
         return _vector_norm_variants(kernel, dtype)
-    if module == "dropout" and kernel == "dropout":
-        cfg = dropout_config()
-        for spec, size in (("16", "2048"), ("any", "1000")):  # the bias period n_cols
-            variants[cfg.block_c, cfg.num_warps, spec] = [size]
-        return variants
     sizes = HIDDEN if module == "dropout" else VOCABS  # cross-entropy and vocab-parallel rows
     for v in sizes:
-        if module == "dropout":
+        if kernel == "dropout":
+            cfg = dropout_config(v)
+        elif module == "dropout":
             if v > dropout_norm_max_n(DTYPES[dtype]):
                 continue
             cfg = dropout_norm_config(v)
@@ -323,6 +320,8 @@ def _source(row: Row) -> ASTSource:
             signature[name], aligned = "fp32", 0
         elif name in _ROW_SIZES or name in _CE_ROW_STRIDES:
             signature[name], aligned = "i32", row.cspec != "any"
+        elif name == "n_groups":  # ceil(N / 8): divisible by 16 when N is by 128 (every aligned size here)
+            signature[name], aligned = "i32", row.cspec == "16"
         else:  # broadcast strides (0; 1 is not specialised here), n_rows, ignore_index
             signature[name], aligned = "i32", name.startswith("stride")
         if aligned:

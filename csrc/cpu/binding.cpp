@@ -7,6 +7,8 @@
 //   torch.ops.fusedls_cpp.vector_norm_forward / vector_norm_backward   (contract: vector_norm.h)
 //   torch.ops.fusedls_cpp.foreach_norms / foreach_scale_ / foreach_penalty_backward
 //                                                     (contract: foreach_norm.h)
+//   torch.ops.fusedls_cpp.dropout_forward / dropout_add_norm_forward / dropout_add_norm_backward
+//                                                     (contract: dropout.h)
 //   torch.ops.fusedls_cpp.capability() -> str      "DEFAULT", "AVX2" or "AVX512"
 #include <torch/library.h>
 
@@ -19,6 +21,7 @@
 
 #include "../common/torch_binding.h"
 #include "cross_entropy.h"
+#include "dropout.h"
 #include "foreach_norm.h"
 #include "vector_norm.h"
 
@@ -76,6 +79,17 @@ TORCH_LIBRARY(fusedls_cpp, m) {
         &fusedls::cpu::vector_norm_forward);
   m.def("vector_norm_backward(Tensor grad, Tensor rows, Tensor norm, Tensor count, float ord, Tensor(a!) dx) -> ()",
         &fusedls::cpu::vector_norm_backward);
+  m.def("dropout_forward(Tensor x, Tensor? bias, Tensor? residual, Tensor seed, int threshold, float scale, "
+        "Tensor(a!) out) -> ()",
+        &fusedls::cpu::dropout_forward);
+  m.def("dropout_add_norm_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? seed, "
+        "int threshold, float scale, float eps, bool is_rms, Tensor(a!) y, Tensor(b!) h, Tensor(c!) mean, "
+        "Tensor(d!) rstd) -> ()",
+        &fusedls::cpu::dropout_add_norm_forward);
+  m.def("dropout_add_norm_backward(Tensor dy, Tensor? dh_next, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
+        "Tensor? seed, int threshold, float scale, bool is_rms, Tensor(a!) dx, Tensor(b!)? dresidual, "
+        "Tensor(c!)? dweight, Tensor(d!)? dbias) -> ()",
+        &fusedls::cpu::dropout_add_norm_backward);
   m.def("foreach_norms(Tensor[] tensors, float ord, int block) -> Tensor", &fusedls::cpu::foreach_norms);
   m.def("foreach_scale_(Tensor(a!)[] tensors, Tensor coef, int block) -> ()", &fusedls::cpu::foreach_scale_);
   m.def("foreach_penalty_backward(Tensor[] tensors, Tensor grad, bool l2, int block) -> Tensor[]",

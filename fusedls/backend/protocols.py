@@ -23,6 +23,13 @@ def bad_target_error(value: int, n_cols: int, ignore_index: int) -> ValueError:
     return ValueError(f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}")
 
 
+def dropout_threshold(p: float) -> int:
+    """The drop threshold ``t`` of probability ``p``, shared by every backend: an element is kept
+    iff its 16-bit draw ``u`` (uniform in ``[0, 2^16)``) is ``>= t``, so ``P(drop) = t / 2^16``:
+    ``p`` with 16 bits of resolution (``p < 2^-17`` drops nothing, ``p >= 1 - 2^-17`` all)."""
+    return min(1 << 16, int(p * 65536.0 + 0.5))
+
+
 # Columns of the vocabulary-parallel per-row statistics, summed across ranks in one all-reduce.
 SUM_EXP, TARGET_LOGIT, TARGET_WEIGHT, WEIGHTED_SUM, WEIGHT_TOTAL = range(5)
 N_STATS = 5
@@ -75,10 +82,12 @@ class CrossEntropyBackend(Protocol):
 class DropoutBackend(Protocol):
     """Dropout without a stored mask, alone, with a residual add, and with RMSNorm / LayerNorm.
 
-    The mask is a pure function of ``seed`` (an int64 device tensor) and each element's row-major
-    index in the tensor: element i is kept with probability ``1 - p`` and then scaled by
-    ``1 / (1 - p)``; forward and backward regenerate the same mask. The bits are the backend's own
-    (the eager backend's differ from the kernels'); the distribution is the same.
+    Tensors are rows: ``(R, N)``, or for ``dropout_forward`` a contiguous tensor of any shape whose
+    rows are its last dimension (N = its last size; a 0-dim tensor is one row of one). The mask is a pure function of ``seed`` (an int64 device tensor),
+    the row, the column and N, the same bits on every backend: element ``(r, c)`` takes the 16-bit
+    half ``c % 2`` of word ``(c % 8) // 2`` of Philox-4x32-10 at counter ``r * ceil(N / 8) + c // 8``
+    and is kept iff that draw is ``>= dropout_threshold(p)``; kept elements are scaled by
+    ``1 / (1 - p)``. Forward and backward regenerate the same mask.
     """
 
     UNSUPPORTED: frozenset[str]
@@ -87,8 +96,9 @@ class DropoutBackend(Protocol):
         self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, seed: torch.Tensor,
         p: float, out: torch.Tensor,
     ) -> None:  # fmt: skip
-        """Writes ``residual + (x + bias) * m`` into ``out`` (all contiguous with x's shape; bias
-        ``(N,)`` broadcast over rows; ``out`` may be ``x``), computed in fp32, rounded once."""
+        """Writes ``residual + (x + bias) * m`` into ``out`` (all contiguous with x's shape, any number
+        of dimensions; bias ``(N,)`` broadcast over rows; ``out`` may be ``x``), computed in fp32,
+        rounded once."""
         ...
 
     def dropout_add_norm_unsupported(self, n_cols: int, element_size: int) -> str:

@@ -38,7 +38,7 @@ NATIVE = {"cpp": cpp, "cuda": cuda}  # the backends of csrc/, each package holdi
 OPS = {
     "eager": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy"),
     "triton": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy"),
-    "cpp": ("cross_entropy", "foreach_norm", "vector_norm"),
+    "cpp": ("cross_entropy", "dropout", "foreach_norm", "vector_norm"),
     "cuda": ("cross_entropy",),
 }
 

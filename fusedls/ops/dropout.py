@@ -20,7 +20,7 @@ changes on each replay. Backward regenerates the mask from the saved seed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import functools
 
@@ -57,7 +57,7 @@ def _dropout_fwd(
     backend: str,
 ) -> torch.Tensor:
     """``residual + (x + bias) * m`` of contiguous x (and residual, same shape; bias (N,))."""
-    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    out = torch.empty_like(x) if out_dtype == x.dtype else torch.empty_like(x, dtype=out_dtype)
     _impl(backend).dropout_forward(x, bias, residual, seed, p, out)
     return out
 
@@ -81,40 +81,49 @@ def _(x, seed, p, backend):
 # --------------------------------------------------------------------------- autograd Functions
 
 
-class DropoutFunction(torch.autograd.Function):
-    """``residual + dropout(x + bias)`` of contiguous x; forward(x, bias, residual, seed, p, backend).
+class Call(NamedTuple):
+    """The constant arguments of one call, handed to :class:`DropoutFunction` as one object."""
 
-    Saves only the seed. Backward: d out / d x = m (the regenerated mask, via the same kernel
-    applied to the upstream gradient), d out / d residual = 1, d out / d bias = sum over rows of dx.
+    p: float
+    backend: str
+    out_dtype: torch.dtype  # torch's promotion of x, bias and residual
+    inplace: bool  # plain dropout of a contiguous x, written over x
+
+
+class DropoutFunction(torch.autograd.Function):
+    """``residual + dropout(x + bias)`` of contiguous x; ``forward(x, bias, residual, seed, call)``.
+
+    Keeps only the 8-byte seed (as an attribute: a tensor nothing writes). Backward: d out / d x =
+    m (the regenerated mask, via the same kernel applied to the upstream gradient), d out /
+    d residual = 1, d out / d bias = sum over rows of dx.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, residual, seed, p, backend, inplace=False):
-        out_dtype = _promote(x, bias, residual)
-        ctx.save_for_backward(seed)
-        ctx.p, ctx.backend, ctx.x_dtype = p, backend, x.dtype
+    def forward(ctx, x, bias, residual, seed, call):
+        ctx.seed, ctx.call, ctx.x_dtype = seed, call, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.set_materialize_grads(False)
-        if inplace:  # plain dropout of a contiguous x, written over x (backward needs only the seed)
-            _dropout_(x, seed, p, backend)
+        if call.inplace:  # backward needs only the seed
+            _dropout_(x, seed, call.p, call.backend)
             ctx.mark_dirty(x)
             return x
-        return _dropout_fwd(x, bias, residual, seed, p, out_dtype, backend)
+        return _dropout_fwd(x, bias, residual, seed, call.p, call.out_dtype, call.backend)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         if grad is None:
-            return (None,) * 7
-        (seed,) = ctx.saved_tensors
-        dx = _dropout_fwd(grad.contiguous(), None, None, seed, ctx.p, ctx.x_dtype, ctx.backend)
+            return None, None, None, None, None
+        call = ctx.call
+        dx = _dropout_fwd(grad if grad.is_contiguous() else grad.contiguous(), None, None, ctx.seed, call.p, ctx.x_dtype,
+                          call.backend)  # fmt: skip
         dbias = dres = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             dbias = dx.reshape(-1, dx.shape[-1]).sum(0, dtype=acc_dtype(dx.dtype)).to(ctx.bias_dtype)
         if ctx.residual_dtype is not None and ctx.needs_input_grad[2]:
-            dres = grad.to(ctx.residual_dtype)
-        return dx, dbias, dres, None, None, None, None
+            dres = grad if grad.dtype == ctx.residual_dtype else grad.to(ctx.residual_dtype)
+        return dx, dbias, dres, None, None
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -137,10 +146,10 @@ def _check_vector(name: str, value, n: int, x: torch.Tensor) -> None:
     check_same_device("x", x, **{name: value})
 
 
-def _check_x_residual(x, residual) -> None:
+def _check_x_residual(x, residual, scalar_ok: bool = False) -> None:
     check_tensor("x", x)
     check_floating("x", x)
-    if x.dim() == 0:
+    if x.dim() == 0 and not scalar_ok:
         raise ValueError("x must have at least 1 dimension, got a scalar")
     if residual is not None:
         check_tensor("residual", residual)
@@ -153,10 +162,6 @@ def _check_x_residual(x, residual) -> None:
 def _promote(*tensors: torch.Tensor | None) -> torch.dtype:
     """torch's result dtype of adding the tensors given (None skipped)."""
     return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
-
-
-def _resolve(x: torch.Tensor, *others: torch.Tensor | None) -> str:
-    return registry.resolve(x.device, _promote(x, *others), "dropout")
 
 
 def dropout(
@@ -184,9 +189,10 @@ def dropout(
         return input.mul_(0) if inplace else input * 0
     seed = _draw_seed(input, generator)
     x = input.contiguous()
+    backend = registry.resolve(x.device, x.dtype, "dropout")
     if inplace and x is input:  # written over input by the kernel: no second buffer
-        return DropoutFunction.apply(input, None, None, seed, p, _resolve(x), True)
-    out = DropoutFunction.apply(x, None, None, seed, p, _resolve(x))
+        return DropoutFunction.apply(input, None, None, seed, Call(p, backend, x.dtype, True))
+    out = DropoutFunction.apply(x, None, None, seed, Call(p, backend, x.dtype, False))
     return input.copy_(out) if inplace else out  # a non-contiguous input is copied back
 
 
@@ -203,16 +209,17 @@ def dropout_add(
 
     Dtype: torch's promotion of x, bias and residual. Gradients for x, residual and bias.
     """
-    _check_x_residual(x, residual)
+    _check_x_residual(x, residual, scalar_ok=bias is None)
     check_tensor("residual", residual)
-    _check_vector("bias", bias, x.shape[-1], x)
+    _check_vector("bias", bias, x.shape[-1] if x.dim() else 1, x)
     p = _check_p(p, training)
     if not training or p == 0.0:  # summed in fp32 and rounded once, as the kernel does
         acc = acc_dtype(_promote(x, bias, residual))
         out = residual.to(acc) + x.to(acc) + (bias.to(acc) if bias is not None else 0.0)
         return out.to(_promote(x, bias, residual))
     seed = _draw_seed(x, generator)
+    out_dtype = _promote(x, bias, residual)
+    call = Call(p, registry.resolve(x.device, out_dtype, "dropout"), out_dtype, False)
     return DropoutFunction.apply(
-        x.contiguous(), bias.contiguous() if bias is not None else None, residual.contiguous(), seed, p,
-        _resolve(x, bias, residual),
-    )  # fmt: skip
+        x.contiguous(), bias.contiguous() if bias is not None else None, residual.contiguous(), seed, call
+    )

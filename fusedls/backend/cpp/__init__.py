@@ -1,5 +1,5 @@
 """The ``cpp`` backend: fused C++ CPU kernels (``csrc/cpu``), one module per op here
-(``cross_entropy.py``, ``vector_norm.py``, ``foreach_norm.py``) each satisfying its op's Protocol
+(``cross_entropy.py``, ``dropout.py``, ``vector_norm.py``, ``foreach_norm.py``) each satisfying its op's Protocol
 in ``fusedls/backend/protocols.py``.
 
 This package only finds and loads the native library (:mod:`fusedls.backend.cpp._build` says how it
@@ -10,7 +10,7 @@ not a performance case).
 
 from __future__ import annotations
 
-from . import cross_entropy, foreach_norm, vector_norm
+from . import cross_entropy, dropout, foreach_norm, vector_norm
 from ._library import LIBRARY
 
 status, unavailable_reason, load, ops = LIBRARY.status, LIBRARY.unavailable_reason, LIBRARY.load, LIBRARY.ops

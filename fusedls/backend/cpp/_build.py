@@ -30,10 +30,10 @@ import torch
 
 from .. import _native
 
-SOURCES = ("cpu/binding.cpp", "cpu/cross_entropy.cpp", "cpu/vector_norm.cpp", "cpu/foreach_norm.cpp")
+SOURCES = ("cpu/binding.cpp", "cpu/cross_entropy.cpp", "cpu/vector_norm.cpp", "cpu/foreach_norm.cpp", "cpu/dropout.cpp")
 HEADERS = (
-    "cpu/cross_entropy.h", "cpu/vector_norm.h", "cpu/foreach_norm.h", "cpu/vec_io.h", "common/cross_entropy_args.h",
-    "common/torch_binding.h",
+    "cpu/cross_entropy.h", "cpu/vector_norm.h", "cpu/foreach_norm.h", "cpu/dropout.h", "cpu/vec_io.h",
+    "common/cross_entropy_args.h", "common/torch_binding.h",
 )
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Instruction-set flags of each variant (x86-64); other machines get DEFAULT only.

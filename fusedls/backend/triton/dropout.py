@@ -1,12 +1,16 @@
 """Triton kernels of dropout, dropout + residual add, and dropout + add + RMSNorm / LayerNorm.
 
-Randomness. Element ``i`` (its int64 index in the row-major layout of the input) is kept iff
-``u_i >= p``, where ``u_i = tl.rand(seed, i)`` is Philox-4x32 (10 rounds) keyed by the 64-bit
-``seed`` (split by ``tl.philox`` into the two 32-bit key words) with the 64-bit index as the
-counter's two low words. The seed is an int64 device tensor drawn from torch's generator and
-loaded in-kernel (no host synchronisation), so the mask is a pure function of (seed, index):
-backward regenerates it and nothing of it is saved. Every kernel here uses the same index, so
-``dropout`` and the fused variants drop the same elements for the same seed.
+Randomness. The data is seen as ``(R, N)`` rows (N: its last dimension). One Philox-4x32-10 call
+(``tl.randint4x``, keyed by the 64-bit ``seed``) gives four 32-bit words, eight 16-bit draws:
+element ``(r, c)`` takes the half ``c % 2`` of word ``(c % 8) // 2`` of the call whose counter is
+``r * ceil(N / 8) + c // 8`` (int64, so no counter repeats below 2^64 elements), and is kept iff
+that draw ``u`` in ``[0, 2^16)`` is ``>= t = round(p * 2^16)`` (``protocols.dropout_threshold``:
+``P(drop) = t / 2^16``, p with 16 bits of resolution). Every row starts on its own counter, so the
+mask is a function of (seed, r, c, N) alone: not of the tile, the warps or the kernel that draws
+it, and the eager and cpp backends draw the same bits. The seed is an int64 device tensor drawn
+from torch's generator and loaded in-kernel (no host synchronisation); backward regenerates the
+mask and nothing of it is saved. One Philox call per 8 elements (not one per element): ~10 integer
+instructions per element, below the memory time of a copy on an H100.
 
 Values (torch's formula, computed in fp32 and rounded once): ``dropout(x) = x * m`` with
 ``m = 1/(1-p)`` where kept and ``0`` where dropped (so a dropped NaN stays NaN and a dropped
@@ -39,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..protocols import dropout_threshold
 from . import tuning
 from .tuning import dropout_config, dropout_norm_config, dropout_norm_programs
 
@@ -47,37 +52,45 @@ UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
 
 @triton.jit
 def _dropout_factor(
-    seed_ptr,  # *i64 () Philox seed
-    offsets,  # int64 element indices (row-major, whole tensor)
-    p,  # fp32 drop probability
+    seed,  # i64 Philox seed (loaded)
+    counters,  # int64 [..., M]: the Philox counter of each group of 8 consecutive columns
+    threshold,  # i32 drop threshold t: kept iff draw >= t
     scale,  # fp32 1 / (1 - p) (0 when p == 1)
 ):
-    # fp32 factor of each element: `scale` where kept (u >= p), 0 where dropped.
-    u = tl.rand(tl.load(seed_ptr), offsets)
-    return tl.where(u >= p, scale, 0.0)
+    # fp32 factor [..., 8 M] of the columns the counters cover: `scale` where kept, 0 where dropped.
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))  # [..., 4 M]: w0 w1 w2 w3 per group
+    draws = tl.interleave(words & 0xFFFF, words >> 16)  # [..., 8 M]: low half, high half of each word
+    return tl.where(draws.to(tl.int32) >= threshold, scale, 0.0)
 
 
 @triton.jit
 def dropout_kernel(
-    x_ptr,  # *T (n,) input, contiguous (also the upstream gradient, for backward)
+    x_ptr,  # *T (R, N) input, contiguous (also the upstream gradient, for backward)
     bias_ptr,  # *Tb (N,) added to x before dropout, broadcast over rows (HAS_BIAS only)
-    residual_ptr,  # *Tr (n,) added after dropout (HAS_RESIDUAL only)
-    out_ptr,  # *To (n,) out: residual + (x + bias) * m
+    residual_ptr,  # *Tr (R, N) added after dropout (HAS_RESIDUAL only)
+    out_ptr,  # *To (R, N) out: residual + (x + bias) * m; may be x itself
     seed_ptr,  # *i64 () Philox seed drawn from torch's generator
-    n_elements,  # n, the number of elements (i64 beyond 2^31)
-    n_cols,  # N, the last dimension: the period of the bias (HAS_BIAS only)
-    p,  # fp32 drop probability in (0, 1]
+    n_rows,  # R
+    n_cols,  # N, the last dimension
+    n_groups,  # ceil(N / 8): Philox counters per row
+    threshold,  # i32 drop threshold t (kept iff draw >= t)
     scale,  # fp32 1 / (1 - p), 0 when p == 1
     HAS_BIAS: tl.constexpr,  # bias given
     HAS_RESIDUAL: tl.constexpr,  # residual given
-    BLOCK: tl.constexpr,  # elements per program
+    BLOCK_R: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile, a multiple of 8
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
+    # Program (i, j) owns the tile of rows i BLOCK_R.. and columns j BLOCK_N..
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    offsets = rows * n_cols + cols
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(bias_ptr + offsets % n_cols, mask=mask, other=0.0).to(tl.float32)
-    out = x * _dropout_factor(seed_ptr, offsets, p, scale)
+        x += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    counters = rows * n_groups + (tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)[None, :])
+    out = x * _dropout_factor(tl.load(seed_ptr), counters, threshold, scale)
     if HAS_RESIDUAL:
         out += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -95,7 +108,8 @@ def dropout_add_norm_fwd_kernel(
     rstd_ptr,  # *fp32 (R,) out: 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(mean(h^2) + eps))
     seed_ptr,  # *i64 () Philox seed (HAS_DROPOUT only)
     n_cols,  # N, elements per row (at most BLOCK_N)
-    p,  # fp32 drop probability
+    n_groups,  # ceil(N / 8): Philox counters per row
+    threshold,  # i32 drop threshold t (kept iff draw >= t)
     scale,  # fp32 1 / (1 - p), 0 when p == 1
     eps,  # fp32 added to the variance
     IS_RMS: tl.constexpr,  # RMSNorm (else LayerNorm)
@@ -111,7 +125,7 @@ def dropout_add_norm_fwd_kernel(
     offsets = row * n_cols + cols
     h = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        h = h * _dropout_factor(seed_ptr, offsets, p, scale)
+        h = h * _dropout_factor(tl.load(seed_ptr), row * n_groups + tl.arange(0, BLOCK_N // 8), threshold, scale)
     if HAS_RESIDUAL:
         h += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     h = h.to(h_ptr.dtype.element_ty)
@@ -148,7 +162,8 @@ def dropout_add_norm_bwd_kernel(
     dbias_ptr,  # *fp32 (P, N) out: per-program partial sums of dy (HAS_BIAS only)
     n_rows,  # R; program q handles rows q, q + P, ...
     n_cols,  # N, elements per row (at most BLOCK_N)
-    p,  # fp32 drop probability
+    n_groups,  # ceil(N / 8): Philox counters per row
+    threshold,  # i32 drop threshold t (kept iff draw >= t)
     scale,  # fp32 1 / (1 - p), 0 when p == 1
     IS_RMS: tl.constexpr,  # RMSNorm (else LayerNorm)
     HAS_DH_NEXT: tl.constexpr,  # the returned h received a gradient
@@ -162,13 +177,15 @@ def dropout_add_norm_bwd_kernel(
     mask = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     for row32 in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.cast(row32, tl.int64)
         offsets = row * n_cols + cols
         if HAS_DROPOUT:  # first, while few values are live: Philox needs registers
-            factor = _dropout_factor(seed_ptr, offsets, p, scale)
+            factor = _dropout_factor(seed, row * n_groups + tl.arange(0, BLOCK_N // 8), threshold, scale)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if not IS_RMS:
@@ -205,8 +222,9 @@ def dropout_add_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _scale(p: float) -> float:
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+def _mask_args(n_cols: int, p: float) -> tuple[int, int, float]:
+    """(Philox counters per row, drop threshold, scale of the kept elements)."""
+    return -(-n_cols // 8), dropout_threshold(p), 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
 def dropout_forward(
@@ -217,16 +235,19 @@ def dropout_forward(
     p: float,
     out: torch.Tensor,
 ) -> None:
-    """Writes ``residual + (x + bias) * m`` into ``out`` (all contiguous, x's shape; bias (N,))."""
+    """Writes ``residual + (x + bias) * m`` into ``out`` (contiguous, x's shape: rows of its last
+    dimension; bias (N,))."""
     n = x.numel()
     if n == 0:
         return
-    cfg = dropout_config()
-    dropout_kernel[(triton.cdiv(n, cfg.block_c),)](
+    n_cols = x.shape[-1] if x.dim() else 1
+    n_rows = n // n_cols
+    cfg = dropout_config(n_cols)
+    dropout_kernel[(triton.cdiv(n_rows, cfg.block_r), triton.cdiv(n_cols, cfg.block_c))](
         x, bias if bias is not None else x, residual if residual is not None else x, out, seed,
-        n, x.shape[-1] if x.dim() else 1, p, _scale(p),
+        n_rows, n_cols, *_mask_args(n_cols, p),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK=cfg.block_c, **cfg.launch_options(),
+        BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_c, **cfg.launch_options(),
     )  # fmt: skip
 
 
@@ -261,7 +282,7 @@ def dropout_add_norm_forward(
     dropout_add_norm_fwd_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight if weight is not None else x, bias if bias is not None else x,
         y, h, mean, rstd, seed if seed is not None else rstd,
-        n_cols, p, _scale(p), eps,
+        n_cols, *_mask_args(n_cols, p), eps,
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_DROPOUT=seed is not None, BLOCK_N=cfg.block_c, **cfg.launch_options(),
     )  # fmt: skip
@@ -297,7 +318,7 @@ def dropout_add_norm_backward(
         dy, dh_next if dh_next is not None else dy, h, weight if weight is not None else h, mean, rstd,
         seed if seed is not None else rstd,
         dx, dresidual if dresidual is not None else dx, partial_w, partial_b,
-        n_rows, n_cols, p, _scale(p),
+        n_rows, n_cols, *_mask_args(n_cols, p),
         IS_RMS=is_rms, HAS_DH_NEXT=dh_next is not None, HAS_RESIDUAL=dresidual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=dbias is not None, HAS_DROPOUT=seed is not None,
         BLOCK_N=cfg.block_c, **cfg.launch_options(),

@@ -16,8 +16,9 @@ import triton
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    block_c: int  # classes per chunk (a power of two)
+    block_c: int  # classes (columns) per chunk (a power of two)
     num_warps: int
+    block_r: int = 1  # rows per tile (the 2-D elementwise kernels)
 
     @property
     def maxnreg(self) -> int:
@@ -96,14 +97,19 @@ def vocab_parallel_config(n_cols: int, element_size: int) -> LaunchConfig:
 # dropout (fusedls/backend/triton/dropout.py)
 # ----------------------------------------------------------------------------------------------
 
-# Elementwise dropout / dropout_add: elements per program and warps (8 elements per thread).
-DROPOUT_BLOCK = 2048
+# Elementwise dropout / dropout_add: 2-D tiles of at most DROPOUT_TILE elements and DROPOUT_BLOCK_N
+# columns (a whole row when it is shorter, several rows per tile), DROPOUT_WARPS warps: 16 elements
+# a thread, two Philox calls of 8 draws each.
+DROPOUT_TILE = 4096
+DROPOUT_BLOCK_N = 2048
 DROPOUT_WARPS = 8
 
 
-def dropout_config() -> LaunchConfig:
-    """Block (``block_c``: elements per program) and warps of ``dropout_kernel``."""
-    return LaunchConfig(block_c=DROPOUT_BLOCK, num_warps=DROPOUT_WARPS)
+def dropout_config(n_cols: int) -> LaunchConfig:
+    """Tile (``block_r`` rows of ``block_c`` columns, a power of two >= 16) and warps of
+    ``dropout_kernel`` for rows of ``n_cols`` elements."""
+    block_n = max(16, min(triton.next_power_of_2(max(n_cols, 1)), DROPOUT_BLOCK_N))
+    return LaunchConfig(block_c=block_n, num_warps=DROPOUT_WARPS, block_r=max(1, DROPOUT_TILE // block_n))
 
 
 # dropout + add + norm keep a whole row in registers; longer rows run on the eager backend. Per
