@@ -36,7 +36,8 @@ def test_auto_prefers_cpp_on_cpu_when_built():
 
 def test_auto_passes_over_ops_and_features_a_backend_lacks():
     with fusedls.use_backend("auto"):
-        assert registry.resolve(CPU, torch.float32, "dropout") == "eager"  # no fusedls/backend/cpp/dropout.py
+        # no fusedls/backend/cpp/vocab_parallel_cross_entropy.py
+        assert registry.resolve(CPU, torch.float32, "vocab_parallel_cross_entropy") == "eager"
         assert registry.resolve(CPU, torch.float32) == "eager"  # callers naming no op
         assert registry.resolve(CPU, torch.float32, "cross_entropy", {"z_loss"}) == "eager"
     assert registry.unsupported("cross_entropy", "cpp", {"z_loss", "softcap"}) == {"z_loss", "softcap"}
@@ -45,10 +46,8 @@ def test_auto_passes_over_ops_and_features_a_backend_lacks():
 @needs_cpp
 def test_explicit_backend_lacking_the_op_or_feature_raises():
     with fusedls.use_backend("cpp"):
-        with pytest.raises(ValueError, match="'cpp' was requested but cannot run: it has no implementation of dropout"):
-            registry.resolve(CPU, torch.float32, "dropout")
-        with pytest.raises(ValueError, match="has no implementation"):
-            fusedls.dropout(torch.randn(4, 4), p=0.5)
+        with pytest.raises(ValueError, match="'cpp' was requested but cannot run: it has no implementation of vocab_par"):
+            registry.resolve(CPU, torch.float32, "vocab_parallel_cross_entropy")
         with pytest.raises(ValueError, match="does not support \\['return_lse'\\]"):
             registry.resolve(CPU, torch.float32, "cross_entropy", {"return_lse"})
 
