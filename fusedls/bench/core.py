@@ -95,6 +95,9 @@ class OpBench:
     workload = ""  # what one timed call does, in words
     check_method = ""  # what check() compares, in words
     sweeps: dict[str, list[Slice]] = {}  # keys: "cuda", "cuda-quick", "cpu", "cpu-quick"
+    chart = "lines"  # <op>.png: time and memory against cols ("lines"), or one bar per provider ("bars")
+    timing = ""  # how an op measured its own way (OpBench.run) times a call; "" for the usual method
+    memory = ""  # likewise for peak memory
 
     def bytes(self, case: Case) -> int:
         """Least bytes the op must move in ``case.mode`` (the byte model)."""
@@ -121,6 +124,11 @@ class OpBench:
     def timed_call(self, fn: Callable, provider: Provider, case: Case, data: Any):
         """(setup, call): ``setup`` (or None) runs untimed before every timed ``call``."""
         raise NotImplementedError
+
+    def run(self, case: Case, providers: list[Provider], device: torch.device, budget_s: float,
+            on_provider: Callable[[str], None] = lambda name: None) -> list[dict]:  # fmt: skip
+        """The rows of ``case``: :func:`run_case` (an op measured another way overrides this)."""
+        return run_case(self, case, providers, device, budget_s, on_provider)
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -317,12 +325,14 @@ def run_case(op: OpBench, case: Case, providers: list[Provider], device: torch.d
 
 
 def derive(rows: list[dict]) -> None:
-    """Effective GB/s, fraction of the copy's GB/s, speed-up and memory against torch eager."""
+    """Effective GB/s, fraction of the copy's GB/s, speed-up and memory against torch eager (or
+    against the provider a row names as its ``reference``)."""
     copy = next((r for r in rows if r["provider"] == "copy" and "median_ms" in r), None)
-    torch_row = next((r for r in rows if r["provider"] == "torch" and "median_ms" in r), None)
+    timed = {r["provider"]: r for r in rows if "median_ms" in r}
     for r in rows:
         if "median_ms" not in r:
             continue
+        torch_row = timed.get(r.get("reference", "torch"))
         r["gb_s"] = r["bytes"] / r["median_ms"] / 1e6
         if copy:
             r["copy_gb_s"] = copy["bytes"] / copy["median_ms"] / 1e6

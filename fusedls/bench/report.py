@@ -135,8 +135,8 @@ def metadata(op: OpBench, device: torch.device, command: list[str], rows: list[d
         "copy_bandwidth_gb_s": {"median": copies[len(copies) // 2], "max": copies[-1]} if copies else None,
         "workload": op.workload,
         "byte_model": op.byte_model,
-        "timing": timing_method(device) + "; median and 20/80 % quantiles",
-        "memory": memory_method(device.type) or "not measured on this device",
+        "timing": (op.timing or timing_method(device)) + "; median and 20/80 % quantiles",
+        "memory": op.memory or memory_method(device.type) or "not measured on this device",
         "check": op.check_method + "; a fusedls result beyond it (or a fusedls error other than out of "
         "memory) fails the run, other providers' is shown as 'above tol'",
     }
@@ -284,6 +284,8 @@ def plot(out: Path, op: OpBench, meta: dict, rows: list[dict]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if op.chart == "bars":
+        return _bars(out, op, meta, rows, plt)
     key = op.cols_key
     groups = list(dict.fromkeys((r["mode"], r["dtype"], r["rows"]) for r in rows))
     if not groups:
@@ -311,6 +313,32 @@ def plot(out: Path, op: OpBench, meta: dict, rows: list[dict]) -> Path | None:
         ax_t.legend(fontsize=7)
     fig.suptitle(f"{meta['device']}, torch {meta['versions']['torch']}, {meta['date_utc'][:10]}, "
                  f"commit {meta['git_commit'][:8]}", fontsize=10)  # fmt: skip
+    path = out / f"{op.name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _bars(out: Path, op: OpBench, meta: dict, rows: list[dict], plt) -> Path | None:
+    """``<op>.png`` of an op measured one value per provider: a horizontal bar per provider and
+    dtype, time of a call, with each row's speed against its reference written beside it."""
+    timed = [r for r in rows if "median_ms" in r]
+    if not timed:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(timed) + 1.2), constrained_layout=True)
+    labels = [f"{r['provider']} ({r['dtype']})" for r in timed]
+    times = [1e3 * r["median_ms"] for r in timed]
+    colors = ["tab:blue" if r["kind"] == "fusedls" else "tab:grey" for r in timed]
+    ax.barh(range(len(timed)), times, color=colors)
+    for i, r in enumerate(timed):
+        if r["kind"] == "fusedls" and r.get("speedup_vs_torch"):
+            ax.text(times[i], i, f"  {1 / r['speedup_vs_torch']:.2f}x torch's time", va="center", fontsize=7)
+    ax.set_yticks(range(len(timed)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time per call [us] (median of interleaved rounds)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(f"{op.name}: {meta['device']}, torch {meta['versions']['torch']}, {meta['date_utc'][:10]}, "
+                 f"commit {meta['git_commit'][:8]}", fontsize=9)  # fmt: skip
     path = out / f"{op.name}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)

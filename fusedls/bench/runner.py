@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import load_ops, report
-from .core import MODES, OpBench, expand, run_case, wrong
+from .core import MODES, OpBench, expand, wrong
 
 # Seconds of timing per measurement (each provider of each case, and the copy baseline).
 BUDGET_S = {"cuda": 0.2, "cpu": 0.3, "cpu-quick": 0.15, "cuda-quick": 0.1}
@@ -88,7 +88,7 @@ def run(
             op_rows: list[dict] = []
             for case in cases:
                 bar.start_case(f"{op.name} {case.mode} {case.dtype} {case.rows}x{case.cols}")
-                op_rows += run_case(op, case, chosen, device, budget, on_provider=bar.step)
+                op_rows += op.run(case, chosen, device, budget, on_provider=bar.step)
                 bar.end_case()
                 all_rows = _merged(op, earlier, op_rows)
                 meta = report.metadata(op, device, command, all_rows, cpu_use)

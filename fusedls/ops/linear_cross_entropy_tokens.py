@@ -95,9 +95,14 @@ def forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignor
     The chunk buffer is in ``storage`` when given and large enough (see logits_chunks), else its
     own, which dies with this frame."""
     impl, acc, n_rows = registry.implementation("cross_entropy", backend), acc_dtype(hidden), hidden.shape[0]
+    write = grad_scale is not None and any(need)
+    if chunk_rows >= n_rows > 0:  # one chunk: its products are the gradients (one matmul each, one rounding)
+        ((_, logits),) = logits_chunks(hidden, weight, bias, chunk_rows, storage)
+        out = impl.cross_entropy_forward(logits, target, class_weight, logits if write else None,
+                                         grad_scale if write else None, ignore_index, keep, spread, *opts)  # fmt: skip
+        return (*out, *_one_chunk_grads(logits, hidden, weight, bias, need if write else (False,) * 3))
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
     grads = _Grads(hidden, weight, bias, *need)
-    write = grad_scale is not None and any(need)
     for rows, logits in logits_chunks(hidden, weight, bias, chunk_rows, storage):
         loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
             logits, target[rows], class_weight, logits if write else None, grad_scale if write else None,
@@ -113,10 +118,15 @@ def backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, 
                      softcap, chunk_rows, need, backend, storage=None):  # fmt: skip
     """Gradients in ``need`` for per-row upstream factors ``grad_loss``, recomputing each token
     chunk's logits (empty for those not needed); ``storage`` as for forward_chunks."""
-    grads = _Grads(hidden, weight, bias, *need)
     if not any(need):
-        return grads.result(bias)
+        return _one_chunk_grads(None, hidden, weight, bias, need)
     impl = registry.implementation("cross_entropy", backend)
+    if chunk_rows >= hidden.shape[0] > 0:
+        ((_, logits),) = logits_chunks(hidden, weight, bias, chunk_rows, storage)
+        impl.cross_entropy_backward(grad_loss, logits, target, class_weight, lse, coef, logits, None, ignore_index, keep,
+                                    spread, softcap)  # fmt: skip
+        return _one_chunk_grads(logits, hidden, weight, bias, need)
+    grads = _Grads(hidden, weight, bias, *need)
     for rows, logits in logits_chunks(hidden, weight, bias, chunk_rows, storage):
         impl.cross_entropy_backward(
             grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
@@ -125,6 +135,18 @@ def backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, 
         grads.add(rows, logits, hidden[rows], weight)
         del logits  # as in forward_chunks
     return grads.result(bias)
+
+
+def _one_chunk_grads(g, hidden, weight, bias, need):
+    """(grad_hidden, grad_weight, grad_bias) of one chunk holding every row, whose dloss/dlogits
+    is ``g``: ``g @ W``, ``g.T @ H`` (fp32 accumulation inside the matmul, rounded once, as the
+    chunked fp32 sum is) and ``g.sum(0)`` in fp32; empty where not needed."""
+    empty = hidden.new_empty(0)
+    return (
+        torch.mm(g, weight) if need[0] else empty,
+        torch.mm(g.t(), hidden) if need[1] else empty,
+        g.sum(0, dtype=acc_dtype(bias)).to(bias.dtype) if need[2] else empty,
+    )
 
 
 def pass1(hidden, weight, chunk_size, strategy, need_weight):

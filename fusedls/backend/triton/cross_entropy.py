@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .tuning import cross_entropy_config, cross_entropy_programs
 
 UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
@@ -401,7 +402,7 @@ def cross_entropy_forward(
     cfg = cross_entropy_config(n_cols, logits.element_size())
     write_grad = grad is not None
     programs = cross_entropy_programs(logits.device, n_cols * logits.element_size(), n_rows) if write_grad else n_rows
-    cross_entropy_fwd_kernel[(programs,)](
+    launch(cross_entropy_fwd_kernel, (programs,),
         logits, logits.stride(0),
         target, target.stride(0) if target.dim() == 2 else 0,
         weight if weight is not None else loss,
@@ -436,7 +437,7 @@ def cross_entropy_backward(
         return
     cfg = cross_entropy_config(n_cols, logits.element_size())
     target_grad = grad_target is not None
-    cross_entropy_bwd_kernel[(n_rows,)](
+    launch(cross_entropy_bwd_kernel, (n_rows,),
         grad_loss, grad_loss.stride(0) if grad_loss.dim() == 1 else 0,
         logits, logits.stride(0),
         target, target.stride(0) if target.dim() == 2 else 0,
@@ -456,7 +457,7 @@ def cross_entropy_scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     if n_rows == 0:
         return
     cfg = cross_entropy_config(n_cols, grad.element_size())
-    cross_entropy_scale_grad_kernel[(n_rows,)](
+    launch(cross_entropy_scale_grad_kernel, (n_rows,),
         grad, grad.stride(0),
         factor, factor.stride(0) if factor.dim() == 1 else 0,
         n_cols,

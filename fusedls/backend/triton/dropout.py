@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..protocols import dropout_threshold
+from .launch import launch
 from . import tuning
 from .tuning import dropout_config, dropout_norm_config, dropout_norm_programs
 
@@ -243,7 +244,7 @@ def dropout_forward(
     n_cols = x.shape[-1] if x.dim() else 1
     n_rows = n // n_cols
     cfg = dropout_config(n_cols)
-    dropout_kernel[(triton.cdiv(n_rows, cfg.block_r), triton.cdiv(n_cols, cfg.block_c))](
+    launch(dropout_kernel, (triton.cdiv(n_rows, cfg.block_r), triton.cdiv(n_cols, cfg.block_c)),
         x, bias if bias is not None else x, residual if residual is not None else x, out, seed,
         n_rows, n_cols, *_mask_args(n_cols, p),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
@@ -279,7 +280,7 @@ def dropout_add_norm_forward(
     if n_rows == 0:
         return
     cfg = dropout_norm_config(n_cols)
-    dropout_add_norm_fwd_kernel[(n_rows,)](
+    launch(dropout_add_norm_fwd_kernel, (n_rows,),
         x, residual if residual is not None else x, weight if weight is not None else x, bias if bias is not None else x,
         y, h, mean, rstd, seed if seed is not None else rstd,
         n_cols, *_mask_args(n_cols, p), eps,
@@ -314,7 +315,7 @@ def dropout_add_norm_backward(
     programs = dropout_norm_programs(h.device, n_rows)
     partial_w = torch.empty(programs, n_cols, device=h.device, dtype=torch.float32) if dweight is not None else rstd
     partial_b = torch.empty(programs, n_cols, device=h.device, dtype=torch.float32) if dbias is not None else rstd
-    dropout_add_norm_bwd_kernel[(programs,)](
+    launch(dropout_add_norm_bwd_kernel, (programs,),
         dy, dh_next if dh_next is not None else dy, h, weight if weight is not None else h, mean, rstd,
         seed if seed is not None else rstd,
         dx, dresidual if dresidual is not None else dx, partial_w, partial_b,

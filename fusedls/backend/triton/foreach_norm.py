@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .foreach_table import table
+from .launch import launch
 from .tuning import foreach_norm_config, foreach_norm_merge_config
 
 UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
@@ -416,7 +417,7 @@ def _reduce(tensors, ord, write_norm, norms=None):
     part_b = torch.empty_like(part_a)
     for t0, _, i0, i1, aligned in tab.groups:
         if i1 > i0:
-            foreach_norm_partial_kernel[lambda meta, k=i1 - i0: (k,)](
+            launch(foreach_norm_partial_kernel, (i1 - i0,),
                 tab.offset, tab.numel, tab.item_tensor, tab.item_start, tensors[tab.order[t0]], part_a, part_b, i0,
                 p, KIND=kind, IS_TWO=p == 2.0, ALIGNED=aligned, CHUNKS=cfg.chunks, BLOCK=cfg.block_c,
                 **cfg.launch_options(),
@@ -424,7 +425,7 @@ def _reduce(tensors, ord, write_norm, norms=None):
     tensor_a = torch.empty(tab.n, device=dev, dtype=torch.float32)
     tensor_b = torch.empty_like(tensor_a)
     merge = foreach_norm_merge_config()
-    foreach_norm_merge_kernel[lambda meta: (tab.n,)](
+    launch(foreach_norm_merge_kernel, (tab.n,),
         tab.first, tab.out_index, part_a, part_b, tensor_a, tensor_b, norms if write_norm else tensor_a, p,
         KIND=kind, IS_TWO=p == 2.0, WRITE_NORM=write_norm, BLOCK=merge.block_c, **merge.launch_options(),
     )  # fmt: skip
@@ -450,7 +451,7 @@ def total_norm(
     coef = torch.empty_like(total) if max_norm is not None else None
     merge = foreach_norm_merge_config()
     kind = _kind(ord)
-    foreach_norm_total_kernel[lambda meta: (1,)](
+    launch(foreach_norm_total_kernel, (1,),
         tensor_a, tensor_b, total, coef if coef is not None else total, tab.n, float(ord),
         float(max_norm or 0.0), KIND=kind, IS_TWO=float(ord) == 2.0, SQUARE=square,
         NORM_OF_NORMS=norm_of_norms and kind == KIND_L0, WRITE_COEF=coef is not None, BLOCK=merge.block_c,
@@ -466,7 +467,7 @@ def _map(sources: list[torch.Tensor], dests: list[torch.Tensor], coef: torch.Ten
     for (t0, _, i0, i1, aligned), out_group in zip(tab.groups, dst.groups):
         if i1 > i0:
             first = tab.order[t0]
-            foreach_map_kernel[lambda meta, k=i1 - i0: (k,)](
+            launch(foreach_map_kernel, (i1 - i0,),
                 tab.offset, dst.offset, tab.numel, tab.item_tensor, tab.item_start, coef, sources[first],
                 dests[first], i0, MODE=mode, ALIGNED=aligned, OUT_ALIGNED=out_group[4], CHUNKS=cfg.chunks,
                 BLOCK=cfg.block_c, **cfg.launch_options(),

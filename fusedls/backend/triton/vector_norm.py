@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from . import tuning
 
 UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
@@ -489,21 +490,21 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     splits, per_split = tuning.vector_norm_split(rows.device, n_row_blocks, n_cols, cfg.block_n)
     per_sm = tuning.VECTOR_NORM_PROGRAMS_PER_SM if splits == 1 else tuning.VECTOR_NORM_SPLIT_PROGRAMS_PER_SM
     programs = tuning.vector_norm_sms(rows.device) * per_sm
-    grid = lambda meta: (min(n_row_blocks * splits, programs),)  # noqa: E731
+    grid = (min(n_row_blocks * splits, programs),)
     if splits == 1:
         part_r = part_s = norm
     else:
         part_r = torch.empty((n_rows, splits), device=rows.device, dtype=torch.float32)
         part_s = torch.empty_like(part_r)
-    vector_norm_fwd_kernel[grid](
+    launch(vector_norm_fwd_kernel, grid,
         rows, rows.stride(0), out, norm, count if count.numel() else norm, part_r, part_s,
         n_rows, n_cols, triton.cdiv(per_split, cfg.block_n), splits, float(ord),
         TIES=ties, FINAL=splits == 1, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **flags, **cfg.launch_options(),
     )  # fmt: skip
     if splits > 1:
         block_s = min(triton.next_power_of_2(splits), tuning.VECTOR_NORM_MERGE_BLOCK)
-        merge_grid = lambda meta: (n_rows,)  # noqa: E731
-        vector_norm_merge_kernel[merge_grid](
+        merge_grid = (n_rows,)
+        launch(vector_norm_merge_kernel, merge_grid,
             part_r, part_s, out, norm, count if count.numel() else norm, n_rows, splits, float(ord),
             BLOCK_S=block_s, num_warps=tuning.VECTOR_NORM_MERGE_WARPS, **flags,
         )  # fmt: skip
@@ -517,8 +518,8 @@ def vector_norm_backward(grad: torch.Tensor, rows: torch.Tensor, norm, count, or
         return
     cfg = tuning.vector_norm_config(n_rows, n_cols, rows.element_size())
     tiles = triton.cdiv(n_rows, cfg.block_r) * triton.cdiv(n_cols, cfg.block_n)
-    grid = lambda meta: (tiles,)  # noqa: E731
-    vector_norm_bwd_kernel[grid](
+    grid = (tiles,)
+    launch(vector_norm_bwd_kernel, grid,
         grad, grad.stride(0), rows, rows.stride(0), norm, count if count.numel() else norm, dx,
         n_rows, n_cols, float(ord),
         BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, **_backward_flags(ord), **cfg.launch_options(),

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..eager.vocab_parallel_cross_entropy import init_statistics
 from ..protocols import N_STATS, TARGET_LOGIT, WEIGHTED_SUM
+from .launch import launch
 from . import tuning
 from .cross_entropy import _sech2, _tanh
 from .tuning import vocab_parallel_config
@@ -168,7 +169,7 @@ def local_statistics(logits_of, n_rows, n_cols, y_local, owned, probs, weight, k
     for rows in row_chunks(n_rows, n_cols):
         x = _rows_2d(logits_of(rows))
         cfg = vocab_parallel_config(n_cols, x.element_size())
-        vocab_parallel_stats_kernel[(x.shape[0],)](
+        launch(vocab_parallel_stats_kernel, (x.shape[0],),
             x, x.stride(0),
             target[rows], weight if weight is not None else lse_local,
             lse_local[rows], stats[rows],
@@ -187,7 +188,7 @@ def local_grad(x, lse, coef, target, target_coef, weight, keep, spread, softcap,
     if n_rows == 0 or n_cols == 0:
         return grad, None
     cfg = vocab_parallel_config(n_cols, x.element_size())
-    vocab_parallel_grad_kernel[(n_rows,)](
+    launch(vocab_parallel_grad_kernel, (n_rows,),
         x, x.stride(0),
         target.contiguous(), weight if weight is not None else lse,
         *(v.contiguous() for v in (lse, coef, target_coef, scale)),
