@@ -11,8 +11,8 @@ Every function takes 2-D logits ``(R, C)`` with contiguous classes; ``target`` i
 class ids or ``(R, C)`` probabilities; ``weight`` is fp32 ``(C,)`` or None;
 ``keep = 1 - eps`` and ``spread = eps / C``; ``z_loss`` (z of ``z * lse^2``, 0 for none) and
 ``softcap`` (s of ``s * tanh(x / s)``, None for none) are the kernels' HAS_Z_LOSS / HAS_SOFTCAP
-options. Callers pass them only when used, so a backend with the older signature still serves
-the calls that do not use them.
+options. Callers pass them only when used, so a backend whose functions lack these parameters
+still serves the calls that do not use them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
 
 # Elements per row block. CPU: 1M (the fp32 temporaries stay in cache). Elsewhere (a GPU without
 # Triton): every op of a block is a launch costing ~10-40 us of host time, ~25 ops a block, so few
-# large blocks: 64M elements, 256 MB per fp32 temporary. With 1M, 4096 x 32000 took 96 ms on an
-# H100 against torch's 1.2 ms, all of it launches.
+# large blocks: 64M elements, 256 MB per fp32 temporary (the H100 figure behind it is in
+# benchmarks/results/nvidia-h100-80gb-hbm3/README.md).
 _BLOCK_ELEMENTS = 1 << 20
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
 
