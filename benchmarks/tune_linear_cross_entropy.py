@@ -1,4 +1,4 @@
-"""Sweep ``strategy="vocab"``'s buffers on a GPU (CHUNK_BYTES of fusedls/ops/linear_cross_entropy.py
+"""Sweep ``strategy="vocab"``'s buffers on a GPU (CHUNK_BYTES of fusedls/ops/linear_cross_entropy_tokens.py
 for pass 1's token chunks, which live in the weight gradient's storage; VOCAB_BLOCK_BYTES and
 VOCAB_TAIL_DIVISOR of linear_cross_entropy_vocab.py for pass 2's blocks), on the Llama-3 8B head,
 next to torch and the token chunks timed the same way.
@@ -7,12 +7,11 @@ next to torch and the token chunks timed the same way.
 
 hidden (16384, 4096) and head (128256, 4096) in bf16, ~1 % of targets ignored,
 label_smoothing=0.1: forward + backward time (median of 8 after 2 warm-ups, gradients cleared
-untimed) and peak extra memory. Rows: pass-1 chunks of 256 MiB of logits (as before they moved
-into the weight gradient) and 1 GiB (the default: 4 chunks of 4096 tokens); pass-2 blocks of
-512, 256 (the default), 128 and 64 MiB; tail divisor 1 (full blocks only: the blocks borrowed
-from the weight gradient stop where a full one no longer fits, then one own full block) and 8
-(the default: borrowed blocks shrink down to 1/8, then an own buffer of 1/8). About a minute on
-an H100.
+untimed) and peak extra memory. Rows: pass-1 chunks of 256 MiB of logits and 1 GiB (the default:
+4 chunks of 4096 tokens); pass-2 blocks of 512, 256 (the default), 128 and 64 MiB; tail divisor 1
+(full blocks only: the blocks borrowed from the weight gradient stop where a full one no longer
+fits, then one own full block) and 8 (the default: borrowed blocks shrink down to 1/8, then an own
+buffer of 1/8). About a minute on an H100.
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ from fusedls.ops import linear_cross_entropy_tokens as lct  # noqa: E402
 from fusedls.ops import linear_cross_entropy_vocab as lcv  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
-# (pass-1 chunk MiB, pass-2 block MiB, tail divisor); the first is nearest to what the H100 timed
-# before the blocks were borrowed and the chunks moved into the weight gradient (105.3 ms here)
+# (pass-1 chunk MiB, pass-2 block MiB, tail divisor); the first is the nearest to the layout of the
+# H100 timing in benchmarks/results/nvidia-h100-80gb-hbm3/ (256 MiB chunks, full 256 MiB blocks,
+# both in own buffers there)
 CONFIGS = (
     (256, 256, 1), (256, 256, 8), (1024, 256, 8), (1024, 256, 1), (1024, 512, 8), (1024, 128, 8), (1024, 64, 8),
 )  # fmt: skip

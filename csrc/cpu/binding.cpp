@@ -29,13 +29,12 @@ namespace fusedls {
 namespace {
 
 // A freshly allocated gradient is untouched memory: its first write faults in every 4 KB page
-// (the kernel zeroes each), which on large logits costs more than the loss itself (fp32
-// 2048 x 32000, 2 cores: ~250 of ~330 ms). The kernels' threads each first-touch their own
-// rows, so the faults are taken in parallel. FUSEDLS_HUGE_PAGES=1 also advises transparent huge
-// pages for the buffer (Linux, THP mode "madvise" or "always"): one fault per 2 MB, ~100 ms in
-// all when the kernel has huge pages at hand, but when it must compact memory for them calls
-// stall (median 0.9 s measured interleaved with torch's own large allocations), so it is off
-// by default. Only whole 2 MB pages inside the buffer are advised.
+// (the kernel zeroes each), which on large logits costs more than the loss itself. The kernels'
+// threads each first-touch their own rows, so the faults are taken in parallel.
+// FUSEDLS_HUGE_PAGES=1 also advises transparent huge pages for the buffer (Linux, THP mode
+// "madvise" or "always"): one fault per 2 MB, faster when the kernel has huge pages at hand, but
+// calls stall when it must compact memory for them, so it is off by default (measured figures:
+// benchmarks/results/cpu-amd-epyc/README.md). Only whole 2 MB pages inside the buffer are advised.
 void advise_huge_pages(const at::Tensor& buffer) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {

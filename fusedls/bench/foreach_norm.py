@@ -6,7 +6,7 @@ Workloads (``Case.cols`` is the hidden size d; ``Case.rows`` depends on the op's
 
 - ``params`` (``rows`` = layers L): per layer q, k, v, o (d x d), gate, up (f x d), down (d x f)
   with f = 8d/3 rounded up to 256, two norm weights (d); plus the embedding and the LM head
-  (32000 x d) and the final norm. d = 2048, L = 22 (TinyLlama) is 201 tensors, 1.1e9 elements.
+  (32000 x d) and the final norm. d = 2048, L = 22 (TinyLlama) is 201 tensors, 1.26e9 elements.
 - ``activations`` (op name ``foreach_norm_act``; ``rows`` = tensors): ``rows`` tensors of
   (8192, d), e.g. one per layer.
 

@@ -12,8 +12,8 @@ default, is ``fusedls/triton``), for
 the inputs not counted, the gradients counted) with the triton launchers run on meta tensors and
 the kernels not launched (:func:`~fusedls.bench.live_bytes.triton_on_meta`); matmuls are torch's,
 so the count is what ``torch.cuda.max_memory_allocated`` sees on a GPU, less the allocator's
-rounding. Checked against an H100 (bf16, 16384 x 4096 -> 128256): torch 12024 MiB and the token
-strategy 4136 MiB (as it was then), measured there by the benchmark and counted here alike.
+rounding; on an H100 (bf16, 16384 x 4096 -> 128256) both gave the same figures for every provider
+measured (benchmarks/results/memory-model/README.md).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
 
 # Elements per row block. CPU: 1M (the fp32 temporaries stay in cache). Elsewhere (a GPU without
 # Triton): every op of a block is a launch costing ~10-40 us of host time, ~25 ops a block, so few
-# large blocks: 64M elements, 256 MB per fp32 temporary. With 1M, 4096 x 32000 took 96 ms on an
-# H100 against torch's 1.2 ms, all of it launches.
+# large blocks: 64M elements, 256 MB per fp32 temporary (the H100 figure behind it is in
+# benchmarks/results/nvidia-h100-80gb-hbm3/README.md).
 _BLOCK_ELEMENTS = 1 << 20
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
 

@@ -143,12 +143,10 @@ def dropout_norm_programs(device: torch.device, n_rows: int) -> int:
 # foreach_norm, total_norm, clip_grad_norm_, l1/l2 penalties (fusedls/backend/triton/foreach_norm.py)
 # ----------------------------------------------------------------------------------------------
 
-# Elementwise multi-tensor kernels: elements per chunk and warps (16 elements per thread per
-# chunk). Tests lower FOREACH_NORM_BLOCK so tensors span many chunks. Measured (H100, 2026-11-22,
-# the bench's 201-tensor bf16 list, medians of 5 interleaved rounds; foreach_norm % of copy /
-# clip_grad_norm_ that scales, % of copy): (block, chunks, warps) (4096, 2, 8) 87.5 / 92.7;
-# (4096, 4, 8) 95.4 / 85.8; (2048, 8, 8) 95.9 / 86.0; (4096, 4, 4) 92.3 / 96.0 but its map
-# kernels spill; (2048, 4, 4) 93.0 / 94.4, no spills: chosen (64 elements a thread per item).
+# Elementwise multi-tensor kernels: elements per chunk and warps. 2048 on 4 warps with 4 chunks
+# per item: the fastest setting without spills in benchmarks/tune_foreach_norm.py's H100 sweep
+# (docs/norms.md; figures in benchmarks/results/nvidia-h100-80gb-hbm3/README.md). Tests lower
+# FOREACH_NORM_BLOCK so tensors span many chunks.
 FOREACH_NORM_BLOCK = 2048
 FOREACH_NORM_WARPS = 4
 # Chunks per work item (a power of two): one program loads CHUNKS x BLOCK elements as one tile
@@ -157,31 +155,22 @@ FOREACH_NORM_WARPS = 4
 # - needed: ~3.35 TB/s x ~0.7 us DRAM latency ~ 2.3 MB in flight, ~18 KB per SM (132 SMs) at
 #   every instant; a program has nothing in flight during its lookup and its reduction / store,
 #   so the SM needs several programs, and a maximum of about twice that.
-# - registers cap it: bytes in flight need registers, and ptxas (sm_90a, `python -m tools.aot`)
-#   takes for partial p=2 / map scale, per thread: CHUNKS 1: 32 / 44, 2: 48 / 75, 4: 96 / 128,
-#   8: 168 / 254 (capped lower, they spill: 64 elements a thread need ~100). Programs of 256
-#   threads per SM (64K registers, at most 8): 8 / 5, 5 / 3, 2 / 2, 1 / 1, so at most
-#   64 / 40, 80 / 48, 64 / 64, 64 / 64 KB of reads in flight per SM.
-# - the old kernel (CHUNKS 1, 40 registers: 6 programs, 48 KB, a lookup per 8 KB) reached 70 %
-#   of copy bandwidth (measured), as if a program spent about as long on its lookup as on its
-#   data (inferred, not profiled).
-# - CHUNKS 2: the most in flight for the norms (80 KB over 5 programs, one's lookup overlapping
-#   the others' loads), half the lookups, 48 KB for the map kernels (clipping, penalties'
-#   gradients). CHUNKS 4: a quarter of the lookups but 2 programs (none in flight when both look
-#   up); 8: one program per SM. benchmarks/tune_foreach_norm.py sweeps 1, 2, 4, 8.
+# - registers cap it: bytes in flight need registers, and ptxas (sm_90a, `python -m tools.aot`,
+#   8 warps of 4096-element chunks) takes for partial p=2 / map scale, per thread: CHUNKS 1: 32 /
+#   44, 2: 48 / 75, 4: 96 / 128, 8: 168 / 254 (capped lower, they spill: 64 elements a thread
+#   need ~100). Programs of 256 threads per SM (64K registers, at most 8): 8 / 5, 5 / 3, 2 / 2,
+#   1 / 1, so at most 64 / 40, 80 / 48, 64 / 64, 64 / 64 KB of reads in flight per SM.
+# - more chunks: fewer lookups per byte but fewer resident programs (none in flight while all of
+#   them look up); benchmarks/tune_foreach_norm.py sweeps 1, 2, 4, 8.
 # - the merge tail: a 128256 x 2048 embedding (262.7M elements) has ceil(262.7M / (CHUNKS x
-#   BLOCK)) partials: 64,128 (CHUNKS 1), 32,064 (2), 16,032 (4); the benchmark list's largest
-#   (fusedls/bench/foreach_norm.py: 32000 x 2048, 65.5M) 16,000, 8,000, 4,000.
-# - measured (above): 4 chunks of 2048 beat the model's 2 of 4096; the model's register figures
-#   are for 8 warps of 4096-element chunks.
+#   BLOCK)) partials: 32,064 at 4 x 2048.
 FOREACH_NORM_CHUNKS = 4
 # The merge kernels (per-tensor partials, then all tensors in one program): partials per step.
 # Stage 2 merges a tensor's partials in one program after stage 1: ceil(partials / MERGE_BLOCK)
 # dependent steps per pass, two passes for the p-norms (max, then the scaled sum), each step
-# ~1 us (its loads, from DRAM: the embedding's partials are written first). A 262.7M-element
-# tensor: 2 x 63 = 126 steps (~0.1 ms of 1.2) at CHUNKS 1 and 1024; 2 x 4 = 8 (~10 us) at CHUNKS
-# 2 and 8192; the benchmark's 65.5M: 2 x 16 = 32 steps, now 2 x 1 = 2. 8192 fp32 on 8 warps: 32
-# a thread, for a and b (~180-220 registers; one program per tensor, so occupancy is moot).
+# ~1 us (its loads, from DRAM: the embedding's partials are written first): 2 x 4 steps for the
+# embedding above. 8192 fp32 on 8 warps: 32 a thread, for a and b (~180-220 registers; one program
+# per tensor, so occupancy is moot).
 FOREACH_NORM_MERGE_BLOCK = 8192
 FOREACH_NORM_MERGE_WARPS = 8
 

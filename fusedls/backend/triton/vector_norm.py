@@ -27,14 +27,14 @@ State. Every partial result is a pair (r, s) per row, merged left to right:
 * ord 0: s = the count; r unused.
 
 Sweeps (one task's columns, chunk by chunk). Reducing each chunk across the program (max, then
-the scaled sum) puts barriers between a chunk's loads and the next's: 82 % of the copy bandwidth
-on an H100. So the common ords keep per-lane state over the whole task, reduced once at its end:
-ord 1 and 2 a plain fp32 sum of |x| or x^2 (97-98 % of copy), used as the state (1, sum) when it
-lies in [SAFE_LOW, SAFE_HIGH], else the task is swept again the scaled way (``_sweep_chunks``);
-ord 0 the count; ord +-inf the extreme |x| (fp32 min / max propagating NaN) and, only when a
-backward will need them (TIES), the tie counts: ~69 % of copy without, ~64 % with (bf16; the
-compares and selects per element limit it). General p keeps the chunk-wise scaled sweep
-(each term costs a log2 and an exp2: ~32 % of copy in bf16).
+the scaled sum) puts barriers between a chunk's loads and the next's, which keeps the sweep well
+below the copy bandwidth. So the common ords keep per-lane state over the whole task, reduced once
+at its end: ord 1 and 2 a plain fp32 sum of |x| or x^2, used as the state (1, sum) when it lies in
+[SAFE_LOW, SAFE_HIGH], else the task is swept again the scaled way (``_sweep_chunks``); ord 0 the
+count; ord +-inf the extreme |x| (fp32 min / max propagating NaN) and, only when a backward will
+need them (TIES), the tie counts (the compares and selects per element limit these). General p
+keeps the chunk-wise scaled sweep (each term costs a log2 and an exp2). Measured fractions of the
+copy bandwidth per ord: docs/norms.md.
 
 Launches. ``vector_norm_fwd_kernel`` is persistent: programs loop over tasks = (row block,
 split) and sweep the task's columns in chunks of BLOCK_N. Short rows: (BLOCK_R, BLOCK_N) tiles
