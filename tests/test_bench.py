@@ -156,3 +156,22 @@ def test_live_bytes_follows_storages_saved_for_backward():
         del y
     assert after_forward >= 8 * 50 * 4  # the saved (8, 50) fp32 output
     assert live.current == x.grad.untyped_storage().nbytes() == 8 * 50 * 4  # only x.grad is left
+
+
+def test_overhead_times_every_op_against_torch_interleaved(tmp_path, monkeypatch):
+    # python -m fusedls.bench --op overhead: a row per op and per torch equivalent, each checked,
+    # each timed over every round, the speed-up taken against the op's own torch equivalent.
+    from fusedls.bench import overhead
+
+    monkeypatch.setattr(overhead, "ROUNDS", 3)
+    monkeypatch.setattr(overhead, "BLOCK_S", 0.001)
+    threads = torch.get_num_threads()
+    result = bench.run(["overhead"], device="cpu", out=tmp_path, plot=False, progress=False, echo=lambda text: None)
+    assert result.exit_code == 0 and torch.get_num_threads() == threads
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "overhead.json").read_text())["rows"]}
+    assert set(rows) == {f"{p.name}{suffix}" for p in overhead.PAIRS for suffix in ("", ":torch")}
+    for pair in overhead.PAIRS:
+        ours, theirs = rows[pair.name], rows[f"{pair.name}:torch"]
+        assert ours["status"] == "ok" and ours["error_ratio"] <= 1 and ours["n"] == 3
+        assert ours["speedup_vs_torch"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
+    assert "overhead" not in bench.load_ops()  # only when asked for

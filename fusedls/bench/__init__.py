@@ -32,13 +32,18 @@ OP_MODULES = {
 }
 
 
+# Run only when asked for by --op: they measure something else than an op's sweep (the host path
+# of every op at once; whole training steps).
+NOT_IN_DEFAULT_RUN = {"overhead", "train_step"}
+
+
 def load_ops(names=None) -> dict:
-    """``{name: OpBench}`` for ``names`` (default: every registered op)."""
+    """``{name: OpBench}`` for ``names`` (default: every registered op but NOT_IN_DEFAULT_RUN)."""
     unknown = set(names or ()) - set(OP_MODULES)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; registered: {sorted(OP_MODULES)}")
     found = {}
-    for name in names or OP_MODULES:
+    for name in names or [op for op in OP_MODULES if op not in NOT_IN_DEFAULT_RUN]:
         module, _, attribute = OP_MODULES[name].partition(":")
         found[name] = getattr(importlib.import_module(module), attribute or "BENCH")
     return found
@@ -46,4 +51,4 @@ def load_ops(names=None) -> dict:
 
 from .runner import BenchRun, run  # noqa: E402
 
-__all__ = ["OP_MODULES", "BenchRun", "load_ops", "run"]
+__all__ = ["NOT_IN_DEFAULT_RUN", "OP_MODULES", "BenchRun", "load_ops", "run"]
