@@ -28,6 +28,7 @@ OP_MODULES = {
     "l1_penalty": "fusedls.bench.foreach_norm:L1_PENALTY",
     "vector_norm": "fusedls.bench.vector_norm",
     "vocab_parallel_cross_entropy": "fusedls.bench.vocab_parallel_cross_entropy",
+    "train_step": "fusedls.bench.train_step",
 }
 
 
