@@ -3,7 +3,8 @@
 The reference is the unpatched model (a float64 copy of the same weights): its logits through
 ``F.cross_entropy(..., label_smoothing=eps)`` with transformers' label shift, ``-100`` and
 ``num_items_in_batch`` conventions (checked against transformers' own loss where it has one:
-``eps = 0``). Nothing is downloaded: every model comes from a random config.
+``eps = 0``). Nothing is downloaded: every model comes from a random config. On a GPU machine the
+models run on the GPU (the fused loss on the triton backend), else on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import fusedls.transformers as ft  # noqa: E402
+from conftest import DEVICE  # noqa: E402
 from fusedls.testing import assert_close, tolerance  # noqa: E402
 from fusedls.transformers.configs import ARCHITECTURES, random_config  # noqa: E402
 
@@ -32,7 +34,7 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, **overrides):
     """One decoder layer (every kind of parameter, at half the time of two)."""
     torch.manual_seed(seed)
     config = random_config(arch, vocab_size=VOCAB, layers=1, initializer_range=INIT, **overrides)
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).train()
+    return transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, dtype).train()
 
 
 def batch(seed: int = 1, rows: int = 2, cols: int = 10):
@@ -41,7 +43,7 @@ def batch(seed: int = 1, rows: int = 2, cols: int = 10):
     ids = torch.randint(3, VOCAB, (rows, cols), generator=gen)
     labels = ids.masked_fill(torch.rand(rows, cols, generator=gen) < 0.2, -100)
     labels[0, :3] = -100
-    return ids, labels
+    return ids.to(DEVICE), labels.to(DEVICE)
 
 
 def reference_loss(logits, labels, eps=0.0, num_items_in_batch=None, shift_labels=None):
@@ -82,7 +84,7 @@ def test_loss_and_gradients_match_unpatched(arch, eps, kind):
     ids, labels = batch()
     kwargs = {}
     if kind == "num_items":  # this micro-batch is part of a larger accumulated batch
-        kwargs["num_items_in_batch"] = torch.tensor(int((labels[:, 1:] != -100).sum()) + 11)
+        kwargs["num_items_in_batch"] = torch.tensor(int((labels[:, 1:] != -100).sum()) + 11, device=DEVICE)
     ft.apply(model, label_smoothing=eps)
     out = model(input_ids=ids, labels=labels, **kwargs)
     out.loss.backward()
@@ -241,7 +243,7 @@ def test_unsupported_architectures_name_what_is_missing():
     config = transformers.CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                                        eos_token_id=2, logit_scale=0.5)  # fmt: skip
-    cohere = transformers.AutoModelForCausalLM.from_config(config).train()
+    cohere = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE).train()
     ft.apply(cohere)
     ids, labels = batch()
     with pytest.raises(RuntimeError, match="transforms its logits after the output embedding"):
