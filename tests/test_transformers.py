@@ -171,9 +171,9 @@ def test_logits_when_asked_for_and_in_eval(pair):
     assert_close(fused, expected, torch.float32)
 
 
-def test_logits_to_keep_and_shift_labels():
-    """Same loss as transformers' (eps = 0) with labels for the last positions only, and with
-    pre-shifted ``shift_labels``."""
+def test_logits_to_keep_shift_labels_and_ignore_index():
+    """Same loss as transformers' (eps = 0) with labels for the last positions only, with
+    pre-shifted ``shift_labels`` and with another ``ignore_index``."""
     model = tiny_model("qwen3")
     reference = copy.deepcopy(model)
     ft.apply(model)
@@ -186,6 +186,11 @@ def test_logits_to_keep_and_shift_labels():
     got = model(input_ids=ids, labels=labels, shift_labels=shift).loss
     want = reference(input_ids=ids, labels=labels, shift_labels=shift).loss
     assert_close(got, want.double(), torch.float32)
+    other = labels.masked_fill(labels == -100, 7)  # another ignore_index, passed as transformers takes it
+    got = model(input_ids=ids, labels=other, ignore_index=7).loss
+    want = reference(input_ids=ids, labels=other, ignore_index=7).loss
+    assert_close(got, want.double(), torch.float32)
+    assert not torch.isclose(got, model(input_ids=ids, labels=other).loss)
 
 
 def test_remove_and_deepcopy(pair):

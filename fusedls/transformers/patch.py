@@ -229,6 +229,7 @@ def _head_forward(head, hidden: torch.Tensor) -> torch.Tensor:
     call = patch.call
     if call is None or call.loss is not None:
         return _original_forward(head, patch.head_forward)(hidden)
+    hidden = hidden.to(head.weight.device)  # a model split over devices (device_map) runs the head where it is
     call.loss = hidden_loss(
         hidden, head.weight, head.bias, call.labels, options=patch.options, softcap=patch.softcap,
         shift_labels=call.shift_labels, num_items_in_batch=call.num_items_in_batch, ignore_index=call.ignore_index,
