@@ -29,6 +29,7 @@ OP_MODULES = {
     "vector_norm": "fusedls.bench.vector_norm",
     "vocab_parallel_cross_entropy": "fusedls.bench.vocab_parallel_cross_entropy",
     "overhead": "fusedls.bench.overhead",
+    "train_step": "fusedls.bench.train_step",
 }
 
 

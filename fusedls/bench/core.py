@@ -130,6 +130,14 @@ class OpBench:
         """The rows of ``case``: :func:`run_case` (an op measured another way overrides this)."""
         return run_case(self, case, providers, device, budget_s, on_provider)
 
+    def extras(self, provider: Provider, case: Case, data: Any) -> dict:
+        """Fields added to the provider's row after its check (e.g. a loss curve); none by default."""
+        return {}
+
+    def extra_files(self, out: Path, meta: dict, rows: list[dict], plot: bool) -> list[Path]:
+        """Files the op writes beside ``<op>.json`` once its sweep is done; none by default."""
+        return []
+
 
 # ------------------------------------------------------------------------------------ timing
 
@@ -284,6 +292,7 @@ def _run_provider(op: OpBench, provider: Provider, case: Case, data, device, bud
         row["error_ratio"] = op.check(fn, provider, case, data)  # also the warm-up (and compilation)
         ok = row["error_ratio"] <= 1.0
         row["status"] = "ok" if ok else "MISMATCH" if provider.kind == "fusedls" else "above tol"
+        row.update(op.extras(provider, case, data))
         setup, call = op.timed_call(fn, provider, case, data)
         start = time.perf_counter()  # the memory call is also the timing's last warm-up
         row["peak_bytes"] = peak_extra_bytes(call, setup, device)

@@ -80,11 +80,16 @@ def main(argv=None) -> int:
                 print(f"{tokens:>7}{vocab:>8}  {r['provider']:<22}{r['reduction']:<11}"
                       f"{r['peak_bytes'] / 2**20:>10.0f}{r['memory_vs_torch']:>10.3f}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+        write_csv(args.csv, table)
     return 0
+
+
+def write_csv(path: str, table: list[dict]) -> None:
+    """``table`` (dicts with the same keys) as a CSV file with a header line."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def run(
             results[op.name] = {"meta": meta, "rows": all_rows}
             failed |= any(wrong(r) for r in op_rows)
             png = report.plot(out, op, meta, all_rows) if plot else None
-            files += op_files + ([png] if png else [])
+            files += op_files + ([png] if png else []) + op.extra_files(out, meta, all_rows, plot)
     finally:
         bar.close()
     for op, _, _ in plan:
