@@ -84,6 +84,7 @@ class NativeLibrary:
     precondition: Callable[[], str] = lambda: ""  # why it cannot run here at all ("" when it can)
     path: str | None = None  # the loaded library
     _status: str | None = None
+    _ops: object = None  # torch.ops.<namespace>, once loaded
 
     def status(self) -> str:
         """"" when the library is built (loaded, or loadable without compiling), else why not;
@@ -128,10 +129,12 @@ class NativeLibrary:
         return self.path
 
     def ops(self):
-        """``torch.ops.<namespace>``, the library loaded."""
-        if self.path is None:
-            self.load()
-        return getattr(torch.ops, self.namespace)
+        """``torch.ops.<namespace>``, the library loaded (looked up once)."""
+        if self._ops is None:
+            if self.path is None:
+                self.load()
+            self._ops = getattr(torch.ops, self.namespace)
+        return self._ops
 
 
 def cross_entropy_functions(library: NativeLibrary, block_c: Callable[[], int]):

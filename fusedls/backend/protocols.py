@@ -138,8 +138,8 @@ class VectorNormBackend(Protocol):
         self, rows: torch.Tensor, ord: float, out: torch.Tensor, norm: torch.Tensor, count: torch.Tensor
     ) -> None:
         """Norm of each row (N >= 1) into ``out`` (output dtype) and ``norm`` (accumulation
-        dtype); for ord +-inf the number of elements tied at the norm into ``count`` when it is
-        not empty."""
+        dtype; ``out`` itself when the two dtypes are one); for ord +-inf the number of elements
+        tied at the norm into ``count`` when it is not empty."""
         ...
 
     def vector_norm_backward(
