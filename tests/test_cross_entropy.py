@@ -16,6 +16,14 @@ from fusedls.testing import assert_close, reference_cross_entropy
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def same_layout(x):
+    """A copy of ``x`` (detached) on storage of its own, with its strides and storage offset:
+    ``clone()`` makes a view whose elements are not dense (strided or expanded rows) contiguous,
+    and the op would never see the layout under test."""
+    n = x.untyped_storage().nbytes() // x.element_size()
+    return x.detach().as_strided((n,), (1,), 0).clone().as_strided(x.shape, x.stride(), x.storage_offset())
+
+
 def check(
     x, target, weight=None, *, upstream=1.0, dtype=None, inplace=False, smoothing_convention="uniform", **kwargs
 ):
@@ -28,8 +36,8 @@ def check(
         x.detach().requires_grad_(), target, weight, smoothing_convention=smoothing_convention,
         upstream=upstream, **kwargs,
     )  # fmt: skip
-    xa = x.detach().clone().requires_grad_()
-    ta = target.detach().clone().requires_grad_(target.requires_grad)
+    xa = same_layout(x).requires_grad_()
+    ta = same_layout(target).requires_grad_(target.requires_grad)
     out = fusedls.cross_entropy(
         xa, ta, weight, inplace_backward=inplace, smoothing_convention=smoothing_convention, **kwargs
     )

@@ -11,7 +11,7 @@ import fusedls
 from fusedls.backend import registry
 from fusedls.testing import assert_close, reference_cross_entropy_options
 
-from test_cross_entropy import PROPERTY_SETTINGS, class_ids, logits, random_inputs
+from test_cross_entropy import PROPERTY_SETTINGS, class_ids, logits, random_inputs, same_layout
 
 OPTIONS = [(0.05, None), (0.0, 4.0), (0.05, 4.0)]  # (z_loss, softcap)
 
@@ -26,8 +26,8 @@ def check_options(x, t, w=None, *, upstream=1.0, inplace=False, **kwargs):
     up = torch.as_tensor(upstream, dtype=torch.float64, device=x.device).expand_as(ref)
     wants = [v for v in (xd, td) if v.requires_grad]
     ref_grads = torch.autograd.grad(ref, wants, up) if ref.numel() else [torch.zeros_like(v) for v in wants]
-    xa = x.detach().clone().requires_grad_()
-    ta = t.detach().clone().requires_grad_(t.requires_grad) if prob else t
+    xa = same_layout(x).requires_grad_()
+    ta = same_layout(t).requires_grad_(t.requires_grad) if prob else t
     out = fusedls.cross_entropy(xa, ta, w, inplace_backward=inplace, return_z_loss=True, return_lse=True, **kwargs)
     assert isinstance(out, fusedls.CrossEntropyResult)
     assert out.loss.shape == ref.shape and out.z_loss.shape == ref.shape and out.lse.shape == ref_lse.shape
