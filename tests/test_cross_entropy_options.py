@@ -4,7 +4,7 @@ on every backend."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fusedls
@@ -90,6 +90,15 @@ def test_softcap_limits_the_logits(backend, device):
     x = torch.tensor([[1e4, -1e4, 0.0, 3.0]], device=device)
     out = check_options(x, torch.tensor([1], device=device), softcap=10.0, z_loss=1e-3)
     assert out.lse.item() < 10.0 + 2.0
+
+
+def test_softcap_gradient_far_below_the_cap(backend, device):
+    # Every logit of row 0, and row 1's target, below -8.3 s: there tanh(x / s) rounds to -1 in
+    # fp32, and a derivative formed as 1 - tanh^2 is exactly 0, where 4 e / (1 + e)^2 with
+    # e = exp(-2 |x| / s) is ~1e-7. The upstream 2**16 (a loss scale) lifts those gradients far
+    # above fp32's atol.
+    x = torch.tensor([[-8.5, -9.0, -10.0, -12.0], [1.0, -2.0, 0.5, -9.0]], device=device)
+    check_options(x, torch.tensor([1, 3], device=device), softcap=1.0, reduction="sum", upstream=2.0**16)
 
 
 def test_plain_call_returns_a_tensor_and_options_default_off(backend, device):
@@ -179,6 +188,9 @@ def test_compile_fullgraph(backend, device, reduction):
     inplace=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# Row 1's target at x / s = -8.39: its gradient needs the cap's derivative where tanh rounds to -1.
+@example(n_rows=2, n_cols=3, dtype=torch.float32, reduction="sum", label_smoothing=0.0, weighted=False, prob=False,
+         ignored=0.0, z_loss=0.0, softcap=0.5, inplace=False, seed=0)  # fmt: skip
 def test_property_random_configurations(
     backend, small_chunks, device, n_rows, n_cols, dtype, reduction, label_smoothing, weighted, prob, ignored,
     z_loss, softcap, inplace, seed,
