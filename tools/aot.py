@@ -30,7 +30,7 @@ the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representati
 each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
 with every other flag only under ``--all``; by default each option combination is compiled with
 the other flags all off and all on. ``--all``: every combination everywhere.
-``--quick``: bf16, largest block, C = 16, none and all flags (22 compiles).
+``--quick``: bf16, largest block, C = 16, none and all flags (63 compiles per arch).
 
   python -m tools.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
@@ -452,7 +452,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (22 compiles)")
+    p.add_argument("--quick", action="store_true", help="a small subset (63 compiles per arch)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")
