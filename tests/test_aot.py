@@ -1,6 +1,6 @@
 """``python -m tools.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
 
-Only the ``--quick`` subset runs here (22 compiles); the full table is run by hand.
+Only the ``--quick`` subset runs here (126 compiles); the full table is run by hand.
 """
 
 import json
@@ -57,6 +57,16 @@ def test_quick_table_compiles_without_spills(quick_rows):
         assert not r.error, r
         assert r.spill == 0, r
         assert 0 < r.regs <= 255, r
+
+
+def test_program_offsets_are_64_bit(quick_rows):
+    # A row index times a row stride in int32 wraps past 2^31 elements: every multiply of a
+    # value computed from the program id is 64-bit (a kernel without the int64 cast of its row
+    # index has one that is not). The multi-tensor norms index tensors through their table.
+    for r in quick_rows:
+        assert not r.offsets32, r
+        if not r.kernel.startswith("fn_"):
+            assert r.offsets64 > 0, r  # each kernel indexed by its program forms such offsets
 
 
 def test_plain_bf16_forward_loads_are_vectorised(quick_rows):

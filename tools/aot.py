@@ -21,14 +21,16 @@ Per cubin, the wheel's ``cuobjdump -res-usage`` gives regs, spill (STACK + LOCAL
 ``+static`` shared memory (``smem``: the dynamic shared memory of the launch); its disassembler
 the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the loads of the data
 rows themselves (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG
-that wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
+that wide), ``vec`` their elements. From the TTIR, the integer multiplies fed by the program id
+(row index times stride: ``tools/ttir.py``) must be 64-bit, or the offsets wrap past 2^31
+elements. Exits 1 on any failed compile, spill or 32-bit program offset.
 
 Default (~2-3 min on 2 idle cores): every flag combination at the largest block (the config of
 the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representative flags (none,
 each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
 with every other flag only under ``--all``; by default each option combination is compiled with
 the other flags all off and all on. ``--all``: every combination everywhere.
-``--quick``: bf16, largest block, C = 16, none and all flags (22 compiles).
+``--quick``: bf16, largest block, C = 16, none and all flags (63 compiles per arch).
 
   python -m tools.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
@@ -60,6 +62,8 @@ from fusedls.backend.triton import tuning
 from fusedls.backend.triton.tuning import (
     LaunchConfig, cross_entropy_config, dropout_config, dropout_norm_config, foreach_norm_config, foreach_norm_merge_config,
 )  # fmt: skip
+
+from .ttir import program_products
 
 VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)  # cross-entropy rows
 HIDDEN = (768, 1000, 2048, 4096, 8192)  # dropout + add + norm rows (1000: not a multiple of 16)
@@ -201,6 +205,8 @@ class Row:
     shared_static: int = 0  # cuobjdump SHARED
     row_ld: int = 0  # bits per load of the logits row
     ldg: int = 0  # widest LDG in the SASS, bits
+    offsets64: int = 0  # integer multiplies fed by the program id, done in 64 bits (TTIR)
+    offsets32: str = ""  # those done in fewer bits (TTIR lines): offsets that wrap past 2^31
     error: str = ""
 
     @property
@@ -388,6 +394,8 @@ def compile_row(row: Row) -> Row:
         target, options = GPUTarget("cuda", row.arch, 32), LaunchConfig(row.block_c, row.num_warps).launch_options()
         compiled = triton.compile(_source(row), target=target, options=options)
         row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        wide, narrow = program_products(compiled.asm["ttir"])
+        row.offsets64, row.offsets32 = len(wide), "; ".join(narrow)
         _inspect(row, compiled.asm["cubin"], compiled.asm.get("llir", ""))
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash
         row.error = _error(exc, KERNELS[row.kernel].module)
@@ -443,7 +451,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (22 compiles)")
+    p.add_argument("--quick", action="store_true", help="a small subset (63 compiles per arch)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")
@@ -460,17 +468,20 @@ def main(argv=None) -> int:
     print(format_table(rows))
     failed = [r for r in rows if r.error]
     spilled = [r for r in rows if not r.error and r.spill]
+    narrow = [r for r in rows if r.offsets32]
     top = max((r for r in rows if not r.error), key=lambda r: r.regs, default=None)
     most = f", at most {top.regs} registers ({_describe(top)})" if top else ""
     print(f"\n{len(rows)} specialisations for {', '.join(map(_arch, archs))} compiled in "
-          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, {len(spilled)} spilled"
-          f"{most}")  # fmt: skip
+          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, {len(spilled)} spilled, "
+          f"{len(narrow)} with 32-bit program offsets{most}")  # fmt: skip
     for r in failed + spilled:
         print(f"  {_describe(r)}: {r.error or f'spills {r.local} B local, {r.stack} B stack'}")
+    for r in narrow:
+        print(f"  {_describe(r)}: 32-bit offsets from the program id: {r.offsets32}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(dataclasses.asdict(r), spill=r.spill) for r in rows], f, indent=1)
-    return 1 if failed or spilled else 0
+    return 1 if failed or spilled or narrow else 0
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def _cross_entropy_zero_row(
 @triton.jit
 def _cross_entropy_row_target(
     target_ptr,  # *int (R,) class ids
+    stride_target,  # elements between consecutive class ids
     row,  # int64 row index
     weight_ptr,  # *fp32 (C,) class weights (HAS_WEIGHT only)
     n_cols,  # C
@@ -160,7 +161,7 @@ def _cross_entropy_row_target(
     if PROB_TARGET:  # same types as the class-id return below, as the compiler requires
         zero = tl.full((), 0, tl.int64)
         return zero, zero != 0, zero != 0, keep * 0.0
-    y = tl.load(target_ptr + row).to(tl.int64)
+    y = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = y == ignore_index
     bad = ((y < 0) | (y >= n_cols)) & (y != ignore_index)
     y = tl.where(bad | ignored, 0, y)
@@ -176,7 +177,7 @@ def cross_entropy_fwd_kernel(
     logits_ptr,  # *T (R, C) logits; rows `stride_logits` elements apart, classes contiguous
     stride_logits,  # elements between consecutive rows of the logits
     target_ptr,  # *int (R,) class ids, or *T' (R, C) probabilities when PROB_TARGET
-    stride_target,  # elements between rows of probability targets (unused for class ids)
+    stride_target,  # elements between class ids, or between rows of probability targets
     weight_ptr,  # *fp32 (C,) class weights, read only when HAS_WEIGHT
     loss_ptr,  # *fp32 (R,) out: loss of each row, 0 for ignored rows, NaN for bad targets
     lse_ptr,  # *fp32 (R,) out: log-sum-exp of each row (0 for ignored rows)
@@ -223,7 +224,7 @@ def _cross_entropy_fwd_row(
     grad_row = grad_ptr + row * stride_grad
     target_row = target_ptr + row * stride_target
     y, ignored, bad, target_term = _cross_entropy_row_target(
-        target_ptr, row, weight_ptr, n_cols, ignore_index, keep, HAS_WEIGHT, PROB_TARGET
+        target_ptr, stride_target, row, weight_ptr, n_cols, ignore_index, keep, HAS_WEIGHT, PROB_TARGET
     )
     if ignored:
         tl.store(loss_ptr + row, 0.0)
@@ -303,7 +304,7 @@ def cross_entropy_bwd_kernel(
     logits_ptr,  # *T (R, C) logits saved by forward
     stride_logits,  # elements between consecutive rows of the logits
     target_ptr,  # *int (R,) class ids, or *T' (R, C) probabilities when PROB_TARGET
-    stride_target,  # elements between rows of probability targets
+    stride_target,  # elements between class ids, or between rows of probability targets
     weight_ptr,  # *fp32 (C,) class weights, read only when HAS_WEIGHT
     lse_ptr,  # *fp32 (R,) log-sum-exp of each row, from forward
     coef_ptr,  # *fp32 (R,) coefficient of p_c of each row, from forward
@@ -326,7 +327,7 @@ def cross_entropy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     grad_row = grad_ptr + row * stride_grad
     y, ignored, bad, target_term = _cross_entropy_row_target(
-        target_ptr, row, weight_ptr, n_cols, ignore_index, keep, HAS_WEIGHT, PROB_TARGET
+        target_ptr, stride_target, row, weight_ptr, n_cols, ignore_index, keep, HAS_WEIGHT, PROB_TARGET
     )
     if ignored:
         _cross_entropy_zero_row(grad_row, n_cols, BLOCK_C)
@@ -404,7 +405,7 @@ def cross_entropy_forward(
     programs = cross_entropy_programs(logits.device, n_cols * logits.element_size(), n_rows) if write_grad else n_rows
     launch(cross_entropy_fwd_kernel, (programs,),
         logits, logits.stride(0),
-        target, target.stride(0) if target.dim() == 2 else 0,
+        target, target.stride(0),
         weight if weight is not None else loss,
         loss, lse, coef,
         grad if write_grad else logits, grad.stride(0) if write_grad else 0,
@@ -440,7 +441,7 @@ def cross_entropy_backward(
     launch(cross_entropy_bwd_kernel, (n_rows,),
         grad_loss, grad_loss.stride(0) if grad_loss.dim() == 1 else 0,
         logits, logits.stride(0),
-        target, target.stride(0) if target.dim() == 2 else 0,
+        target, target.stride(0),
         weight if weight is not None else lse,
         lse, coef,
         grad, grad.stride(0),
