@@ -222,12 +222,13 @@ PROPERTY_SETTINGS = dict(
 def random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed):
     """(logits, target, weight, upstream) of one random configuration of the property tests."""
     x = logits((n_rows, n_cols), dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)  # everything drawn from the seed: reproducible examples
     if prob:
-        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64), 1).to(dtype).to(device)
+        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64, generator=g), 1).to(dtype).to(device)
     else:
         t = class_ids((n_rows,), n_cols, device, ignored=ignored, seed=seed + 1)
-    w = (torch.rand(n_cols, dtype=torch.float64) + 0.1).to(dtype).to(device) if weighted else None
-    up = torch.randn(n_rows, dtype=torch.float64).to(device) if reduction == "none" else 1.0
+    w = (torch.rand(n_cols, dtype=torch.float64, generator=g) + 0.1).to(dtype).to(device) if weighted else None
+    up = torch.randn(n_rows, dtype=torch.float64, generator=g).to(device) if reduction == "none" else 1.0
     return x, t, w, up
 
 

@@ -23,7 +23,11 @@ the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the load
 rows themselves (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG
 that wide), ``vec`` their elements. From the TTIR, the integer multiplies fed by the program id
 (row index times stride: ``tools/ttir.py``) must be 64-bit, or the offsets wrap past 2^31
-elements. Exits 1 on any failed compile, spill or 32-bit program offset.
+elements. For the kernels that draw a dropout mask, ``inst/el`` is the SASS instruction count per
+element a thread handles (straight-line code: each thread runs it once per pass) and ``philox/el``
+the Philox-4x32-10 calls per element (32 x 32 -> high multiplies / 20: a call per element is 1.0,
+the kernels' layout 0.125, plus the odd multiply of an address). Exits 1 on any failed compile,
+spill or 32-bit program offset.
 
 Default (~2-3 min on 2 idle cores): every flag combination at the largest block (the config of
 the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representative flags (none,
@@ -205,6 +209,8 @@ class Row:
     shared_static: int = 0  # cuobjdump SHARED
     row_ld: int = 0  # bits per load of the logits row
     ldg: int = 0  # widest LDG in the SASS, bits
+    sass_ops: int = 0  # SASS instructions of the kernel (straight-line kernels: what each thread runs)
+    mulhi: int = 0  # 32 x 32 -> high multiplies (IMAD.HI / IMAD.WIDE.U32): Philox takes 20 per call
     offsets64: int = 0  # integer multiplies fed by the program id, done in 64 bits (TTIR)
     offsets32: str = ""  # those done in fewer bits (TTIR lines): offsets that wrap past 2^31
     error: str = ""
@@ -363,6 +369,9 @@ def _inspect(row: Row, cubin: bytes, llir: str) -> None:
     row.regs, row.stack = usage.get("REG", 0), usage.get("STACK", 0)
     row.local, row.shared_static = usage.get("LOCAL", 0), usage.get("SHARED", 0)
     row.ldg = max((_bits(m) for m in re.findall(r"\bLDG(?:\.[\w.]+)?(?!\w)", sass)), default=0)
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
+    row.sass_ops = len([op for op in ops if not op.startswith("NOP")])
+    row.mulhi = len([op for op in ops if op.startswith(("IMAD.HI.U32", "IMAD.WIDE.U32"))])
     # The SASS line info cannot tell the row loads apart (ptxas tags some with neighbouring
     # lines); the debug location of each ld.global in the LLVM IR is exact.
     lines = dict(re.findall(r"^!(\d+) = !DILocation\(line: (\d+)", llir, re.M))
@@ -424,15 +433,29 @@ def compile_table(archs=(80, 90), quick=False, kernels=None, every=False, jobs=0
 
 
 HEADER = ("arch", "kernel", "dtype", "flags", "C", "V", "BLOCK_C", "warps",
-          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG")  # fmt: skip
+          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG", "inst/el", "philox/el")  # fmt: skip
+PHILOX_MULHI = 20  # high multiplies per Philox-4x32-10 call (2 a round)
+
+
+def elements_per_thread(r: Row) -> float | None:
+    """Elements a thread handles per pass of the dropout kernels (None for the other kernels):
+    the per-element SASS and Philox counts of the table divide by it."""
+    if KERNELS[r.kernel].module != "dropout":
+        return None
+    rows = dropout_config(r.block_c).block_r if r.kernel == "dropout" else 1
+    return rows * r.block_c / (32 * r.num_warps)
 
 
 def format_table(rows: list[Row]) -> str:
     cells = [HEADER]
     for r in rows:
         vec = f"x{r.row_ld // (8 * DTYPES[r.dtype])}" if r.row_ld else "-"
-        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg)
-        res = ("FAILED",) + ("",) * 6 if r.error else res
+        per = elements_per_thread(r)
+        inst = f"{r.sass_ops / per:.1f}" if per else "-"
+        draws = per and (r.kernel == "dropout" or "D" in r.flags)  # the kernels that draw a mask
+        philox = f"{r.mulhi / PHILOX_MULHI / per:.3f}" if draws else "-"
+        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg, inst, philox)
+        res = ("FAILED",) + ("",) * 8 if r.error else res
         cells.append((_arch(r.arch), r.kernel, r.dtype, r.flags or "-", r.cspec, r.vocab,
                       r.block_c, r.num_warps, *res))  # fmt: skip
     widths = [max(len(str(c[i])) for c in cells) for i in range(len(HEADER))]
