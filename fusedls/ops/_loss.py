@@ -13,6 +13,23 @@ from ..backend.protocols import bad_target_error
 from ._checks import check_float_at_least
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+class LossValueError(ValueError, RuntimeError):
+    """A bad argument value or shape: a ValueError (fusedls's convention) that is also the
+    RuntimeError torch raises for it."""
+
+
+class LossTypeError(TypeError, RuntimeError):
+    """A bad argument type or dtype: a TypeError that is also the RuntimeError torch raises."""
+
+
+def torch_compatible(exc: Exception) -> Exception:
+    """``exc`` (a ValueError or TypeError of an argument check) as the same message in the class
+    above that matches it; an error torch would raise as IndexError or RuntimeError already is one."""
+    if isinstance(exc, (RuntimeError, IndexError)):
+        return exc
+    return (LossTypeError if isinstance(exc, TypeError) else LossValueError)(*exc.args)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # class-id targets
 
 
