@@ -428,19 +428,23 @@ def test_compile_fullgraph(backend, device, strategy):
     def step(h, w, b, t):
         loss, z, lse, accuracy = fusedls.linear_cross_entropy(
             h, w, t, linear_bias=b, label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_z_loss=True, return_lse=True,
-            chunk_size=4, strategy=strategy,
+            return_accuracy=True, chunk_size=4, strategy=strategy, loss_dtype=torch.float64,
         )  # fmt: skip
         rows = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction="none", chunk_size=4, strategy=strategy)
-        return loss + rows.sum(), z, lse
+        return loss + rows.sum(), z, lse, accuracy
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss, z, lse = compiled(h, w, b, t)
+    loss, z, lse, accuracy = compiled(h, w, b, t)
+    assert loss.dtype == torch.float64  # loss_dtype
     loss.backward()
     hd, wd, bd = (v.detach().double().requires_grad_() for v in (h, w, b))
     logits = hd @ wd.T + bd
     ref, ref_z, ref_lse = reference_cross_entropy_options(logits, t, z_loss=0.01, softcap=4.0, label_smoothing=0.1)
     ref = ref + reference_cross_entropy_options(logits, t, reduction="sum")[0]
     ref.backward()
+    valid = t != -100
+    want = ((logits.detach().argmax(1) == t) & valid).sum() / valid.sum()
+    torch.testing.assert_close(accuracy, want.float(), rtol=0, atol=0)  # argmax of the uncapped logits: the same
     for got, want in [(loss, ref), (z, ref_z), (lse, ref_lse), (h.grad, hd.grad), (w.grad, wd.grad), (b.grad, bd.grad)]:
         close(got, want.detach(), torch.float32, "compiled", 4.0)
 
