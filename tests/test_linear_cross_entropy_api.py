@@ -13,6 +13,7 @@ import fusedls
 from fusedls.ops import linear_cross_entropy_args as lca
 from fusedls.ops import linear_cross_entropy_sums as sums
 from fusedls.ops import linear_cross_entropy_tokens as lct
+from fusedls.ops import linear_cross_entropy_vocab as lcv
 from fusedls.testing import tolerance
 
 from conftest import AVAILABLE
@@ -232,11 +233,16 @@ def test_auto_strategy_with_the_sum_in_place(monkeypatch):
     assert lct.pick_strategy("auto", 100, w, 32) == "vocab"
     assert lct.pick_strategy("auto", 100, w, 32, sum_in_place=True) == "tokens"
     # and no fp32 sum to round at the end, beside which a chunk as large as the gradient is free:
-    # CHUNK_BYTES alone sizes the chunks (4 bf16 rows here, against the head's 8)
+    # chunks of at most CHUNK_BYTES (4 bf16 rows here, against the head's 8) and of at most a
+    # vocabulary block of "vocab"
     monkeypatch.setitem(lct.CHUNK_BYTES, "cpu", 8 * V)
     h, head = torch.empty(25, D, dtype=torch.bfloat16), torch.empty(V, D, dtype=torch.bfloat16)
     assert lct.pass1(h, head, 0, "tokens", True) == (7, None)
     assert lct.pass1(h, head, 0, "tokens", True, sum_in_place=True) == (4, None)
+    monkeypatch.setitem(lct.CHUNK_BYTES, "cpu", 1 << 20)
+    monkeypatch.setattr(lcv, "VOCAB_BLOCK_COLS", 16)  # a block: 25 rows x 16 classes = 10.8 rows of logits
+    assert lct.pass1(h, head, 0, "tokens", True) == (25, None)
+    assert lct.pass1(h, head, 0, "tokens", True, sum_in_place=True) == (9, None)  # 3 chunks: 9, 9, 7
 
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="counts the triton launchers' allocations")

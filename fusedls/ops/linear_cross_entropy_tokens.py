@@ -155,13 +155,18 @@ def _one_chunk_grads(g, hidden, weight, bias, need):
 def pass1(hidden, weight, chunk_size, strategy, need_weight, sum_in_place=False):
     """``(chunk_rows, grad_w)`` of a call: tokens per chunk (see chunk_rows's ``room``), and for
     ``strategy="vocab"`` with a weight gradient that gradient's (uninitialised) tensor, allocated
-    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None. A
-    sum in place rounds no fp32 sum at the end: no room beyond CHUNK_BYTES."""
+    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None. The
+    token chunks of a weight gradient summed in place (``sum_in_place``) hold no more logits than a
+    vocabulary block of ``"vocab"`` (VOCAB_BLOCK_BYTES: 1024 tokens of the Llama-3 8B head at 16k
+    tokens), so that the token strategy's memory is near the vocabulary blocks' (its own fp32 sum
+    gone), at one rounding of the sum per chunk."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    if sum_in_place and need_weight and strategy == "tokens":
+        return tokens_per_chunk(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, "vocab"), None
     grad_w = torch.empty_like(weight) if strategy == "vocab" and need_weight else None
     head_bytes = weight.numel() * weight.element_size()
     if grad_w is not None:
         room = head_bytes if grad_w.is_contiguous() else 0
     else:
-        room = head_bytes if need_weight and acc_dtype(weight) != weight.dtype and not sum_in_place else 0
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+        room = head_bytes if need_weight and acc_dtype(weight) != weight.dtype else 0
     return tokens_per_chunk(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, room), grad_w
