@@ -11,7 +11,8 @@ untimed) and peak extra memory. Rows: pass-1 chunks of 256 MiB of logits and 1 G
 4 chunks of 4096 tokens); pass-2 blocks of 512, 256 (the default), 128 and 64 MiB; tail divisor 1
 (full blocks only: the blocks borrowed from the weight gradient stop where a full one no longer
 fits, then one own full block) and 8 (the default: borrowed blocks shrink down to 1/8, then an own
-buffer of 1/8). About a minute on an H100.
+buffer of 1/8). Then the token chunks with the weight gradient summed in place (``acc_dtype`` the
+head's bf16, no fp32 (V, d) sum; what ``auto`` picks with it). About a minute on an H100.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def main() -> None:
     def clear() -> None:
         h.grad = w.grad = None
 
-    def step(strategy: str) -> None:
-        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy=strategy).backward()
+    def step(strategy: str, acc_dtype=None) -> None:
+        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy=strategy, acc_dtype=acc_dtype).backward()
 
     def timed(step) -> tuple[float, float]:
         """(median ms, peak extra MiB) of step()."""
@@ -88,6 +89,12 @@ def main() -> None:
         print(f"  strategy='vocab', chunk {chunk:4d} MiB, block {block:3d} MiB, tail 1/{tail}: {ms:8.2f} ms "
               f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
     lct.CHUNK_BYTES["cuda"], lcv.VOCAB_BLOCK_BYTES["cuda"], lcv.VOCAB_TAIL_DIVISOR = default
+    for chunk in (256, 1024):  # the sum in place: every chunk after the first adds into the bf16 gradient
+        lct.CHUNK_BYTES["cuda"] = chunk << 20
+        ms, peak = timed(lambda: step("tokens", torch.bfloat16))
+        print(f"  strategy='tokens', acc_dtype=bf16 (sum in place), chunk {chunk:4d} MiB: {ms:8.2f} ms "
+              f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
+    lct.CHUNK_BYTES["cuda"] = default[0]
 
 if __name__ == "__main__":
     main()

@@ -86,9 +86,11 @@ def check_linear(h, w, t, b=None, *, upstream=1.0, **kwargs):
     upstream = torch.as_tensor(upstream).to(dtype).to(h.device)  # as autograd passes it: rounded
     names = ("z_loss", "softcap", "reduction", "ignore_index", "label_smoothing")
     options = {k: v for k, v in kwargs.items() if k in names}
-    want = reference(h, w, t, b, upstream=upstream, class_weight=kwargs.get("class_weight"), **options)
+    want = reference(h, w, t, b, upstream=upstream, class_weight=kwargs.get("weight"), **options)
     ours = [v.detach().clone().requires_grad_(v.requires_grad) if v is not None else None for v in (h, w, b)]
-    out = fusedls.linear_cross_entropy(ours[0], ours[1], t, ours[2], return_z_loss=True, return_lse=True, **kwargs)
+    out = fusedls.linear_cross_entropy(
+        ours[0], ours[1], t, linear_bias=ours[2], return_z_loss=True, return_lse=True, **kwargs
+    )
     assert out.loss.shape == want["loss"][0].shape and out.loss.dtype == dtype and out.lse.shape == t.shape
     assert_matches(want, dtype, loss=out.loss, z_loss=out.z_loss, lse=out.lse)
     if not out.loss.requires_grad:
@@ -129,7 +131,7 @@ def test_parity_fp32(backend, small_chunks, device, reduction, smoothing, weight
     cw = torch.rand(V, device=device) + 0.1 if weighted else None
     up = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else 0.6
     check_linear(
-        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, class_weight=cw, z_loss=z_loss,
+        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, weight=cw, z_loss=z_loss,
         softcap=softcap, chunk_size=3, strategy=strategy,
     )  # fmt: skip
 
@@ -178,7 +180,7 @@ def test_one_class_gives_exact_zero_gradients(backend, device, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((5,), torch.float32, device))
     w1, b1 = w.detach()[:1].clone().requires_grad_(), b.detach()[:1].clone().requires_grad_()
     t = torch.zeros(5, dtype=torch.long, device=device)
-    fusedls.linear_cross_entropy(h, w1, t, b1, softcap=2.0, strategy=strategy).backward()
+    fusedls.linear_cross_entropy(h, w1, t, linear_bias=b1, softcap=2.0, strategy=strategy).backward()
     for grad in (h.grad, w1.grad, b1.grad):
         assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -325,7 +327,7 @@ def test_property_random_configurations(
     cw = (torch.rand(n_cols, generator=g) + 0.1).to(device) if weighted else None
     up = torch.randn(n_rows, generator=g, dtype=torch.float64) if reduction == "none" else 0.7
     check_linear(
-        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, class_weight=cw, z_loss=z_loss,
+        h, w, t, b, upstream=up, reduction=reduction, label_smoothing=smoothing, weight=cw, z_loss=z_loss,
         softcap=softcap, chunk_size=chunk_size, strategy=strategy,
     )  # fmt: skip
 
@@ -404,7 +406,7 @@ def test_auto_strategy_on_the_llama3_head():
 def test_no_grad_mode(backend, device):
     h, w, b = (v.requires_grad_() for v in inputs((5,), torch.float32, device))
     with torch.no_grad():
-        out = fusedls.linear_cross_entropy(h, w, class_ids((5,), V, device), b)
+        out = fusedls.linear_cross_entropy(h, w, class_ids((5,), V, device), linear_bias=b)
     assert not out.requires_grad
     assert_matches(reference(h, w, class_ids((5,), V, device), b), torch.float32, loss=out)
 
@@ -453,28 +455,33 @@ def test_compile_fullgraph(backend, device, strategy):
     t = class_ids((9,), V, device)
 
     def step(h, w, b, t):
-        loss, z, lse = fusedls.linear_cross_entropy(
-            h, w, t, b, label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_z_loss=True, return_lse=True,
-            chunk_size=4, strategy=strategy,
+        loss, z, lse, accuracy = fusedls.linear_cross_entropy(
+            h, w, t, linear_bias=b, label_smoothing=0.1, z_loss=0.01, softcap=4.0, return_z_loss=True, return_lse=True,
+            return_accuracy=True, chunk_size=4, strategy=strategy, loss_dtype=torch.float64,
         )  # fmt: skip
-        rows = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=4, strategy=strategy)
-        return loss + rows.sum(), z, lse
+        rows = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction="none", chunk_size=4, strategy=strategy)
+        return loss + rows.sum(), z, lse, accuracy
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss, z, lse = compiled(h, w, b, t)
+    loss, z, lse, accuracy = compiled(h, w, b, t)
+    assert loss.dtype == torch.float64  # loss_dtype
     loss.backward()
     want = reference(h, w, t, b, z_loss=0.01, softcap=4.0, label_smoothing=0.1)
     assert_matches(want, torch.float32, z_loss=z, lse=lse)
     rows = reference(h, w, t, b, reduction="sum")
     total = {k: (want[k][0] + rows[k][0], want[k][1] + rows[k][1]) for k in ("loss", "hidden", "weight", "bias")}
     assert_matches(total, torch.float32, loss=loss, hidden=h.grad, weight=w.grad, bias=b.grad)
+    valid = t != -100
+    logits = h.detach().double() @ w.detach().double().T + b.detach().double()
+    want_accuracy = ((logits.argmax(1) == t) & valid).sum() / valid.sum()
+    torch.testing.assert_close(accuracy, want_accuracy.float(), rtol=0, atol=0)  # argmax of the uncapped logits
 
 
 @pytest.mark.parametrize("strategy", ["tokens", "vocab"])
 def test_module(backend, device, strategy):
     h, w, b = (v.requires_grad_() for v in inputs((3, 4), torch.float32, device))
     t = class_ids((3, 4), V, device)
-    module = fusedls.nn.LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=5, strategy=strategy)
+    module = fusedls.nn.HeadCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=5, strategy=strategy)
     out = module(h, w, t, b)
     out.backward()
     want = reference(h, w, t, b, label_smoothing=0.1, reduction="sum")
@@ -482,30 +489,42 @@ def test_module(backend, device, strategy):
     assert "label_smoothing=0.1" in repr(module) and f"strategy='{strategy}'" in repr(module)
 
 
-BAD = [
-    (dict(weight=torch.zeros(V, D + 1)), ValueError, "weight must have shape \\(V, d\\) with d = hidden.shape\\[-1\\]"),
-    (dict(weight=torch.zeros(V, D, dtype=torch.float64)), TypeError, "weight must have hidden's dtype"),
-    (dict(bias=torch.zeros(V + 1)), ValueError, "bias must have shape \\(37,\\)"),
-    (dict(bias=torch.zeros(V, dtype=torch.float16)), TypeError, "bias must have hidden's dtype"),
-    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target must have shape \\(5,\\)"),
+BAD = [  # (override, error, message): errors are also torch's RuntimeError (test_bad_input)
+    (dict(linear_weight=torch.zeros(V, D + 1)), ValueError, "linear_weight must have shape \\(C, d\\) or .* d = input"),
+    (dict(linear_weight=torch.zeros(V, D, dtype=torch.float64)), TypeError, "linear_weight must have input's dtype"),
+    (dict(linear_bias=torch.zeros(V + 1)), ValueError, "linear_bias must have shape \\(37,\\)"),
+    (dict(linear_bias=torch.zeros(V, dtype=torch.float16)), TypeError, "linear_bias must have input's dtype"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target of class ids must have shape \\(5,\\)"),
     (dict(target=torch.zeros(5)), TypeError, "target must hold class ids"),
-    (dict(hidden=torch.zeros(5, D, dtype=torch.long)), TypeError, "hidden must have a floating-point dtype"),
-    (dict(weight=torch.zeros(V, D, device="meta")), ValueError, "weight is on meta but hidden is on"),
-    (dict(class_weight=torch.ones(V - 1)), ValueError, "class_weight must have shape"),
+    (dict(target=torch.zeros(5, V, dtype=torch.long)), TypeError, "holds class probabilities and must be floating"),
+    (dict(target=torch.rand(5, V), ignore_index=-100), ValueError, "ignore_index cannot be specified"),
+    (dict(target=torch.rand(5, V), return_accuracy=True), ValueError, "return_accuracy needs a target of class ids"),
+    (dict(target=torch.rand(5, V), strategy="vocab"), ValueError, "strategy='vocab' takes class-id targets"),
+    (dict(input=torch.zeros(5, D, dtype=torch.long)), TypeError, "input must have a floating-point dtype"),
+    (dict(input=torch.zeros(())), ValueError, "input must have shape \\(d,\\)"),
+    (dict(input=torch.zeros(2, 5, D), linear_weight=torch.zeros(V, 2, D)), ValueError, "needs input of shape \\(N, 8\\)"),
+    (dict(linear_weight=torch.zeros(0, D)), ValueError, "0 rows"),
+    (dict(linear_weight=torch.zeros(V, D, device="meta")), ValueError, "linear_weight is on meta but input is on"),
+    (dict(weight=torch.ones(V - 1)), ValueError, "weight \\(class weights\\) must have shape"),
+    (dict(weight=torch.ones(V, dtype=torch.long)), TypeError, "weight must have a floating-point dtype"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive"),
     (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(label_smoothing=2.0), ValueError, "label_smoothing must be in"),
     (dict(strategy="classes"), ValueError, "strategy must be one of"),
+    (dict(loss_dtype=torch.long), TypeError, "loss_dtype must be None or a floating-point"),
+    (dict(acc_dtype=torch.float16), ValueError, "acc_dtype must be None, torch.float32"),
+    (dict(options="chunked"), TypeError, "options must be None or a torch.nn.LinearCrossEntropyOptions"),
 ]
 
 
 @pytest.mark.parametrize("override, error, message", BAD, ids=[m for _, _, m in BAD])
 def test_bad_input(override, error, message):
-    args = dict(hidden=torch.zeros(5, D), weight=torch.zeros(V, D), target=torch.zeros(5, dtype=torch.long))
+    args = dict(input=torch.zeros(5, D), linear_weight=torch.zeros(V, D), target=torch.zeros(5, dtype=torch.long))
     args.update(override)
-    with pytest.raises(error, match=message):
-        fusedls.linear_cross_entropy(**args)
+    with pytest.raises(error, match=message) as raised:
+        fusedls.linear_cross_entropy(args.pop("input"), args.pop("linear_weight"), args.pop("target"), **args)
+    assert isinstance(raised.value, RuntimeError)  # torch raises RuntimeError for each of these
 
 
 @STRATEGIES
@@ -514,10 +533,10 @@ def test_out_of_range_targets(backend, device, strategy):
     t = torch.tensor([1, V, -100, 2], device=device)
     if backend == "eager" and device == "cpu":
         with pytest.raises(ValueError, match=f"target contains class id {V}"):
-            fusedls.linear_cross_entropy(h, w, t, b)
+            fusedls.linear_cross_entropy(h, w, t, linear_bias=b)
         return
     h.requires_grad_()
-    out = fusedls.linear_cross_entropy(h, w, t, b, reduction="none", strategy=strategy)  # kernels: NaN rows, no sync
+    out = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction="none", strategy=strategy)  # kernels: NaN rows, no sync
     assert out[1].isnan() and out[[0, 3]].isfinite().all() and out[2] == 0
     out.backward(torch.ones_like(out))
     assert h.grad[1].isnan().all() and h.grad[[0, 3]].isfinite().all() and (h.grad[2] == 0).all()
@@ -532,7 +551,8 @@ def test_no_host_synchronisation_on_gpu(backend, device):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for reduction in ("mean", "none"):
-            out = fusedls.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1, chunk_size=16)
+            out = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                                chunk_size=16)  # fmt: skip
             out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
