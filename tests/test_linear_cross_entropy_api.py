@@ -14,15 +14,16 @@ from fusedls.ops import linear_cross_entropy_args as lca
 from fusedls.ops import linear_cross_entropy_sums as sums
 from fusedls.ops import linear_cross_entropy_tokens as lct
 from fusedls.ops import linear_cross_entropy_vocab as lcv
-from fusedls.testing import tolerance
+from fusedls.testing import assert_close, rounding_condition, tolerance
 
 from conftest import AVAILABLE
 from test_cross_entropy import class_ids
-from test_linear_cross_entropy import D, V, close, inputs
+from test_linear_cross_entropy import D, V, inputs
 
 HAS_TORCH_API = hasattr(F, "linear_cross_entropy")
 needs_torch_api = pytest.mark.skipif(not HAS_TORCH_API, reason="torch has no F.linear_cross_entropy")
 STRATEGIES = pytest.mark.parametrize("strategy", ["tokens", "vocab"])
+OP = "linear_cross_entropy"  # the backend fixture runs these on every backend that has it
 
 
 def test_a_fourth_positional_argument_is_refused():
@@ -47,21 +48,58 @@ def test_deprecated_names_warn_and_mean_the_same():
         fusedls.linear_cross_entropy(h, w, t, hidden=h)
 
 
-def reference(h, w, b, t, **kwargs):
-    """torch's reference path in float64, F.cross_entropy(F.linear(...).reshape(...)), with the
-    logits rounded to a half-precision input's dtype; the loss and its float64 leaves."""
-    leaves = [v.detach().double().requires_grad_() for v in (h, w, b, t) if v is not None and v.is_floating_point()]
-    hd, wd = leaves[:2]
-    bd = leaves[2] if b is not None else None
-    td = leaves[-1] if t.is_floating_point() else t
-    logits = F.linear(hd, wd.reshape(-1, wd.shape[-1]), bd.reshape(-1) if bd is not None else None)
-    if h.dtype in (torch.bfloat16, torch.float16):  # the rounding of the logits every half-precision head does
-        logits = logits.to(h.dtype).double()
-    logits = logits.reshape(*hd.shape[:-1], *wd.shape[:-1])
+def reference(h, w, b, t, upstream=None, **kwargs):
+    """torch's reference path, F.cross_entropy(F.linear(...).reshape(...)), in float64 on the same
+    (rounded) values: ``{name: (expected, condition)}`` for "loss" and the gradients of
+    ``(loss * upstream).sum()``: "input", "weight", "bias" and a probability target's "target".
+
+    The conditions are those of test_linear_cross_entropy.reference: the logits of a head of
+    K positions are laid out as (rows x positions, C), one row per (token, position), so that each
+    row's results are functions of that row's logits (``rounding_condition``); the logits err by u
+    ``|h| @ |W|^T + |b|``, and the input, weight and bias gradients, sums of products with the
+    logits' gradient G, have the conditions ``C_G @ |W|``, ``C_G^T @ |h|`` and ``C_G``'s sums."""
+    hd = h.detach().double().reshape(-1, h.shape[-1])
+    wd = w.detach().double().reshape(-1, w.shape[-1])
+    bd = b.detach().double().reshape(-1) if b is not None else 0.0
+    n, c, k = hd.shape[0], w.shape[0], wd.shape[0] // w.shape[0]
+
+    def rows(flat):  # (n, c * k) in F.linear's layout -> (n * k, c)
+        return flat.reshape(n, c, k).transpose(1, 2).reshape(n * k, c)
+
+    z = rows(hd @ wd.T + bd).requires_grad_()
+    mag = rows(hd.abs() @ wd.abs().T + (bd.abs() if b is not None else 0.0))
+    prob = t.is_floating_point()
+    td = rows(t.detach().double().reshape(n, -1)).requires_grad_(t.requires_grad) if prob else t.reshape(-1)
     if kwargs.get("weight") is not None:
         kwargs["weight"] = kwargs["weight"].double()
-    loss = F.cross_entropy(logits, td, **kwargs)
-    return loss, leaves
+    loss = F.cross_entropy(z, td, **kwargs)
+    out = {"loss": (loss.detach(), rounding_condition(loss, z, mag))}
+    if kwargs.get("reduction") == "none":  # torch's shape: the target's batch dims
+        shape = t.shape if not prob else (*t.shape[:1], *t.shape[2:]) if t.dim() > 1 else ()
+        out["loss"] = tuple(v.reshape(shape) for v in out["loss"])
+    up = torch.ones_like(loss) if upstream is None else upstream.double().reshape(loss.shape)
+    want = [z] + ([td] if prob and t.requires_grad else [])
+    grads = torch.autograd.grad(loss, want, up, create_graph=True)
+    g, cond = grads[0], rounding_condition(grads[0], z, mag)
+    if len(grads) > 1:
+        out["target"] = tuple(v.reshape(n, k, c).transpose(1, 2).reshape(t.shape)
+                              for v in (grads[1].detach(), rounding_condition(grads[1], z, mag)))  # fmt: skip
+
+    def flat(v):  # (n * k, c) -> (n, c * k)
+        return v.detach().reshape(n, k, c).transpose(1, 2).reshape(n, c * k)
+
+    g, cond = flat(g), flat(cond)
+    out["input"] = (g @ wd).reshape(h.shape), (cond @ wd.abs()).reshape(h.shape)
+    out["weight"] = (g.T @ hd).reshape(w.shape), (cond.T @ hd.abs()).reshape(w.shape)
+    if b is not None:
+        out["bias"] = g.sum(0).reshape(b.shape), cond.sum(0).reshape(b.shape)
+    return out
+
+
+def assert_matches(want, dtype, **got):
+    """Each result ``got[name]`` against ``want[name] = (expected, condition)``, in ``dtype``'s tolerance."""
+    for name, value in got.items():
+        assert_close(value, want[name][0], dtype, name, condition=want[name][1])
 
 
 @STRATEGIES
@@ -77,12 +115,10 @@ def test_k_dimensional_weight_through_the_chunks(backend, small_chunks, device, 
     cw = torch.rand(V, generator=g).to(device) + 0.5
     out = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, weight=cw, reduction=reduction, label_smoothing=0.1,
                                        chunk_size=3, strategy=strategy, return_accuracy=True)  # fmt: skip
-    ref, leaves = reference(h, w, b, t, weight=cw, reduction=reduction, label_smoothing=0.1)
-    close(out.loss, ref.detach(), torch.float32, "loss", 4.0)
-    up = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(device)
-    out.loss.backward(up.float())
-    for name, got, want in zip(("input", "weight", "bias"), (h.grad, w.grad, b.grad), torch.autograd.grad(ref, leaves, up)):
-        close(got, want, torch.float32, f"grad {name}", 4.0)
+    up = torch.randn(out.loss.shape, generator=g).to(device)
+    want = reference(h, w, b, t, up, weight=cw, reduction=reduction, label_smoothing=0.1)
+    out.loss.backward(up)
+    assert_matches(want, torch.float32, loss=out.loss, input=h.grad, weight=w.grad, bias=b.grad)
     logits = (h.double() @ w.double().reshape(-1, D).T + b.double().reshape(-1)).reshape(7, V, 2, 3)
     right = ((logits.argmax(1) == t) & (t != -100)).float()
     want = right if reduction == "none" else right.sum() if reduction == "sum" else right.sum() / (t != -100).sum()
@@ -99,14 +135,11 @@ def test_probability_targets_through_the_chunks(backend, small_chunks, device, r
     out = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1, z_loss=0.0,
                                        chunk_size=3)  # fmt: skip
     assert out.dtype == torch.float32
-    ref, leaves = reference(h, w, b, t, reduction=reduction, label_smoothing=0.1)
-    scale = 1.0 if dtype == torch.float32 else 4.0
-    close(out, ref.detach(), dtype, "loss", scale)
-    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
-    out.backward(up.float())
-    for name, got, want in zip(("input", "weight", "bias", "target"), (h.grad, w.grad, b.grad, t.grad),
-                               torch.autograd.grad(ref, leaves, up)):  # fmt: skip
-        close(got, want, dtype if name != "target" else torch.float32, f"grad {name}", 4.0 * scale)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    want = reference(h, w, b, t, up, reduction=reduction, label_smoothing=0.1)
+    out.backward(up)
+    # every result errs by the head's dtype's rounding of the logits (the fp32 loss and target gradient too)
+    assert_matches(want, dtype, loss=out, input=h.grad, weight=w.grad, bias=b.grad, target=t.grad)
 
 
 @STRATEGIES
@@ -205,9 +238,9 @@ def test_allow_retain_graph(backend, device, retain):
 def test_weight_gradient_summed_in_place(backend, small_chunks, device, monkeypatch, dtype):
     # acc_dtype = the weight's dtype: 4 chunks of 4 tokens each add their product into the
     # gradient's own storage (no fp32 (V, d) sum is built), rounding the running sum once per
-    # chunk. Stated tolerance: the table's rtol for 1 + 4 roundings (each chunk's sum and the
-    # chunk of logits' gradient), times the 4 of every half-precision test here (the logits chunk
-    # is rounded to the input dtype as well).
+    # chunk. Stated tolerance: the weight gradient's condition (reference) with 4 more roundings:
+    # the running sum after chunk j, S_j, is rounded with an error of at most u |S_j|, and |S_j| is
+    # at most |G|^T @ |h| <= the condition; the input gradient is unaffected.
     def refuse(weight):
         raise RuntimeError("acc_dtype=the weight's dtype built the fp32 (V, d) grad-weight sum")
 
@@ -219,12 +252,9 @@ def test_weight_gradient_summed_in_place(backend, small_chunks, device, monkeypa
         out = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1,
                                            chunk_size=4, strategy="tokens", acc_dtype=dtype)  # fmt: skip
         (out.sum() if reduction == "none" else out).backward()
-        ref, leaves = reference(h, w, b, t, reduction=reduction, label_smoothing=0.1)
-        (ref.sum() if reduction == "none" else ref).backward()
-        rtol = 4 * tolerance(dtype, roundings=1 + 4)["rtol"]
-        want = leaves[1].grad
-        torch.testing.assert_close(w.grad.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
-        close(h.grad, leaves[0].grad, dtype, "grad input", 4.0)
+        want = reference(h, w, b, t, reduction=reduction, label_smoothing=0.1)
+        assert_close(w.grad, *want["weight"][:1], dtype, "weight", roundings=1 + 4, condition=want["weight"][1])
+        assert_matches(want, dtype, input=h.grad, bias=b.grad)
 
 
 def test_auto_strategy_with_the_sum_in_place(monkeypatch):
