@@ -213,7 +213,7 @@ class TrainStepBench(OpBench):
             h = h.reshape(-1, head.shape[1])
             runner.head_input = None
             empty = torch.zeros(0, dtype=torch.long, device=h.device)
-            data.reference = _reference(h, head, data.target, empty, empty)[0]
+            data.reference = _reference(h, head, data.target, empty, empty, SMOOTHING)[0]
         return _error_ratio(losses[0], data.reference, tolerance(case.torch_dtype)["rtol"], 0.0)
 
     def timed_call(self, fn, provider: Provider, case: Case, data: _Data):
