@@ -58,6 +58,7 @@ from ..backend import registry
 from .._tensors import acc_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._custom_op import custom_op
+from . import linear_cross_entropy_fused as fused_path
 from . import linear_cross_entropy_vocab as vocab
 from .cross_entropy import _cross_entropy_scale_grad_
 from ._loss import (
@@ -66,7 +67,7 @@ from ._loss import (
 )  # fmt: skip
 from .linear_cross_entropy_tokens import backward_chunks, forward_chunks, pass1, pick_strategy, tokens_per_chunk
 
-STRATEGIES = ("auto", "tokens", "vocab")
+STRATEGIES = ("auto", "tokens", "vocab", "fused")
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -191,10 +192,11 @@ class Call(NamedTuple):
     softcap: Optional[float]
     chunk_size: int  # 0: the default
     backend: str  # the cross-entropy backend of each chunk
-    strategy: str  # "tokens" or "vocab" (auto already decided)
+    strategy: str  # "tokens", "vocab" or "fused" (auto already decided)
     grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
     extras: bool  # return (loss, z, lse) rather than the loss alone
     want_z: bool
+    filter_eps: float = 0.0  # strategy="fused": skip gradient tiles below it (0: exact)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -217,10 +219,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if fused:
             grad_scale = torch.reciprocal(denom) if denom is not None else torch.ones(
                 (), device=hidden.device, dtype=acc_dtype(hidden))  # fmt: skip
-        loss, lse, coef, *grads = _linear_cross_entropy_fwd(
-            hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
-            call.z_loss, call.softcap, call.chunk_size, *need, call.backend, call.strategy,
-        )  # fmt: skip
+        args = (hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
+                call.z_loss, call.softcap)  # fmt: skip
+        if call.strategy == "fused":
+            loss, lse, coef, *grads = fused_path.linear_cross_entropy_fused_fwd(*args, call.filter_eps, *need, call.backend)
+        else:
+            loss, lse, coef, *grads = _linear_cross_entropy_fwd(*args, call.chunk_size, *need, call.backend,
+                                                                call.strategy)  # fmt: skip
         if fused:
             ctx.save_for_backward(*grads)
         elif any(need):
@@ -247,11 +252,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, call.backend)
         else:
             hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
-            grads = _linear_cross_entropy_bwd(
-                factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
-                call.ignore_index, call.keep, call.spread, call.softcap, call.chunk_size, *ctx.need, call.backend,
-                call.strategy,
-            )  # fmt: skip
+            args = (factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
+                    call.ignore_index, call.keep, call.spread, call.softcap)  # fmt: skip
+            if call.strategy == "fused":
+                grads = fused_path.linear_cross_entropy_fused_bwd(*args, call.filter_eps, *ctx.need, call.backend)
+            else:
+                grads = _linear_cross_entropy_bwd(*args, call.chunk_size, *ctx.need, call.backend, call.strategy)
         return (*(g if need else None for g, need in zip(grads, ctx.need)), None, None, None)
 
 
@@ -309,6 +315,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     chunk_size: int | None = None,
     strategy: str = "auto",
+    filter_eps: float | None = None,
 ) -> torch.Tensor | CrossEntropyResult:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without the logits.
 
@@ -334,15 +341,21 @@ def linear_cross_entropy(
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
     one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`): the Llama-3
     head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks
-    would need more memory than torch. Works under autograd and ``torch.compile`` (custom ops,
-    no graph break).
+    would need more memory than torch. ``strategy="fused"`` never forms logits at all: a Triton
+    GEMM computes the loss in its epilogue, and the gradients come by blocks of classes as for
+    ``"vocab"`` (``linear_cross_entropy_fused.py``). ``filter_eps`` (``"fused"``; with ``"auto"``
+    it selects ``"fused"``): gradient tiles whose per-token softmax part is below it everywhere are
+    skipped, the smoothing term kept exact; not with ``softcap``. Works under autograd and
+    ``torch.compile`` (custom ops, no graph break).
     """
     _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size)
     eps = check_unit_interval("label_smoothing", label_smoothing)
     check_choice("strategy", strategy, STRATEGIES)
     z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
+    filter_eps = fused_path.check_filter_eps(filter_eps, softcap, strategy)
+    if filter_eps:
+        strategy = "fused"
     n_cols, d = weight.shape
-    backend = registry.resolve(hidden.device, hidden.dtype, "cross_entropy", features)
     rows = hidden if hidden.dim() == 2 and hidden.is_contiguous() else hidden.reshape(-1, d).contiguous()
     target_rows = target if target.dim() == 1 else target.reshape(-1)
     if target_rows.dtype not in (torch.int64, torch.int32):
@@ -350,9 +363,11 @@ def linear_cross_entropy(
     class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
     tokens_chunk = tokens_per_chunk(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
     strategy = pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
+    op = "linear_cross_entropy" if strategy == "fused" else "cross_entropy"
+    backend = registry.resolve(hidden.device, hidden.dtype, op, features | ({"filter"} if filter_eps else set()))
     extras = return_z_loss or return_lse
     call = Call(reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap, chunk_size or 0, backend, strategy,
-                torch.is_grad_enabled(), extras, return_z_loss)  # fmt: skip
+                torch.is_grad_enabled(), extras, return_z_loss, filter_eps)  # fmt: skip
     out = LinearCrossEntropyFunction.apply(rows, weight, bias, target_rows, class_weight_acc, call)
     loss = out[0] if extras else out
     if reduction == "none" and loss.shape != target.shape:

@@ -260,3 +260,58 @@ def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, bloc
     splits = min(n_cols // VECTOR_NORM_SPLIT_COLS, triton.cdiv(programs, n_row_blocks))
     per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_n) * block_n
     return triton.cdiv(n_cols, per_split), per_split
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_cross_entropy, strategy="fused" (fusedls/backend/triton/linear_cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+# Logits tile (rows, classes): the GEMM tile of the statistics and gradient kernels and the unit
+# the filter skips. 128 x 128 fp32 is 64 accumulator registers a thread on 8 warps, leaving room
+# for the epilogue's exp and reductions without spills (python -m tools.aot --kernel lce_stats);
+# fusedls/backend/eager/linear_cross_entropy.py's TILE is the same. Tests lower both to 16.
+FUSED_TILE = (128, 128)
+# Hidden-size step of the logits GEMM (each stage holds a (rows + classes) x BLOCK_K slice).
+FUSED_BLOCK_K = 64
+# Hidden-size columns per program of the filtered products (a 128 x 128 fp32 accumulator).
+FUSED_BLOCK_D = 128
+FUSED_WARPS = 8
+# Software-pipeline stages of the K loops: 3 x (128 + 128) x 64 bf16 = 96 KiB of shared memory.
+FUSED_STAGES = 3
+# Row tiles per group of the gradient kernel's program order (consecutive programs share the
+# hidden rows and the head's tiles in L2, as in a grouped GEMM).
+FUSED_GROUP = 8
+# Statistics kernel: each row tile's classes are split over programs (deterministic merge after):
+# enough programs for this many per SM (a few waves), at most one per class tile. Off CUDA (the
+# interpreter) FUSED_INTERPRETER_SPLITS splits, so the merge is tested.
+FUSED_PROGRAMS_PER_SM = 8
+FUSED_INTERPRETER_SPLITS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    block_n: int  # rows (tokens) per logits tile
+    block_v: int  # classes per logits tile
+    block_k: int  # hidden-size step of the logits GEMM
+    block_d: int  # hidden-size columns per program of the filtered products
+    num_warps: int
+    num_stages: int
+    group: int  # row tiles per group of the gradient kernel's program order
+
+    def launch_options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def fused_config() -> FusedConfig:
+    """Tiles, warps and stages of the fused linear cross-entropy kernels."""
+    return FusedConfig(FUSED_TILE[0], FUSED_TILE[1], FUSED_BLOCK_K, FUSED_BLOCK_D, FUSED_WARPS, FUSED_STAGES,
+                       FUSED_GROUP)  # fmt: skip
+
+
+def fused_splits(device: torch.device, n_row_tiles: int, n_col_tiles: int) -> int:
+    """Programs per row tile of the statistics kernel: FUSED_PROGRAMS_PER_SM per SM in all, at
+    most one per class tile; off CUDA FUSED_INTERPRETER_SPLITS."""
+    if device.type != "cuda":
+        return max(1, min(n_col_tiles, FUSED_INTERPRETER_SPLITS))
+    sms, _ = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_col_tiles, -(-sms * FUSED_PROGRAMS_PER_SM // max(n_row_tiles, 1))))
