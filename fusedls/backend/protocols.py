@@ -239,24 +239,29 @@ class LinearCrossEntropyBackend(Protocol):
         ...
 
     def row_statistics(
-        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-        class_weight: torch.Tensor | None, softcap: float | None, smoothing: bool, tile_max: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """``(lse, z_y, sum_wz)`` per row: log-sum-exp of ``z``, ``z`` at the target (0 where the
-        target is no class), ``sum_c w_c z_c`` when ``smoothing`` (else 0). ``tile_max`` (int16
-        ``(N, ceil(V / classes))``, optional) receives each row's largest ``z`` in each tile as
-        bf16 bits rounded up (an upper bound)."""
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, class_weight: torch.Tensor | None,
+        softcap: float | None, smoothing: bool, tile_max: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(lse, sum_wz)`` per row: log-sum-exp of ``z`` and ``sum_c w_c z_c`` when ``smoothing``
+        (else 0). ``tile_max`` (int16 ``(N, ceil(V / classes))``, optional) receives each row's
+        largest ``z`` in each tile as bf16 bits rounded up (an upper bound)."""
+        ...
+
+    def target_logit(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+    ) -> torch.Tensor:
+        """``x_y`` per row: the logit at the target before the cap, 0 where the id is not in ``[0, V)``."""
         ...
 
     def grad_block(
         self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
         class_weight: torch.Tensor | None, lse: torch.Tensor, coef: torch.Tensor, target_coef: torch.Tensor,
-        scale: torch.Tensor, start: int, out: torch.Tensor, keep: torch.Tensor | None, spread: float,
-        softcap: float | None,
+        scale: torch.Tensor, x_y: torch.Tensor, start: int, out: torch.Tensor, keep: torch.Tensor | None,
+        spread: float, softcap: float | None,
     ) -> None:  # fmt: skip
         """Writes ``scale * dl/dx`` of the classes ``[start, start + out.shape[1])`` into ``out``
         ``(N, c)`` (``start`` a multiple of the tile's classes): ``coef * p - target_coef * [c = y]
-        - spread * w_c``, through the cap's derivative. ``keep`` (bool ``(ceil(N / rows), ceil(c /
+        - spread * w_c``, through the cap's derivative (``x_y``: :meth:`target_logit`). ``keep`` (bool ``(ceil(N / rows), ceil(c /
         classes))``): only the tiles it marks are written, without the ``spread`` term."""
         ...
 

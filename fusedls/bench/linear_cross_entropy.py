@@ -38,6 +38,34 @@ CHECKED = 64  # rows of grad_hidden and classes of grad_weight compared with flo
 BYTE_MODEL = "s = bytes per element; read h (N d s) and W (V d s), write their gradients: 2 (N + V) d s"
 
 
+# A trained-like, peaked distribution of logits (peaked_inputs): per token a top class at about
+# PEAK above a background of standard deviation about NOISE, RUNNERS_UP classes at RUNNER_UP;
+# the target is the top class with probability TOP_TARGET, a runner-up with RUNNER_UP_TARGET,
+# else uniform. Top classes and runners-up are drawn Zipf(ZIPF) over the class ids (id = rank:
+# frequent tokens have small ids, as BPE vocabularies roughly do), or uniformly with zipf=0.
+PEAK, RUNNER_UP, RUNNERS_UP, NOISE = 20.0, 12.0, 3, 1.0
+TOP_TARGET, RUNNER_UP_TARGET, ZIPF = 0.8, 0.15, 1.1
+
+
+def peaked_inputs(n_rows: int, n_cols: int, d: int, dtype: torch.dtype, device, zipf: float = ZIPF, seed: int = 0):
+    """``(hidden, weight, target)`` whose logits ``hidden @ weight.T`` follow the peaked
+    distribution above: ``weight`` rows of unit norm (N(0, 1/d) entries), ``hidden_n = PEAK W_top
+    + RUNNER_UP sum_j W_j + NOISE * xi`` (``xi`` N(0, 1) entries); the background logits have
+    standard deviation ``sqrt((PEAK^2 + RUNNERS_UP RUNNER_UP^2) / d + NOISE^2)``."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_cols, d, generator=gen) / d**0.5
+    ranks = torch.arange(1, n_cols + 1, dtype=torch.float64)
+    probs = ranks ** -zipf if zipf else torch.ones_like(ranks)
+    picks = torch.multinomial(probs, n_rows * (1 + RUNNERS_UP), replacement=True, generator=gen)
+    top, others = picks[:n_rows], picks[n_rows:].view(n_rows, RUNNERS_UP)
+    h = PEAK * w[top] + RUNNER_UP * w[others].sum(1) + NOISE * torch.randn(n_rows, d, generator=gen)
+    u = torch.rand(n_rows, generator=gen)
+    target = torch.where(u < TOP_TARGET, top, torch.randint(0, n_cols, (n_rows,), generator=gen))
+    runner = (u >= TOP_TARGET) & (u < TOP_TARGET + RUNNER_UP_TARGET)
+    target = torch.where(runner, others[:, 0], target)
+    return h.to(dtype).to(device), w.to(dtype).to(device), target.to(device)
+
+
 def _torch_loss(h, w, t):
     return F.cross_entropy(F.linear(h, w), t, ignore_index=IGNORE_INDEX, label_smoothing=SMOOTHING)
 

@@ -3,8 +3,8 @@ optional tile filtering (``filter_eps``) that keeps label smoothing exact.
 
 Forward (``row_statistics`` of the ``linear_cross_entropy`` backend: a Triton GEMM whose
 epilogue does the cross-entropy work, or its eager twin): one sweep over tiles of ``hidden @
-weight.T (+ bias)`` that stay on chip gives per row ``lse``, ``z_y`` and ``sum_c w_c z_c``, from
-which :func:`_finish` forms the loss and the gradient coefficient ``coef`` of every option
+weight.T (+ bias)`` that stay on chip gives per row ``lse`` and ``sum_c w_c z_c``, and
+``target_logit`` (a row-wise dot) the target's logit, from which :func:`_finish` forms the loss and the gradient coefficient ``coef`` of every option
 (smoothing, class weights, z-loss, soft cap, ignored rows, NaN rows for bad class ids) as the
 other strategies do. One ``N V d`` matmul, nothing ``(N, V)``-sized in memory.
 
@@ -119,10 +119,13 @@ def linear_cross_entropy_fused_fwd(
     write = grad_scale is not None
     need = tuple(n and write for n in (need_hidden, need_weight, need_bias))
     tile_max = _tile_max_buffer(impl, hidden, weight) if filter_eps and any(need) else None
-    stats = impl.row_statistics(hidden, weight, bias, target, class_weight, softcap, spread != 0.0, tile_max)
-    loss, lse, coef = _finish(*stats, target, class_weight, ignore_index, keep, spread, z_loss, weight.shape[0])
+    lse, sum_wz = impl.row_statistics(hidden, weight, bias, class_weight, softcap, spread != 0.0, tile_max)
+    x_y = impl.target_logit(hidden, weight, bias, target)
+    z_y = x_y if softcap is None else softcap * torch.tanh(x_y / softcap)
+    loss, lse, coef = _finish(lse, z_y, sum_wz, target, class_weight, ignore_index, keep, spread, z_loss,
+                              weight.shape[0])  # fmt: skip
     grads = _block_grads(impl, hidden, weight, bias, target, class_weight, lse, coef, grad_scale, ignore_index, keep,
-                         spread, softcap, filter_eps, tile_max, need)  # fmt: skip
+                         spread, softcap, filter_eps, tile_max, x_y, need)  # fmt: skip
     return loss, lse, coef, *grads
 
 
@@ -159,12 +162,15 @@ def linear_cross_entropy_fused_bwd(
     """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,))."""
     impl = registry.implementation("linear_cross_entropy", backend)
     need = (need_hidden, need_weight, need_bias)
+    if not any(need):
+        return _empty_grads(hidden, weight, bias, need)
     tile_max = None
-    if filter_eps and any(need):  # the maxima again: one more sweep, nothing kept since forward
+    if filter_eps:  # the maxima again: one more sweep, nothing kept since forward
         tile_max = _tile_max_buffer(impl, hidden, weight)
-        impl.row_statistics(hidden, weight, bias, target, class_weight, softcap, False, tile_max)
+        impl.row_statistics(hidden, weight, bias, class_weight, softcap, False, tile_max)
+    x_y = impl.target_logit(hidden, weight, bias, target)  # N numbers, recomputed rather than kept
     return _block_grads(impl, hidden, weight, bias, target, class_weight, lse, coef, grad_loss, ignore_index, keep,
-                        spread, softcap, filter_eps, tile_max, need)  # fmt: skip
+                        spread, softcap, filter_eps, tile_max, x_y, need)  # fmt: skip
 
 
 @linear_cross_entropy_fused_bwd.register_fake
@@ -232,6 +238,18 @@ def _kept_tiles(tile_max, lse, coef, valid, y, start, width, filter_eps, tile):
     return kept | flat[:-1].view_as(kept)
 
 
+def _aligned_rows(g: torch.Tensor) -> torch.Tensor:
+    """A ragged last block's buffer re-viewed with rows 16 elements aligned (vector loads of the
+    kernels; padding beyond its width), where its storage has room (its own buffer, which is
+    a whole block)."""
+    n_rows, width = g.shape
+    padded = -(-width // 16) * 16
+    if padded == width or n_rows == 0:
+        return g
+    room = g.untyped_storage().nbytes() // g.element_size() - g.storage_offset()
+    return torch.as_strided(g, g.shape, (padded, 1)) if room >= n_rows * padded else g
+
+
 def _weighted_row_sum(rows: torch.Tensor, coefs: torch.Tensor | None, acc) -> torch.Tensor:
     """``sum_r coefs_r rows_r`` ``(d,)`` in ``acc`` (``coefs`` None: all 1), in row chunks."""
     if coefs is None:
@@ -250,7 +268,7 @@ def _rank_one(hidden, weight, class_weight, scale, spread, acc):
 
 
 def _block_grads(impl, hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread,
-                 softcap, filter_eps, tile_max, need):  # fmt: skip
+                 softcap, filter_eps, tile_max, x_y, need):  # fmt: skip
     """(grad_hidden, grad_weight, grad_bias) of ``scale * loss`` by blocks of classes (module
     docstring); empty where not in ``need``."""
     if not any(need):
@@ -269,9 +287,10 @@ def _block_grads(impl, hidden, weight, bias, target, class_weight, lse, coef, sc
     else:
         grad_h = _WeightGrad(hidden) if need[0] else None  # sum over blocks of g @ W[blk]: (g.T).T @ W[blk]
     for blk, g in vocab.blocks(hidden, grad_w if need[1] else None, n_cols, align=tile[1]):
+        g = _aligned_rows(g)
         kept = _kept_tiles(tile_max, lse, coef, valid, y, blk.start, g.shape[1], filter_eps, tile) if sparse else None
-        impl.grad_block(hidden, weight, bias, target, class_weight, lse_inf, coef, target_coef, scale, blk.start, g,
-                        kept, spread, softcap)  # fmt: skip
+        impl.grad_block(hidden, weight, bias, target, class_weight, lse_inf, coef, target_coef, scale, x_y, blk.start,
+                        g, kept, spread, softcap)  # fmt: skip
         if sparse:
             impl.sparse_products(g, kept, hidden, weight, blk.start, grad_w[blk] if need[1] else None, grad_h,
                                  grad_b[blk] if need[2] else None, row_sum, class_weight)  # fmt: skip

@@ -11,10 +11,10 @@ w_c``, ``keep = 1 - eps``, ``spread = eps / V``, z-loss factor ``lam``:
     dl/dz_c = coef * p_c - keep * w_y * [c = y] - spread * w_c,
     coef    = keep * w_y + spread * W + 2 * lam * lse,      dl/dx_c = dl/dz_c * sech^2(x_c / s)
 
-so the forward needs per row only ``lse``, ``z_y`` and ``sum_c w_c z_c`` (:func:`row_statistics`,
-one sweep over the tiles of classes: the logits are never stored), and the gradient of any tile is
-formed from ``lse`` and ``coef`` alone (:func:`grad_block`; the vocabulary-parallel local gradient
-on a slice of the classes).
+so the forward needs per row only ``lse`` and ``sum_c w_c z_c`` (:func:`row_statistics`, one sweep
+over the tiles of classes: the logits are never stored) and ``z_y`` (:func:`target_logit`, a
+row-wise dot), and the gradient of any tile is formed from ``lse`` and ``coef`` alone
+(:func:`grad_block`; the vocabulary-parallel local gradient on a slice of the classes).
 
 Filtering (``filter_eps``, ``fusedls/ops/linear_cross_entropy_fused.py``): without the cap the
 gradient splits into a sparse part ``A_nc = coef_n p_nc - keep w_y [c = y]`` and a uniform part
@@ -23,7 +23,7 @@ when every ``|coef_n| p_nc < filter_eps`` and no row's target is in it. ``tile_m
 per (row, tile) without the logits: ``p_nc <= exp(max_c z_nc - lse_n)``. :func:`sparse_products`
 multiplies only the kept tiles (here: the skipped tiles zeroed, then dense matmuls: the same sums).
 
-Tiles are ``TILE`` = (rows, classes), the triton backend's (``fusedls/backend/triton/tuning.py``),
+Tiles are ``TILE`` (rows, classes), the triton backend's (``fusedls/backend/triton/tuning.py``),
 so the filter skips the same tiles on both; the statistics sweep takes ``_SWEEP_TILES`` tiles of
 classes per matmul and the gradients ``_ROW_ELEMENTS`` logits per row chunk (fp32 temporaries).
 """
@@ -37,14 +37,14 @@ from .vocab_parallel_cross_entropy import capped, local_grad
 
 UNSUPPORTED: frozenset[str] = frozenset()
 
-TILE = (128, 128)  # (rows, classes) of a logits tile: the triton backend's default tile
+TILE = {2: (128, 128), 4: (64, 64)}  # (rows, classes) of a logits tile by element size: triton's FUSED_TILE
 _SWEEP_TILES = 64  # tiles of classes per matmul of the statistics sweep (fewer, larger matmuls)
 _ROW_ELEMENTS = 1 << 22  # logits per row chunk of the gradients: 16 MiB fp32 temporaries
 
 
 def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
-    """``(rows, classes)`` of one logits tile (the filter's unit); the same for every dtype."""
-    return TILE
+    """``(rows, classes)`` of one logits tile (the filter's unit); fp64 takes fp32's."""
+    return TILE[2 if dtype.itemsize <= 2 else 4]
 
 
 def _logits(hidden, weight, bias, cols: slice, rows: slice = slice(None)) -> torch.Tensor:
@@ -68,31 +68,42 @@ def round_up_bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return high.to(torch.int16)
 
 
-def row_statistics(hidden, weight, bias, target, class_weight, softcap, smoothing, tile_max):
+def row_statistics(hidden, weight, bias, class_weight, softcap, smoothing, tile_max):
     """See :class:`fusedls.backend.protocols.LinearCrossEntropyBackend`."""
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
     acc = acc_dtype(hidden)
     lse = torch.full((n_rows,), float("-inf"), dtype=acc, device=hidden.device)
-    z_y = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     sum_wz = torch.zeros(n_rows, dtype=acc, device=hidden.device)
-    y = target.long()
     tile_cols = tile_shape(hidden.dtype)[1]
     step = tile_cols * _SWEEP_TILES
     for start in range(0, n_cols if n_rows else 0, step):
         cols = slice(start, min(start + step, n_cols))
         z = capped(_logits(hidden, weight, bias, cols), softcap)
         lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
-        here = (y >= cols.start) & (y < cols.stop)
-        z_y += torch.where(here, z.gather(1, (y - cols.start).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
         if smoothing:
             sum_wz += z.sum(1) if class_weight is None else z @ class_weight[cols].to(acc)
         if tile_max is not None:
-            width = z.shape[1]
-            pad = -width % tile_cols
+            pad = -z.shape[1] % tile_cols
             tiles = torch.nn.functional.pad(z, (0, pad), value=float("-inf")).view(n_rows, -1, tile_cols)
             first = start // tile_cols
             tile_max[:, first : first + tiles.shape[1]] = round_up_bf16_bits(tiles.amax(2))
-    return lse, z_y, sum_wz
+    return lse, sum_wz
+
+
+def target_logit(hidden, weight, bias, target):
+    """See :class:`fusedls.backend.protocols.LinearCrossEntropyBackend` (a row-wise dot in fp32)."""
+    acc = acc_dtype(hidden)
+    y = target.long()
+    mine = (y >= 0) & (y < weight.shape[0])
+    y = y.masked_fill(~mine, 0)
+    x = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    step = max(1, _ROW_ELEMENTS // max(hidden.shape[1], 1))
+    for begin in range(0, hidden.shape[0], step):
+        rows = slice(begin, begin + step)
+        x[rows] = (hidden[rows].to(acc) * weight[y[rows]].to(acc)).sum(1)
+    if bias is not None:
+        x += bias[y].to(acc)
+    return x.masked_fill_(~mine, 0.0)
 
 
 def _row_chunks(n_rows: int, n_cols: int, rows_per_tile: int):
@@ -102,18 +113,19 @@ def _row_chunks(n_rows: int, n_cols: int, rows_per_tile: int):
         yield slice(begin, min(begin + step, n_rows))
 
 
-def tile_mask(keep: torch.Tensor, rows: slice, n_cols: int) -> torch.Tensor:
+def tile_mask(keep: torch.Tensor, rows: slice, n_cols: int, tile: tuple[int, int]) -> torch.Tensor:
     """The element mask ``(len(rows), n_cols)`` of the kept tiles of ``keep`` (row chunk ``rows``
     starting at a whole row tile)."""
-    tile_rows, tile_cols = TILE
+    tile_rows, tile_cols = tile
     first, last = rows.start // tile_rows, -(-rows.stop // tile_rows)
     mask = keep[first:last].repeat_interleave(tile_rows, 0).repeat_interleave(tile_cols, 1)
     return mask[: rows.stop - rows.start, :n_cols]
 
 
-def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coef, scale, start, out, keep, spread,
-               softcap):  # fmt: skip
-    """See :class:`fusedls.backend.protocols.LinearCrossEntropyBackend` (skipped tiles get zeros)."""
+def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coef, scale, x_y, start, out, keep,
+               spread, softcap):  # fmt: skip
+    """See :class:`fusedls.backend.protocols.LinearCrossEntropyBackend` (skipped tiles get zeros; the
+    target's logit is taken from the block's logits, ``x_y`` is not needed)."""
     n_rows, width = out.shape
     cols = slice(start, start + width)
     y = target.long()
@@ -122,12 +134,13 @@ def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coe
     t_coef = torch.where(owned, target_coef, 0.0)
     w_blk = class_weight[cols] if class_weight is not None else None
     acc = acc_dtype(hidden)
-    for rows in _row_chunks(n_rows, width, TILE[0]):
+    tile = tile_shape(hidden.dtype)
+    for rows in _row_chunks(n_rows, width, tile[0]):
         x = _logits(hidden, weight, bias, cols, rows)
         g = local_grad(x, lse[rows], coef[rows], y_local[rows], t_coef[rows], w_blk, 1.0,
                        spread if keep is None else 0.0, softcap, scale[rows], acc)[0]  # fmt: skip
         if keep is not None:
-            g.masked_fill_(~tile_mask(keep, rows, width), 0.0)
+            g.masked_fill_(~tile_mask(keep, rows, width, tile), 0.0)
         out[rows] = g
 
 
@@ -137,7 +150,7 @@ def sparse_products(g, keep, hidden, weight, start, grad_weight, grad_hidden, gr
     width = g.shape[1]
     cols = slice(start, start + width)
     acc = acc_dtype(hidden)
-    dense = torch.where(tile_mask(keep, slice(0, g.shape[0]), width), g.to(acc), 0.0)
+    dense = torch.where(tile_mask(keep, slice(0, g.shape[0]), width, tile_shape(hidden.dtype)), g.to(acc), 0.0)
     if grad_hidden is not None:
         grad_hidden += dense @ weight[cols].to(acc)
     if grad_bias is not None:

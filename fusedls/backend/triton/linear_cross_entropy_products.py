@@ -29,7 +29,7 @@ from .tuning import fused_config
 @triton.jit
 def linear_cross_entropy_dw_kernel(
     g_ptr,  # *T (N, width) gradient of the block (only the kept tiles are read)
-    stride_g,  # elements between rows of g
+    stride_g,  # elements between rows of g, a multiple of 16 (columns width..stride_g: zeros)
     hidden_ptr,  # *T (N, d) hidden rows, contiguous
     order_ptr,  # *int32 (n_row_tiles, n_col_tiles): per class tile (column), its kept row tiles first
     count_ptr,  # *int32 (n_col_tiles,) kept row tiles per class tile
@@ -55,6 +55,7 @@ def linear_cross_entropy_dw_kernel(
     d_tile = pid % n_d_tiles
     local = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = local < width
+    g_ok = local < stride_g  # 16-aligned: vector loads of g (the padding holds zeros)
     dims = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < d
     acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
@@ -63,7 +64,7 @@ def linear_cross_entropy_dw_kernel(
         row_tile = tl.load(order_ptr + i * n_col_tiles + col_tile)
         rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :],
+        g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & g_ok[None, :],
                     other=0.0)  # fmt: skip
         h = tl.load(hidden_ptr + rows[:, None] * d + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
@@ -83,7 +84,7 @@ def linear_cross_entropy_dw_kernel(
 @triton.jit
 def linear_cross_entropy_dh_kernel(
     g_ptr,  # *T (N, width) gradient of the block (only the kept tiles are read)
-    stride_g,  # elements between rows of g
+    stride_g,  # elements between rows of g, a multiple of 16 (columns width..stride_g: zeros)
     weight_ptr,  # *T (V, d) the head, contiguous
     order_ptr,  # *int32 (n_row_tiles, n_col_tiles): per row tile (row), its kept class tiles first
     count_ptr,  # *int32 (n_row_tiles,) kept class tiles per row tile
@@ -112,7 +113,8 @@ def linear_cross_entropy_dh_kernel(
         for i in range(0, count):
             local = tl.load(order_ptr + row_tile * n_col_tiles + i) * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = local < width
-            g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & col_ok[None, :],
+            # 16-aligned mask: vector loads of g (its padding holds zeros, the head's rows are masked)
+            g = tl.load(g_ptr + rows[:, None] * stride_g + local[None, :], mask=row_ok[:, None] & (local < stride_g)[None, :],
                         other=0.0)  # fmt: skip
             cols = start + local.to(tl.int64)
             w = tl.load(weight_ptr + cols[:, None] * d + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
@@ -129,11 +131,12 @@ def sparse_products(g, keep, hidden, weight, start, grad_weight, grad_hidden, gr
     width = g.shape[1]
     if width == 0:
         return
-    cfg = fused_config()
+    cfg = fused_config(hidden.element_size())
     n_row_tiles, n_col_tiles = keep.shape
     n_d_tiles = triton.cdiv(d, cfg.block_d)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **cfg.launch_options())
+    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, num_warps=cfg.product_warps,
+                  num_stages=cfg.num_stages)  # fmt: skip
     skipped = (~keep).to(torch.int8)
     if grad_weight is not None or grad_bias is not None:
         order = torch.argsort(skipped, dim=0, stable=True).to(torch.int32)

@@ -266,18 +266,24 @@ def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, bloc
 # linear_cross_entropy, strategy="fused" (fusedls/backend/triton/linear_cross_entropy.py)
 # ----------------------------------------------------------------------------------------------
 
-# Logits tile (rows, classes): the GEMM tile of the statistics and gradient kernels and the unit
-# the filter skips. 128 x 128 fp32 is 64 accumulator registers a thread on 8 warps, leaving room
-# for the epilogue's exp and reductions without spills (python -m tools.aot --kernel lce_stats);
-# fusedls/backend/eager/linear_cross_entropy.py's TILE is the same. Tests lower both to 16.
-FUSED_TILE = (128, 128)
-# Hidden-size step of the logits GEMM (each stage holds a (rows + classes) x BLOCK_K slice).
-FUSED_BLOCK_K = 64
-# Hidden-size columns per program of the filtered products (a 128 x 128 fp32 accumulator).
-FUSED_BLOCK_D = 128
-FUSED_WARPS = 8
-# Software-pipeline stages of the K loops: 3 x (128 + 128) x 64 bf16 = 96 KiB of shared memory.
-FUSED_STAGES = 3
+# Per element size of the inputs (2: bf16/fp16 through the tensor cores; 4: fp32 with
+# input_precision="ieee", an FMA-based dot whose operands take registers, hence smaller tiles):
+# - tile (rows, classes): the GEMM tile of the statistics and gradient kernels and the unit the
+#   filter skips (fusedls/backend/eager/linear_cross_entropy.py's TILE is the same). 128 x 128 fp32
+#   is 64 accumulator registers a thread on 8 warps, leaving room for the epilogue's exp and
+#   reductions without spills (python -m tools.aot --kernel lce_stats,lce_grad,lce_dw,lce_dh).
+# - block_k: the hidden-size step; 32 (64 takes up to 255 registers and spills with the epilogue).
+# - block_d: hidden-size columns per program of the filtered products (a tile x block_d accumulator).
+# - warps of the GEMMs and of the products; stages of the software pipeline of the K loops
+#   (3 x (128 + 128) x 32 bf16 = 48 KiB of shared memory). fp32: 8 warps and block_d 32 (4 warps
+#   or block_d 64: ptxas keeps 32 registers and spills kilobytes in the products on sm_80).
+# Tests lower the tiles and block_k to 16.
+FUSED_TILE = {2: (128, 128), 4: (64, 64)}
+FUSED_BLOCK_K = {2: 32, 4: 16}
+FUSED_BLOCK_D = {2: 128, 4: 32}
+FUSED_WARPS = {2: 8, 4: 8}
+FUSED_PRODUCT_WARPS = {2: 8, 4: 8}
+FUSED_STAGES = {2: 3, 4: 2}
 # Row tiles per group of the gradient kernel's program order (consecutive programs share the
 # hidden rows and the head's tiles in L2, as in a grouped GEMM).
 FUSED_GROUP = 8
@@ -297,15 +303,18 @@ class FusedConfig:
     num_warps: int
     num_stages: int
     group: int  # row tiles per group of the gradient kernel's program order
+    product_warps: int  # warps of the filtered products
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def fused_config() -> FusedConfig:
-    """Tiles, warps and stages of the fused linear cross-entropy kernels."""
-    return FusedConfig(FUSED_TILE[0], FUSED_TILE[1], FUSED_BLOCK_K, FUSED_BLOCK_D, FUSED_WARPS, FUSED_STAGES,
-                       FUSED_GROUP)  # fmt: skip
+def fused_config(element_size: int) -> FusedConfig:
+    """Tiles, warps and stages of the fused linear cross-entropy kernels for inputs of ``element_size`` bytes."""
+    size = 2 if element_size <= 2 else 4
+    rows, cols = FUSED_TILE[size]
+    return FusedConfig(rows, cols, FUSED_BLOCK_K[size], FUSED_BLOCK_D[size], FUSED_WARPS[size], FUSED_STAGES[size],
+                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size])  # fmt: skip
 
 
 def fused_splits(device: torch.device, n_row_tiles: int, n_col_tiles: int) -> int:
