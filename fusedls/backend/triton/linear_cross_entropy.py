@@ -335,7 +335,8 @@ def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coe
     if n_rows == 0 or width == 0:
         return
     cfg = fused_config(hidden.element_size())
-    n_row_tiles, n_col_tiles = triton.cdiv(n_rows, cfg.block_n), triton.cdiv(width, cfg.block_v)
+    block_n = cfg.grad_block_n(softcap is not None)  # kept's rows per tile under FILTER (never capped)
+    n_row_tiles, n_col_tiles = triton.cdiv(n_rows, block_n), triton.cdiv(width, cfg.block_v)
     launch(linear_cross_entropy_grad_kernel, (n_row_tiles * n_col_tiles,),
         hidden, weight, bias if bias is not None else hidden, target,
         class_weight if class_weight is not None else lse,
@@ -343,6 +344,6 @@ def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coe
         out, out.stride(0), n_rows, d, start, width, n_col_tiles, spread, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None, HAS_SMOOTHING=spread != 0.0,
         HAS_SOFTCAP=softcap is not None, FILTER=keep is not None, PRECISION=_precision(hidden.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP=cfg.group, **cfg.launch_options(),
+        BLOCK_N=block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP=cfg.group, **cfg.launch_options(),
     )  # fmt: skip
 

@@ -276,14 +276,20 @@ def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, bloc
 # - block_d: hidden-size columns per program of the filtered products (a tile x block_d accumulator).
 # - warps of the GEMMs and of the products; stages of the software pipeline of the K loops
 #   (3 x (128 + 128) x 32 bf16 = 48 KiB of shared memory). fp32: 8 warps and block_d 32 (4 warps
-#   or block_d 64: ptxas keeps 32 registers and spills kilobytes in the products on sm_80).
+#   or block_d 64: ptxas keeps 32 registers and spills kilobytes in the products on sm_80), 3
+#   stages (16 KiB; with 1 or 2 ptxas keeps 128 registers in the statistics kernel on sm_90a and
+#   spills 16-40 B with the cap or TILE_MAX).
+# - softcap_row_divisor: the gradient kernel's rows per tile are divided by it under the soft cap
+#   (tanh and sech^2 of the tile on top of the 64 accumulators take 255 registers and spill on
+#   sm_90a at 128 rows; 154 at 64). The filter, whose unit is the tile, is refused with the cap.
 # Tests lower the tiles and block_k to 16.
 FUSED_TILE = {2: (128, 128), 4: (64, 64)}
 FUSED_BLOCK_K = {2: 32, 4: 16}
 FUSED_BLOCK_D = {2: 128, 4: 32}
 FUSED_WARPS = {2: 8, 4: 8}
 FUSED_PRODUCT_WARPS = {2: 8, 4: 8}
-FUSED_STAGES = {2: 3, 4: 2}
+FUSED_STAGES = {2: 3, 4: 3}
+FUSED_SOFTCAP_ROW_DIVISOR = {2: 2, 4: 1}
 # Row tiles per group of the gradient kernel's program order (consecutive programs share the
 # hidden rows and the head's tiles in L2, as in a grouped GEMM).
 FUSED_GROUP = 8
@@ -304,17 +310,23 @@ class FusedConfig:
     num_stages: int
     group: int  # row tiles per group of the gradient kernel's program order
     product_warps: int  # warps of the filtered products
+    softcap_block_n: int  # rows per tile of the gradient kernel under the soft cap
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def grad_block_n(self, softcap: bool) -> int:
+        """Rows per tile of the gradient kernel."""
+        return self.softcap_block_n if softcap else self.block_n
 
 
 def fused_config(element_size: int) -> FusedConfig:
     """Tiles, warps and stages of the fused linear cross-entropy kernels for inputs of ``element_size`` bytes."""
     size = 2 if element_size <= 2 else 4
     rows, cols = FUSED_TILE[size]
+    capped_rows = max(16, rows // FUSED_SOFTCAP_ROW_DIVISOR[size])  # tl.dot takes 16 rows at least
     return FusedConfig(rows, cols, FUSED_BLOCK_K[size], FUSED_BLOCK_D[size], FUSED_WARPS[size], FUSED_STAGES[size],
-                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size])  # fmt: skip
+                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size], capped_rows)  # fmt: skip
 
 
 def fused_splits(device: torch.device, n_row_tiles: int, n_col_tiles: int) -> int:
