@@ -1,7 +1,8 @@
 """fusedls: fused GPU kernels for label-smoothing cross-entropy and friends.
 
-Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse; :class:`CrossEntropyResult`),
-:func:`linear_cross_entropy` (LM head + loss without the logits); :func:`dropout`, :func:`dropout_add`,
+Public surface: :func:`cross_entropy` (options: z-loss, soft-capping, lse, token accuracy;
+:class:`CrossEntropyResult`), :func:`linear_cross_entropy` (torch's ``F.linear_cross_entropy``: LM
+head + loss without the logits); :func:`dropout`, :func:`dropout_add`,
 :func:`dropout_add_rms_norm`, :func:`dropout_add_layer_norm`; :func:`vector_norm` (without fp32
 overflow / underflow), :func:`foreach_norm`, :func:`total_norm`,
 :func:`clip_grad_norm_`, :func:`l1_penalty`, :func:`l2_penalty`, :func:`regularization_penalty`;

@@ -4,7 +4,9 @@ Tolerances are those of one rounding of a value computed in fp32 (or better) to 
 dtype, with a little room for the fp32 arithmetic before it: relative ``2**-7`` for bf16
 (8 significant bits), ``2**-10`` for fp16 (11 bits); fp32 results come from fp32 sums over
 up to a few thousand classes. The absolute part only covers values near zero (fp16 gradients
-of small probabilities are subnormal: spacing 6e-8).
+of small probabilities are subnormal: spacing 6e-8). Values whose error is not relative to
+themselves (sums whose terms cancel, functions of rounded inputs) are compared relative to their
+condition instead (``assert_close(..., condition=)``, :func:`rounding_condition`).
 """
 
 from __future__ import annotations
@@ -36,14 +38,74 @@ def tolerance(dtype: torch.dtype, roundings: int = 1) -> dict[str, float]:
 
 
 def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = "", roundings: int = 1
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    msg: str = "",
+    roundings: int = 1,
+    condition: torch.Tensor | None = None,
 ) -> None:
     """``actual`` against ``expected`` (float64 truth) within the tolerance of ``dtype``
-    (``actual.dtype`` by default); NaN and inf must match position by position."""
+    (``actual.dtype`` by default); NaN and inf must match position by position.
+
+    ``condition``: the scale of the relative part of the tolerance (``|expected|`` by default),
+    for values whose error is not relative to themselves: a sum whose terms cancel (pass the sum
+    of their magnitudes, e.g. ``|A| @ |B|`` for ``A @ B``) or a function of rounded inputs
+    (:func:`rounding_condition`). Then ``|actual - expected| <= atol + rtol * condition``
+    element by element.
+    """
     tol = tolerance(dtype or actual.dtype, roundings)
-    torch.testing.assert_close(
-        actual.detach().double().cpu(), expected.detach().double().cpu(), equal_nan=True, msg=msg or None, **tol
-    )
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if condition is None:
+        torch.testing.assert_close(a, e, equal_nan=True, msg=msg or None, **tol)
+        return
+    if a.shape != e.shape:
+        raise AssertionError(f"{msg}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+    bound = tol["atol"] + tol["rtol"] * condition.detach().double().cpu().expand_as(e)
+    ratio = ((a - e).abs() / bound).nan_to_num(nan=float("inf"))
+    same = (a == e) | (a.isnan() & e.isnan())  # equal infinities and NaNs pass
+    ratio = torch.where(same, 0.0, ratio)
+    if ratio.numel() and not bool((ratio <= 1).all()):
+        i = int(ratio.flatten().argmax())
+        raise AssertionError(
+            f"{msg}: {int((ratio > 1).sum())} of {ratio.numel()} elements beyond atol + rtol * condition "
+            f"(rtol {tol['rtol']:.3g}, atol {tol['atol']:.3g}); worst at flat index {i}: {a.flatten()[i].item()!r} "
+            f"vs {e.flatten()[i].item()!r}, |difference| {ratio.flatten()[i].item():.3g} x the bound"
+        )
+
+
+def rounding_condition(
+    output: torch.Tensor, inputs: torch.Tensor, magnitudes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``|Y| + sum_j |dY/dx_j| m_j`` for Y = ``output``, a differentiable function of ``inputs``
+    x (float64), and ``m = |x|`` unless ``magnitudes`` says otherwise: how far Y moves, in units of
+    the relative error u, when Y is rounded and each input moves by u m_j (rounded: m = |x|; a sum
+    accumulated in lower precision: the sum of its terms' magnitudes), to first order. A loss of
+    logits rounded to bf16 errs by that much however small it is, and so does its gradient.
+
+    Each element of Y is a function of its own row of x (the last dimension): Y has the shape of x
+    without its last dimension (a loss per row), or that of x (a gradient: differentiated once
+    more, so build it with ``create_graph=True``), or is 0-dim (a function of all of x).
+    """
+    m = inputs.detach().abs() if magnitudes is None else magnitudes.detach()
+    if output.shape != inputs.shape:
+        (grad,) = torch.autograd.grad(output.sum(), inputs, retain_graph=True, allow_unused=True)
+        terms = torch.zeros_like(m) if grad is None else grad.abs() * m
+        return output.detach().abs() + (terms.sum() if output.dim() == 0 else terms.sum(-1))
+    # Row c of every row's Jacobian block at once: the gradient of output[..., c] (rows depend on
+    # their own inputs only), batched over c.
+    picks = torch.eye(inputs.shape[-1], dtype=output.dtype, device=output.device)
+    picks = picks.view(-1, *[1] * (output.dim() - 1), inputs.shape[-1]).expand(-1, *output.shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # kernels this small, split across threads, mostly wait on each other
+    try:
+        (rows,) = torch.autograd.grad(
+            output, inputs, picks, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    moved = torch.zeros_like(m) if rows is None else (rows.abs() * m).sum(-1).movedim(0, -1)
+    return output.detach().abs() + moved
 
 
 def reference_cross_entropy(

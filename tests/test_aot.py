@@ -1,6 +1,6 @@
 """``python -m tools.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
 
-Only the ``--quick`` subset runs here (22 compiles); the full table is run by hand.
+Only the ``--quick`` subset runs here (126 compiles); the full table is run by hand.
 """
 
 import json
@@ -24,8 +24,8 @@ def quick_rows():
 
 def test_plan_covers_the_launchers_flags_and_vocabularies():
     rows = aot.plan()
-    # fwd: 16 combinations of WSPG, and Z/C/ZC with those all off and all on; bwd: 12 and C likewise
-    for kernel, n_flags in (("fwd", 16 + 3 * 2), ("bwd", 12 + 2), ("scale", 1)):
+    # fwd: 16 combinations of WSPG, and the 7 of Z/C/A with those all off and all on; bwd: 12 and C likewise
+    for kernel, n_flags in (("fwd", 16 + 7 * 2), ("bwd", 12 + 2), ("scale", 1)):
         for dtype, size in aot.DTYPES.items():
             mine = [r for r in rows if (r.kernel, r.dtype, r.arch) == (kernel, dtype, 80)]
             # every flag combination at the largest block, for aligned and unaligned rows
@@ -59,8 +59,18 @@ def test_quick_table_compiles_without_spills(quick_rows):
         assert 0 < r.regs <= 255, r
 
 
+def test_program_offsets_are_64_bit(quick_rows):
+    # A row index times a row stride in int32 wraps past 2^31 elements: every multiply of a
+    # value computed from the program id is 64-bit (a kernel without the int64 cast of its row
+    # index has one that is not). The multi-tensor norms index tensors through their table.
+    for r in quick_rows:
+        assert not r.offsets32, r
+        if not r.kernel.startswith("fn_"):
+            assert r.offsets64 > 0, r  # each kernel indexed by its program forms such offsets
+
+
 def test_plain_bf16_forward_loads_are_vectorised(quick_rows):
-    plain = [r for r in quick_rows if (r.kernel, r.dtype, r.flags, r.cspec) == ("fwd", "bf16", "------", "16")]
+    plain = [r for r in quick_rows if (r.kernel, r.dtype, r.flags, r.cspec) == ("fwd", "bf16", "-------", "16")]
     assert len(plain) == 2  # one per arch
     for r in plain:
         assert r.block_c % 16 == 0

@@ -16,6 +16,14 @@ from fusedls.testing import assert_close, reference_cross_entropy
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def same_layout(x):
+    """A copy of ``x`` (detached) on storage of its own, with its strides and storage offset:
+    ``clone()`` makes a view whose elements are not dense (strided or expanded rows) contiguous,
+    and the op would never see the layout under test."""
+    n = x.untyped_storage().nbytes() // x.element_size()
+    return x.detach().as_strided((n,), (1,), 0).clone().as_strided(x.shape, x.stride(), x.storage_offset())
+
+
 def check(
     x, target, weight=None, *, upstream=1.0, dtype=None, inplace=False, smoothing_convention="uniform", **kwargs
 ):
@@ -28,8 +36,8 @@ def check(
         x.detach().requires_grad_(), target, weight, smoothing_convention=smoothing_convention,
         upstream=upstream, **kwargs,
     )  # fmt: skip
-    xa = x.detach().clone().requires_grad_()
-    ta = target.detach().clone().requires_grad_(target.requires_grad)
+    xa = same_layout(x).requires_grad_()
+    ta = same_layout(target).requires_grad_(target.requires_grad)
     out = fusedls.cross_entropy(
         xa, ta, weight, inplace_backward=inplace, smoothing_convention=smoothing_convention, **kwargs
     )
@@ -214,12 +222,13 @@ PROPERTY_SETTINGS = dict(
 def random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed):
     """(logits, target, weight, upstream) of one random configuration of the property tests."""
     x = logits((n_rows, n_cols), dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)  # everything drawn from the seed: reproducible examples
     if prob:
-        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64), 1).to(dtype).to(device)
+        t = torch.softmax(torch.randn(n_rows, n_cols, dtype=torch.float64, generator=g), 1).to(dtype).to(device)
     else:
         t = class_ids((n_rows,), n_cols, device, ignored=ignored, seed=seed + 1)
-    w = (torch.rand(n_cols, dtype=torch.float64) + 0.1).to(dtype).to(device) if weighted else None
-    up = torch.randn(n_rows, dtype=torch.float64).to(device) if reduction == "none" else 1.0
+    w = (torch.rand(n_cols, dtype=torch.float64, generator=g) + 0.1).to(dtype).to(device) if weighted else None
+    up = torch.randn(n_rows, dtype=torch.float64, generator=g).to(device) if reduction == "none" else 1.0
     return x, t, w, up
 
 
@@ -250,16 +259,59 @@ def test_property_random_configurations(
     )  # fmt: skip
 
 
-def test_int64_offsets(backend, device):
-    """Rows x stride beyond 2**31 elements: row 2048 starts at element 2**31."""
-    if device != "cpu":
-        pytest.skip("needs 4 GB of untouched host memory; exercised on CPU")
-    n_rows, n_cols, stride = 2049, 8, 2**20
+def rows_past_int32(n_cols, dtype, device):
+    """A (3, n_cols) view whose rows are 2**30 elements apart, row 2 at element 2**31 after row 0:
+    the stride fits 32 bits, row * stride does not. The view starts 2**31 elements into its
+    storage (8 GiB of bf16, untouched on the CPU but for the rows), so an offset wrapped to 32
+    bits lands on zeros inside it: wrong numbers, never a crash. Skips when it cannot be had."""
+    base, stride = 2**31, 2**30
+    size = base + 2 * stride + n_cols
+    if device == "cuda" and torch.cuda.mem_get_info()[0] < size * dtype.itemsize + 2**30:
+        pytest.skip("needs 9 GiB of free GPU memory")
     try:
-        storage = torch.empty(n_rows * stride, dtype=torch.bfloat16)  # pages stay untouched
-    except RuntimeError:
-        pytest.skip("cannot reserve 4 GB of address space")
-    x = storage.as_strided((n_rows, n_cols), (stride, 1))
-    x.copy_(logits((n_rows, n_cols), torch.bfloat16, device))
-    t = class_ids((n_rows,), n_cols, device)
-    check(x, t, label_smoothing=0.1, reduction="none", upstream=torch.ones(n_rows, dtype=torch.float64))
+        storage = torch.empty(size, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 8 GiB of address space")
+    storage[:n_cols].zero_()  # where row 2 lands when its offset wraps to -2**31
+    return storage.as_strided((3, n_cols), (stride, 1), base)
+
+
+def check_in_place_and_not(x, t, up, rows):
+    """fusedls on ``x`` itself (its layout is the point: no copy), out of place and then in place
+    (which overwrites ``x``), against the float64 reference on ``x[rows]``: reduction "none",
+    smoothing 0.1, upstream gradient ``up``."""
+    kwargs = dict(label_smoothing=0.1, reduction="none")
+    ref, ref_grad, _ = reference_cross_entropy(x[rows].requires_grad_(), t[rows], upstream=up[rows], **kwargs)
+    for inplace in (False, True):
+        xa = x.detach().requires_grad_()  # a leaf on the same storage
+        out = fusedls.cross_entropy(xa, t, inplace_backward=inplace, **kwargs)
+        assert_close(out[rows], ref, msg="loss")
+        out.backward(up)
+        # in place the gradient is xa itself, rounded when written and again when rescaled
+        grad = xa.detach() if inplace else xa.grad
+        assert_close(grad[rows], ref_grad, msg=f"grad input, inplace={inplace}", roundings=2 if inplace else 1)
+        del out, grad, xa
+
+
+def test_int64_offsets(backend, device):
+    """Rows past element 2**31: forward and backward read them where they are, and the in-place
+    gradient is written over them and rescaled there (row index x stride in 64 bits)."""
+    n_cols = 37
+    x = rows_past_int32(n_cols, torch.bfloat16, device)
+    x.copy_(logits((3, n_cols), torch.bfloat16, device))
+    up = torch.tensor([0.5, -1.25, 2.0], dtype=torch.bfloat16, device=device)  # != 1: the rescale runs
+    check_in_place_and_not(x, class_ids((3,), n_cols, device, ignored=0.0), up, slice(None))
+
+
+def test_more_than_2_31_logits(backend, device):
+    """(2**16 + 1, 2**15) contiguous bf16 logits, row 2**16 at element 2**31: rows at both ends."""
+    if device != "cuda":
+        pytest.skip("4 GiB of logits and as much gradient: GPU only")
+    n_rows, n_cols = 2**16 + 1, 2**15
+    if torch.cuda.mem_get_info()[0] < 3 * n_rows * n_cols * 2:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(n_rows, n_cols, generator=g, device=device, dtype=torch.bfloat16).mul_(3)
+    t = torch.randint(0, n_cols, (n_rows,), generator=g, device=device)
+    up = torch.randn(n_rows, generator=g, device=device).to(torch.bfloat16)
+    check_in_place_and_not(x, t, up, torch.tensor([0, 1, n_rows // 2, n_rows - 2, n_rows - 1], device=device))

@@ -10,7 +10,7 @@ import fusedls
 from fusedls.testing import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cross_entropy import PROPERTY_SETTINGS
+from test_cross_entropy import PROPERTY_SETTINGS, same_layout
 
 INF = float("inf")
 NAN = float("nan")
@@ -55,7 +55,7 @@ def check(x, ord, dim=None, keepdim=False, dtype=None, seed=1):
     """fusedls against the float64 reference: value, shape, dtype and the gradient of a random
     upstream gradient (ord 0: no gradient, as torch)."""
     out_dtype = dtype or x.dtype
-    xa = x.detach().clone().requires_grad_()
+    xa = same_layout(x).requires_grad_()
     out = fusedls.vector_norm(xa, ord, dim, keepdim, dtype=dtype)
     expected = torch.linalg.vector_norm(x.detach().to(out_dtype), ord, dim, keepdim)
     assert out.shape == expected.shape and out.dtype == out_dtype == expected.dtype

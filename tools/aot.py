@@ -4,8 +4,8 @@
 bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
-dtype, the flag constexprs the launchers can pass (fwd ``WSPGZC``: HAS_WEIGHT, HAS_SMOOTHING,
-PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
+dtype, the flag constexprs the launchers can pass (fwd ``WSPGZCA``: HAS_WEIGHT, HAS_SMOOTHING,
+PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, ARGMAX; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRWBD``: IS_RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRWBD``:
 IS_RMS, HAS_DH_NEXT, ...; vocab-parallel vp_stats / vp_grad ``WSC``: HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 and each distinct (block, num_warps) that the tuning table picks for the sizes
@@ -21,14 +21,20 @@ Per cubin, the wheel's ``cuobjdump -res-usage`` gives regs, spill (STACK + LOCAL
 ``+static`` shared memory (``smem``: the dynamic shared memory of the launch); its disassembler
 the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the loads of the data
 rows themselves (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG
-that wide), ``vec`` their elements. Exits 1 on any failed compile or spill.
+that wide), ``vec`` their elements. From the TTIR, the integer multiplies fed by the program id
+(row index times stride: ``tools/ttir.py``) must be 64-bit, or the offsets wrap past 2^31
+elements. For the kernels that draw a dropout mask, ``inst/el`` is the SASS instruction count per
+element a thread handles (straight-line code: each thread runs it once per pass) and ``philox/el``
+the Philox-4x32-10 calls per element (32 x 32 -> high multiplies / 20: a call per element is 1.0,
+the kernels' layout 0.125, plus the odd multiply of an address). Exits 1 on any failed compile,
+spill or 32-bit program offset.
 
 Default (~2-3 min on 2 idle cores): every flag combination at the largest block (the config of
 the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representative flags (none,
 each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
 with every other flag only under ``--all``; by default each option combination is compiled with
 the other flags all off and all on. ``--all``: every combination everywhere.
-``--quick``: bf16, largest block, C = 16, none and all flags (22 compiles).
+``--quick``: bf16, largest block, C = 16, none and all flags (63 compiles per arch).
 
   python -m tools.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
@@ -60,6 +66,8 @@ from fusedls.backend.triton import tuning
 from fusedls.backend.triton.tuning import (
     LaunchConfig, cross_entropy_config, dropout_config, dropout_norm_config, foreach_norm_config, foreach_norm_merge_config,
 )  # fmt: skip
+
+from .ttir import program_products
 
 VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)  # cross-entropy rows
 HIDDEN = (768, 1000, 2048, 4096, 8192)  # dropout + add + norm rows (1000: not a multiple of 16)
@@ -99,8 +107,9 @@ _SEED = frozenset({"seed_ptr"})
 _VP = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 _VP_FP32 = frozenset({"weight_ptr", "lse_ptr", "stats_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr"})
 KERNELS = {  # short name -> Kernel
-    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP"),
-                  "WSPGZC", "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=2),
+    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel",
+                  _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
+                  frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3),
     "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
@@ -204,6 +213,10 @@ class Row:
     shared_static: int = 0  # cuobjdump SHARED
     row_ld: int = 0  # bits per load of the logits row
     ldg: int = 0  # widest LDG in the SASS, bits
+    sass_ops: int = 0  # SASS instructions of the kernel (straight-line kernels: what each thread runs)
+    mulhi: int = 0  # 32 x 32 -> high multiplies (IMAD.HI / IMAD.WIDE.U32): Philox takes 20 per call
+    offsets64: int = 0  # integer multiplies fed by the program id, done in 64 bits (TTIR)
+    offsets32: str = ""  # those done in fewer bits (TTIR lines): offsets that wrap past 2^31
     error: str = ""
 
     @property
@@ -362,6 +375,9 @@ def _inspect(row: Row, cubin: bytes, llir: str) -> None:
     row.regs, row.stack = usage.get("REG", 0), usage.get("STACK", 0)
     row.local, row.shared_static = usage.get("LOCAL", 0), usage.get("SHARED", 0)
     row.ldg = max((_bits(m) for m in re.findall(r"\bLDG(?:\.[\w.]+)?(?!\w)", sass)), default=0)
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
+    row.sass_ops = len([op for op in ops if not op.startswith("NOP")])
+    row.mulhi = len([op for op in ops if op.startswith(("IMAD.HI.U32", "IMAD.WIDE.U32"))])
     # The SASS line info cannot tell the row loads apart (ptxas tags some with neighbouring
     # lines); the debug location of each ld.global in the LLVM IR is exact.
     lines = dict(re.findall(r"^!(\d+) = !DILocation\(line: (\d+)", llir, re.M))
@@ -395,6 +411,8 @@ def compile_row(row: Row) -> Row:
         target = GPUTarget("cuda", row.arch, 32)
         compiled = triton.compile(_source(row), target=target, options=options)
         row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        wide, narrow = program_products(compiled.asm["ttir"])
+        row.offsets64, row.offsets32 = len(wide), "; ".join(narrow)
         _inspect(row, compiled.asm["cubin"], compiled.asm.get("llir", ""))
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash
         row.error = _error(exc, KERNELS[row.kernel].module)
@@ -423,15 +441,29 @@ def compile_table(archs=(80, 90), quick=False, kernels=None, every=False, jobs=0
 
 
 HEADER = ("arch", "kernel", "dtype", "flags", "C", "V", "BLOCK_C", "warps",
-          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG")  # fmt: skip
+          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG", "inst/el", "philox/el")  # fmt: skip
+PHILOX_MULHI = 20  # high multiplies per Philox-4x32-10 call (2 a round)
+
+
+def elements_per_thread(r: Row) -> float | None:
+    """Elements a thread handles per pass of the dropout kernels (None for the other kernels):
+    the per-element SASS and Philox counts of the table divide by it."""
+    if KERNELS[r.kernel].module != "dropout":
+        return None
+    rows = dropout_config(r.block_c).block_r if r.kernel == "dropout" else 1
+    return rows * r.block_c / (32 * r.num_warps)
 
 
 def format_table(rows: list[Row]) -> str:
     cells = [HEADER]
     for r in rows:
         vec = f"x{r.row_ld // (8 * DTYPES[r.dtype])}" if r.row_ld else "-"
-        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg)
-        res = ("FAILED",) + ("",) * 6 if r.error else res
+        per = elements_per_thread(r)
+        inst = f"{r.sass_ops / per:.1f}" if per else "-"
+        draws = per and (r.kernel == "dropout" or "D" in r.flags)  # the kernels that draw a mask
+        philox = f"{r.mulhi / PHILOX_MULHI / per:.3f}" if draws else "-"
+        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg, inst, philox)
+        res = ("FAILED",) + ("",) * 8 if r.error else res
         cells.append((_arch(r.arch), r.kernel, r.dtype, r.flags or "-", r.cspec, r.vocab,
                       r.block_c, r.num_warps, *res))  # fmt: skip
     widths = [max(len(str(c[i])) for c in cells) for i in range(len(HEADER))]
@@ -450,7 +482,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (22 compiles)")
+    p.add_argument("--quick", action="store_true", help="a small subset (63 compiles per arch)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")
@@ -467,17 +499,20 @@ def main(argv=None) -> int:
     print(format_table(rows))
     failed = [r for r in rows if r.error]
     spilled = [r for r in rows if not r.error and r.spill]
+    narrow = [r for r in rows if r.offsets32]
     top = max((r for r in rows if not r.error), key=lambda r: r.regs, default=None)
     most = f", at most {top.regs} registers ({_describe(top)})" if top else ""
     print(f"\n{len(rows)} specialisations for {', '.join(map(_arch, archs))} compiled in "
-          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, {len(spilled)} spilled"
-          f"{most}")  # fmt: skip
+          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, {len(spilled)} spilled, "
+          f"{len(narrow)} with 32-bit program offsets{most}")  # fmt: skip
     for r in failed + spilled:
         print(f"  {_describe(r)}: {r.error or f'spills {r.local} B local, {r.stack} B stack'}")
+    for r in narrow:
+        print(f"  {_describe(r)}: 32-bit offsets from the program id: {r.offsets32}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(dataclasses.asdict(r), spill=r.spill) for r in rows], f, indent=1)
-    return 1 if failed or spilled else 0
+    return 1 if failed or spilled or narrow else 0
 
 
 

@@ -5,11 +5,15 @@ Llama-3 8B head, on GPU; 256 on CPU), no bias, class-id targets with ~1 % ignore
 ``label_smoothing=0.1``, ``reduction="mean"``; forward + backward (gradients of hidden and
 weight), the gradients cleared before each call (untimed). Providers: the materialised torch
 path ``F.cross_entropy(F.linear(h, W), t, label_smoothing=0.1)``, ``torch.compile`` of it,
-Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when it imports (CUDA only), and
+torch's chunked path ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
+(``torch.chunked``; torch >= 2.13, which takes it only without label smoothing: skipped here,
+saying so), Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when it imports (CUDA only), and
 ``fusedls.linear_cross_entropy`` on every fusedls backend, with the default ``strategy="auto"``
 (``fusedls/<backend>``), and forced to ``"tokens"`` / ``"vocab"`` (``fusedls/<backend>+tokens``,
-``+vocab``). The figure of merit is the peak
-memory (``peak_bytes``, ``memory_vs_torch``) at a time close to torch's.
+``+vocab``). The same workload without label smoothing (providers ending in ``(eps=0)``, each
+compared with ``torch (eps=0)``) puts torch's chunked path next to torch's materialised path and
+fusedls's default. The figure of merit is the peak memory (``peak_bytes``, ``memory_vs_torch``) at
+a time close to torch's.
 
 Check before timing, against float64 computed chunk by chunk on the same rounded inputs: the
 loss, the hidden gradient of <= 64 spread-out rows and the weight gradient of <= 64 spread-out
@@ -35,6 +39,7 @@ SMOOTHING, IGNORE_INDEX, IGNORE_FRACTION = 0.1, -100, 0.01
 HIDDEN = {"cuda": 4096, "cpu": 256}  # d per device type
 COMPILE_BACKEND = "inductor"
 CHECKED = 64  # rows of grad_hidden and classes of grad_weight compared with float64
+FILTER_EPS = 1e-5  # filter_eps of the fusedls/<backend>+fused+filter providers
 BYTE_MODEL = "s = bytes per element; read h (N d s) and W (V d s), write their gradients: 2 (N + V) d s"
 
 
@@ -66,8 +71,30 @@ def peaked_inputs(n_rows: int, n_cols: int, d: int, dtype: torch.dtype, device, 
     return h.to(dtype).to(device), w.to(dtype).to(device), target.to(device)
 
 
-def _torch_loss(h, w, t):
-    return F.cross_entropy(F.linear(h, w), t, ignore_index=IGNORE_INDEX, label_smoothing=SMOOTHING)
+EPS0 = " (eps=0)"  # the suffix of the providers of the workload without label smoothing
+
+
+def _smoothing(provider: Provider) -> float:
+    return 0.0 if provider.name.endswith(EPS0) else SMOOTHING
+
+
+def _torch_loss(h, w, t, smoothing=SMOOTHING):
+    return F.cross_entropy(F.linear(h, w), t, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+
+
+def _torch_chunked(smoothing=SMOOTHING):
+    options = torch.nn.LinearCrossEntropyOptions()  # torch's defaults: its automatic chunks and precision
+    return lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, label_smoothing=smoothing,
+                                                  options=options)  # fmt: skip
+
+
+def _torch_chunked_why_not(smoothing: float, case: Case, device: torch.device) -> str:
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+    if smoothing != 0.0:
+        return ("torch's chunked path refuses label_smoothing != 0 (it warns and runs the materialised path "
+                "instead, the torch row)")  # fmt: skip
+    return ""
 
 
 def _compiled():
@@ -75,16 +102,14 @@ def _compiled():
     return torch.compile(_torch_loss, backend=COMPILE_BACKEND, dynamic=False)
 
 
-def _fusedls(backend: str, strategy: str = "auto"):
+def _fusedls(backend: str, strategy: str = "auto", smoothing: float = SMOOTHING, filter_eps=None):
     def loss(h, w, t):
         with fusedls.use_backend(backend):
             return fusedls.linear_cross_entropy(
-                h, w, t, ignore_index=IGNORE_INDEX, label_smoothing=SMOOTHING, strategy=strategy
+                h, w, t, ignore_index=IGNORE_INDEX, label_smoothing=smoothing, strategy=strategy, filter_eps=filter_eps
             )
 
     return loss
-
-
 
 
 def _liger():
@@ -114,13 +139,20 @@ class _Inputs:
         self.target = target.masked_fill(ignored, IGNORE_INDEX)
         self.rows = torch.linspace(0, case.rows - 1, min(CHECKED, case.rows), device=device).long()
         self.cols = torch.linspace(0, case.cols - 1, min(CHECKED, case.cols), device=device).long()
-        self.ref = _reference(self.h.detach(), self.w.detach(), self.target, self.rows, self.cols)
+        self.refs = {}
+
+    def ref(self, smoothing: float):
+        """The float64 reference of the workload with ``smoothing``, computed on first use."""
+        if smoothing not in self.refs:
+            self.refs[smoothing] = _reference(self.h.detach(), self.w.detach(), self.target, self.rows, self.cols,
+                                              smoothing)  # fmt: skip
+        return self.refs[smoothing]
 
     def clear(self) -> None:
         self.h.grad = self.w.grad = None
 
 
-def _reference(h, w, target, rows, cols, chunk: int = 256):
+def _reference(h, w, target, rows, cols, smoothing, chunk: int = 256):
     """float64 (loss, grad_hidden[rows], grad_weight[cols]) of the mean smoothed loss, by chunks."""
     h64, w64 = h.double(), w.double()
     n_valid = (target != IGNORE_INDEX).sum().double()
@@ -135,9 +167,9 @@ def _reference(h, w, target, rows, cols, chunk: int = 256):
         logp = torch.log_softmax(x, 1)
         y = t.clamp_min(0)
         nll = -logp.gather(1, y[:, None]).squeeze(1)
-        total += (((1 - SMOOTHING) * nll - SMOOTHING / n_cols * logp.sum(1)) * valid).sum()
-        g = logp.exp() - SMOOTHING / n_cols
-        g[torch.arange(len(t), device=h.device), y] -= 1 - SMOOTHING
+        total += (((1 - smoothing) * nll - smoothing / n_cols * logp.sum(1)) * valid).sum()
+        g = logp.exp() - smoothing / n_cols
+        g[torch.arange(len(t), device=h.device), y] -= 1 - smoothing
         g *= valid[:, None] / n_valid
         grad_w += g[:, cols].T @ h64[start : start + chunk]
         here = (rows >= start) & (rows < start + len(t))
@@ -151,8 +183,9 @@ class LinearCrossEntropyBench(OpBench):
     byte_model = BYTE_MODEL
     workload = (
         f"hidden (N, d) randn, head (V, d) (d = {HIDDEN['cuda']} on GPU, {HIDDEN['cpu']} on CPU), no bias; "
-        f"class-id targets, ~{IGNORE_FRACTION:.0%} ignored; label_smoothing={SMOOTHING}, reduction=mean; "
-        "forward + backward (hidden and weight gradients), gradients cleared before each call (untimed)"
+        f"class-id targets, ~{IGNORE_FRACTION:.0%} ignored; label_smoothing={SMOOTHING} (0 for the providers "
+        f"ending in{EPS0}, compared with 'torch{EPS0}'), reduction=mean; forward + backward (hidden and weight "
+        "gradients), gradients cleared before each call (untimed)"
     )
     check_method = (
         f"loss, grad_hidden of <= {CHECKED} rows and grad_weight of <= {CHECKED} classes against float64 on the "
@@ -176,6 +209,7 @@ class LinearCrossEntropyBench(OpBench):
         found = [
             Provider("torch", "torch", lambda: _torch_loss),
             Provider("torch.compile", "compile", _compiled),
+            Provider("torch.chunked", "torch", _torch_chunked, functools.partial(_torch_chunked_why_not, SMOOTHING)),
             Provider("liger", "external", _liger, _liger_why_not),
         ]
         for strategy in STRATEGIES:  # fusedls/<backend> (auto, the default), then +tokens, +vocab
@@ -184,6 +218,18 @@ class LinearCrossEntropyBench(OpBench):
                     f"fusedls/{backend}" + ("" if strategy == "auto" else f"+{strategy}"), "fusedls",
                     functools.partial(_fusedls, backend, strategy), functools.partial(backend_why_not, "cross_entropy", backend),
                 ))  # fmt: skip
+        for backend in (b.name for b in fusedls.backends()):  # the fused path with its gradient filter
+            found.append(Provider(
+                f"fusedls/{backend}+fused+filter", "fusedls", functools.partial(_fusedls, backend, "fused", SMOOTHING,
+                FILTER_EPS), functools.partial(backend_why_not, "cross_entropy", backend),
+            ))  # fmt: skip
+        # without label smoothing, where torch's chunked path runs: next to torch and fusedls's default
+        found += [
+            Provider("torch" + EPS0, "torch", lambda: functools.partial(_torch_loss, smoothing=0.0)),
+            Provider("torch.chunked" + EPS0, "torch", functools.partial(_torch_chunked, 0.0),
+                     functools.partial(_torch_chunked_why_not, 0.0)),
+            Provider("fusedls" + EPS0, "fusedls", functools.partial(_fusedls, "auto", "auto", 0.0)),
+        ]  # fmt: skip
         return found
 
     def prepare(self, case: Case, device: torch.device) -> _Inputs:
@@ -193,7 +239,7 @@ class LinearCrossEntropyBench(OpBench):
         return data.w.detach()
 
     def check(self, fn, provider: Provider, case: Case, data: _Inputs) -> float:
-        ref_loss, ref_gh, ref_gw = data.ref
+        ref_loss, ref_gh, ref_gw = data.ref(_smoothing(provider))
         rtol = tolerance(case.torch_dtype)["rtol"]
         data.clear()
         loss = fn(data.h, data.w, data.target)
@@ -205,6 +251,10 @@ class LinearCrossEntropyBench(OpBench):
         )
         data.clear()
         return max(errors)
+
+    def extras(self, provider: Provider, case: Case, data: _Inputs) -> dict:
+        """The eps=0 rows' speed-up and memory are against torch's eps=0 row."""
+        return {"reference": "torch" + EPS0} if provider.name.endswith(EPS0) else {}
 
     def timed_call(self, fn, provider: Provider, case: Case, data: _Inputs):
         return data.clear, lambda: fn(data.h, data.w, data.target).backward()

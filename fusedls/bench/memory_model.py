@@ -6,7 +6,9 @@
 For every (tokens, vocab) given, for forward + backward of the mean label-smoothed loss (``label_smoothing=0.1``, gradients of
 hidden and weight), prints the peak bytes allocated by: torch's ``F.cross_entropy(F.linear(h, W))``,
 and ``fusedls.linear_cross_entropy`` on the triton backend with each ``strategy`` (``auto``, the
-default, is ``fusedls/triton``), for
+default, is ``fusedls/triton``) and, for a half-precision head, with the weight gradient summed in
+place (``acc_dtype`` the head's dtype: ``fusedls/triton+acc_dtype=bf16``, where ``auto`` takes the
+token chunks), for
 ``reduction="mean"`` and ``"none"`` (summed), each with its ratio to torch. The count is
 :class:`~fusedls.bench.live_bytes.LiveBytes` (every storage created by an ATen op, while alive;
 the inputs not counted, the gradients counted) with the triton launchers run on meta tensors and
@@ -30,6 +32,7 @@ import fusedls
 from .live_bytes import peak_live_bytes, triton_on_meta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SMOOTHING = 0.1
 
 
@@ -47,17 +50,21 @@ def model(tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> list[dict
     t = torch.zeros(tokens, device="meta", dtype=torch.long)
     torch_peak = _peak(lambda: F.cross_entropy(F.linear(h, w), t, label_smoothing=SMOOTHING), h, w)
     rows = [dict(provider="torch", reduction="mean", peak_bytes=torch_peak, memory_vs_torch=1.0)]
-    for strategy in fusedls.ops.linear_cross_entropy.STRATEGIES:
+    variants = [(strategy, None) for strategy in fusedls.ops.linear_cross_entropy.STRATEGIES]
+    if dtype.itemsize == 2:  # the weight gradient summed in place: a half-precision head only
+        variants.append(("auto", dtype))
+    for strategy, acc in variants:
         for reduction in ("mean", "none"):
 
             def loss():
                 out = fusedls.linear_cross_entropy(h, w, t, label_smoothing=SMOOTHING, reduction=reduction,
-                                                   strategy=strategy)  # fmt: skip
+                                                   strategy=strategy, acc_dtype=acc)  # fmt: skip
                 return out.sum() if reduction == "none" else out
 
             with triton_on_meta(), fusedls.use_backend("triton"):
                 peak = _peak(loss, h, w)
             provider = "fusedls/triton" + ("" if strategy == "auto" else f"+{strategy}")
+            provider += f"+acc_dtype={_NAMES[acc]}" if acc is not None else ""
             rows.append(dict(provider=provider, reduction=reduction, peak_bytes=peak, memory_vs_torch=peak / torch_peak))
     return rows
 
@@ -72,12 +79,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     table = []
     print(f"linear cross-entropy fwd+bwd peak memory (counted on meta), d = {args.hidden}, {args.dtype}")
-    print(f"{'tokens':>7}{'vocab':>8}  {'provider':<22}{'reduction':<11}{'peak MiB':>10}{'vs torch':>10}")
+    print(f"{'tokens':>7}{'vocab':>8}  {'provider':<36}{'reduction':<11}{'peak MiB':>10}{'vs torch':>10}")
     for tokens in args.tokens:
         for vocab in args.vocab:
             for r in model(tokens, args.hidden, vocab, DTYPES[args.dtype]):
                 table.append(dict(tokens=tokens, hidden=args.hidden, vocab=vocab, dtype=args.dtype, **r))
-                print(f"{tokens:>7}{vocab:>8}  {r['provider']:<22}{r['reduction']:<11}"
+                print(f"{tokens:>7}{vocab:>8}  {r['provider']:<36}{r['reduction']:<11}"
                       f"{r['peak_bytes'] / 2**20:>10.0f}{r['memory_vs_torch']:>10.3f}")
     if args.csv:
         write_csv(args.csv, table)

@@ -8,8 +8,10 @@ hand-off to torch below some size) against torch's own op or composition, on the
 Method: every provider is warmed up and checked first; then, in ``ROUNDS`` rounds, each provider in
 turn times a block of calls (a block lasts about ``BLOCK_S``), so the providers are interleaved
 and drift of the machine hits them alike; a provider's time is the median over the rounds of its
-per-call mean. CPU: one thread (``torch.set_num_threads(1)`` for the run). CUDA: a block ends
-with a synchronisation, so a call's time is its host time when the host is the bottleneck.
+per-call mean. CPU: one thread (``torch.set_num_threads(1)`` for the run), timed by the thread's
+CPU time (``time.thread_time``), which other processes on a shared machine do not inflate. CUDA:
+wall time, and a block ends with a synchronisation, so a call's time is its host time when the
+host is the bottleneck.
 Rows: ``<op>`` (fusedls) and ``<op>:torch``; ``x torch`` is the torch provider's time over
 fusedls's (above 1: fusedls is faster).
 """
@@ -182,8 +184,8 @@ class OverheadBench(OpBench):
     check_method = "each fusedls op's value against float64 torch (dropout: survivors exactly x/(1-p))"
     chart = "bars"
     timing = ("interleaved rounds: each provider in turn times a block of calls (~20 ms), 15 rounds; a "
-              "provider's time is the median of its per-call means (CPU: one thread; CUDA: each block ends with a "
-              "synchronisation)")
+              "provider's time is the median of its per-call means (CPU: one thread, the thread's CPU time; CUDA: "
+              "wall time, each block ending with a synchronisation)")
     memory = "not measured (tiny inputs)"
     sweeps = {
         "cpu": [Slice(("fwd+bwd",), ("fp32",), (ROWS,), (COLS,))],
@@ -236,19 +238,20 @@ class OverheadBench(OpBench):
                 for _ in range(3):
                     call(data)
                 _sync(device)
-                per_call = max((time.perf_counter() - start) / 3, 1e-7)
+                per_call = max((time.perf_counter() - start) / 3, 1e-7)  # sizes the blocks only
                 timed.append((row, call, data, max(1, int(BLOCK_S / per_call))))
             except Exception as exc:  # a provider that cannot run keeps a status
                 row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        clock = time.perf_counter if device.type == "cuda" else time.thread_time
         per_call = {id(row): [] for row, *_ in timed}
         for _ in range(ROUNDS):
             for row, call, data, n in timed:
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(n):
                     call(data)
                 _sync(device)
-                per_call[id(row)].append(1e3 * (time.perf_counter() - start) / n)
+                per_call[id(row)].append(1e3 * (clock() - start) / n)
         for row, *_ in timed:
             row.update(dataclasses.asdict(summarize(per_call[id(row)])))
         derive(rows)

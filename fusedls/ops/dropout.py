@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import functools
 
 import torch
 
@@ -130,8 +129,9 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def _check_p(p, training) -> float:
-    p = check_unit_interval("p", p)
-    if not isinstance(training, bool):
+    if type(p) is not float or not 0.0 <= p <= 1.0:  # the usual call passes a float in range: no more checks
+        p = check_unit_interval("p", p)
+    if type(training) is not bool:
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     return p
 
@@ -159,9 +159,13 @@ def _check_x_residual(x, residual, scalar_ok: bool = False) -> None:
         check_same_device("x", x, residual=residual)
 
 
-def _promote(*tensors: torch.Tensor | None) -> torch.dtype:
+def _promote(x: torch.Tensor, *others: torch.Tensor | None) -> torch.dtype:
     """torch's result dtype of adding the tensors given (None skipped)."""
-    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+    dtype = x.dtype
+    for t in others:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def dropout(

@@ -1,9 +1,11 @@
-"""``linear_cross_entropy``: cross-entropy of ``hidden @ weight.T + bias`` without the logits.
+"""``linear_cross_entropy``: torch's ``F.linear_cross_entropy`` (the cross-entropy of ``input @
+linear_weight.T + linear_bias``) without the logits.
 
 Layers (one name, ``linear_cross_entropy``, at each):
 
-* :func:`linear_cross_entropy` checks the arguments (metadata only), flattens ``hidden`` to
-  ``(N, d)`` rows and applies :class:`LinearCrossEntropyFunction`;
+* :func:`linear_cross_entropy` checks the arguments (metadata only) and lays them out as ``(N, d)``
+  rows and one ``(V, d)`` head per position of the weight (``linear_cross_entropy_args.py``),
+  applies :class:`LinearCrossEntropyFunction` to each head and combines them;
 * :class:`LinearCrossEntropyFunction` picks the gradient strategy and does the reduction;
 * the ``fusedls::linear_cross_entropy_*`` custom ops (opaque to ``torch.compile``) run the chunk
   loop below with the cross-entropy backend (``fusedls/backend/triton/cross_entropy.py`` or
@@ -24,7 +26,9 @@ L2 (the fused path of ``cross_entropy(..., inplace_backward=True)``); then
   an fp32 output (fp32 accumulation within the chunk, never rounded to bf16) that adds into the
   block (``addmm(out_dtype=float32)``; see _WeightGrad for the fallback); elsewhere the block's
   slice of ``g`` and ``h_c`` are upcast to fp32 for that matmul. The sum is rounded once to the
-  weight dtype at the end, block by block (see _WeightGrad),
+  weight dtype at the end, block by block (see _WeightGrad). With ``acc_dtype`` the weight's
+  half-precision dtype the chunks' products are summed in the gradient's own storage instead
+  (``addmm_``, one rounding per chunk, no fp32 buffer: _InPlaceWeightGrad),
 * ``grad_bias += g.sum(0)`` in fp32 likewise.
 
 Label smoothing, class weights, z-loss and soft-capping are applied by the cross-entropy kernel
@@ -34,13 +38,15 @@ on each logits chunk (it reads every logit anyway), so the rank-one identity
 Gradient strategy. ``mean``/``sum``: the gradient of every row is known up to the upstream scalar,
 so forward computes all three gradients and backward only multiplies them by ``grad_out`` in
 place (skipped on the device where it is exactly 1: ``loss.backward()``); a factor other than 1
-rounds them a second time. ``none``: forward keeps only each row's lse and gradient coefficient
-(two fp32 numbers per token); backward recomputes the chunks' logits and writes the gradient with
-the per-row upstream factors, so nothing logits-sized outlives a chunk either way.
+rounds them a second time. ``none``, and probability targets that require grad: forward keeps
+only each row's lse and gradient coefficient (two fp32 numbers per token); backward recomputes
+the chunks' logits and writes the gradients with the per-row upstream factors, so nothing
+logits-sized outlives a chunk either way.
 
 Which strategy: ``strategy="auto"`` (the default) takes the token chunks above when their
 working memory (fp32 sum + one chunk) is at most one ``(N, V)`` logits tensor, else the vocabulary
-blocks (:func:`pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
+blocks (:func:`pick_strategy`); ``"tokens"`` / ``"vocab"`` force one. ``"fused"`` (never formed
+logits: a Triton GEMM with a cross-entropy epilogue) runs ``linear_cross_entropy_fused.py``.
 
 Vocabulary blocks (``strategy="vocab"``, no fp32 buffer of the weight gradient, a 4th matmul):
 the token chunks above give each row's loss, lse and coef (and, for ``mean``/``sum``,
@@ -56,18 +62,17 @@ import torch
 
 from ..backend import registry
 from .._tensors import acc_dtype
-from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._custom_op import custom_op
 from . import linear_cross_entropy_fused as fused_path
 from . import linear_cross_entropy_vocab as vocab
-from .cross_entropy import _cross_entropy_scale_grad_
+from .cross_entropy import _argmax_out, _cross_entropy_scale_grad_
 from ._loss import (
-    REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward, mean_denominator,
-    reduce_rows, result,
+    CrossEntropyResult, check_target_values, finish_forward, mean_denominator, reduce_rows, result, token_accuracy,
 )  # fmt: skip
+from .linear_cross_entropy_args import STRATEGIES, Parsed, legacy_keywords, parse
 from .linear_cross_entropy_tokens import backward_chunks, forward_chunks, pass1, pick_strategy, tokens_per_chunk
 
-STRATEGIES = ("auto", "tokens", "vocab", "fused")
+__all__ = ["STRATEGIES", "LinearCrossEntropyFunction", "linear_cross_entropy"]
 
 
 # ---------------------------------------------------------------------------------- custom ops
@@ -90,20 +95,24 @@ def _linear_cross_entropy_fwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    want_argmax: bool,
+    sum_in_place: bool,
     backend: str,
     strategy: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, coef) per row and, when ``grad_scale`` is given, the gradients (hidden,
-    weight, bias) times it; gradients not asked for are empty. ``chunk_size`` 0: the default."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef) per row, when ``grad_scale`` is given the gradients (hidden, weight, bias)
+    times it, and each row's argmax when ``want_argmax``; outputs not asked for are empty.
+    ``chunk_size`` 0: the default."""
     check_target_values(target, weight.shape[0], ignore_index)
     write_grad = grad_scale is not None
     need = tuple(need and write_grad for need in (need_hidden, need_weight, need_bias))
     # strategy="vocab": the token chunks give grad_hidden only, the vocabulary blocks the rest
     per_chunk = need if strategy == "tokens" else (need[0], False, False)
-    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need[1])
+    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need[1], sum_in_place)
+    argmax = _argmax_out(hidden, want_argmax)
     loss, lse, coef, grad_h, grad_w_chunks, grad_b = forward_chunks(
         hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, (z_loss, softcap),
-        chunk_rows, per_chunk, backend, storage=grad_w,
+        chunk_rows, per_chunk, backend, grad_w, argmax if want_argmax else None, sum_in_place,
     )  # fmt: skip
     if strategy == "vocab":
         _, grad_w, grad_b = vocab.block_grads(hidden, weight, bias, target, class_weight, lse, coef, grad_scale,
@@ -111,7 +120,7 @@ def _linear_cross_entropy_fwd(
                                               grad_w)  # fmt: skip
     else:
         grad_w = grad_w_chunks
-    return loss, lse, coef, grad_h, grad_w, grad_b
+    return loss, lse, coef, grad_h, grad_w, grad_b, argmax
 
 
 def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
@@ -124,11 +133,11 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 @_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, z_loss, softcap,
-      chunk_size, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
+      chunk_size, need_hidden, need_weight, need_bias, want_argmax, sum_in_place, backend, strategy):  # fmt: skip
     row = hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden))
     write = grad_scale is not None
     grads = _fake_grads(hidden, weight, bias, need_hidden and write, need_weight and write, need_bias and write)
-    return (row, torch.empty_like(row), torch.empty_like(row), *grads)
+    return (row, torch.empty_like(row), torch.empty_like(row), *grads, _argmax_out(hidden, want_argmax))
 
 
 @custom_op("fusedls::linear_cross_entropy_bwd", mutates_args=())
@@ -149,17 +158,22 @@ def _linear_cross_entropy_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    need_target: bool,
+    sum_in_place: bool,
     backend: str,
     strategy: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (hidden, weight, bias) for per-row upstream factors ``grad_loss`` (fp32 (N,)),
-    recomputing each chunk's (or vocabulary block's) logits; gradients not asked for are empty."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (hidden, weight, bias, probability target) for per-row upstream factors
+    ``grad_loss`` (fp32 (N,)), recomputing each chunk's (or vocabulary block's) logits;
+    gradients not asked for are empty."""
     need = (need_hidden, need_weight, need_bias)
-    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need_weight)
+    chunk_rows, grad_w = pass1(hidden, weight, chunk_size, strategy, need_weight, sum_in_place)
     args = (hidden, weight, bias, target, class_weight, lse, coef)
     opts = (ignore_index, keep, spread, softcap)
-    if strategy != "vocab":
-        return backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend)
+    grad_t = torch.empty_like(target) if need_target else None
+    if strategy != "vocab":  # the only strategy of probability targets
+        grads = backward_chunks(grad_loss, *args, *opts, chunk_rows, need, backend, None, grad_t, sum_in_place)
+        return (*grads, grad_t if need_target else hidden.new_empty(0))
     # grad_hidden: summed over the blocks when they run anyway (a weight or bias gradient) and its
     # fp32 sum is small (linear_cross_entropy_vocab.py), else from the token chunks recomputed (a
     # 5th matmul with the blocks, no such buffer)
@@ -169,13 +183,14 @@ def _linear_cross_entropy_bwd(
         grad_h = backward_chunks(grad_loss, *args, *opts, chunk_rows, (True, False, False), backend, grad_w)[0]
     block_h, grad_w, grad_b = vocab.block_grads(*args, grad_loss, *opts, (in_blocks, need_weight, need_bias),
                                                  backend, grad_w)  # fmt: skip
-    return (block_h if in_blocks else grad_h), grad_w, grad_b
+    return (block_h if in_blocks else grad_h), grad_w, grad_b, hidden.new_empty(0)
 
 
 @_linear_cross_entropy_bwd.register_fake
 def _(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread, softcap,
-      chunk_size, need_hidden, need_weight, need_bias, backend, strategy):  # fmt: skip
-    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+      chunk_size, need_hidden, need_weight, need_bias, need_target, sum_in_place, backend, strategy):  # fmt: skip
+    grad_t = torch.empty_like(target) if need_target else hidden.new_empty(0)
+    return (*_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias), grad_t)
 
 
 # --------------------------------------------------------------------------- autograd Function
@@ -194,187 +209,223 @@ class Call(NamedTuple):
     backend: str  # the cross-entropy backend of each chunk
     strategy: str  # "tokens", "vocab" or "fused" (auto already decided)
     grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
-    extras: bool  # return (loss, z, lse) rather than the loss alone
+    extras: bool  # return (loss, z, lse, argmax) rather than the loss alone
     want_z: bool
+    want_argmax: bool
+    sum_in_place: bool  # the weight gradient summed over the chunks in its own storage (acc_dtype)
+    retain: bool  # backward scales copies of the forward's gradients (allow_retain_graph)
     filter_eps: float = 0.0  # strategy="fused": skip gradient tiles below it (0: exact)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Loss of ``(N, d)`` hidden rows through the ``(V, d)`` head; see the module docstring.
+    """Loss of ``(N, d)`` hidden rows through one ``(V, d)`` head; see the module docstring.
 
-    ``forward(hidden, weight, bias, target, class_weight, call)`` -> the loss, or ``(loss, z, lse)``
-    with ``call.extras``, as :class:`~fusedls.ops.cross_entropy.CrossEntropyFunction`.
+    ``forward(hidden, weight, bias, target, class_weight, denom, call)`` -> the loss, or ``(loss,
+    z, lse, argmax)`` with ``call.extras``, as :class:`~fusedls.ops.cross_entropy.CrossEntropyFunction`.
+    ``target``: ``(N,)`` class ids or ``(N, V)`` probabilities (gradient when it requires grad);
+    ``denom``: the denominator of ``"mean"`` (a tensor or a number), None to compute this head's
+    own (several heads share one).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, call):
-        needs = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, bias, target, class_weight, denom, call):
+        needs, prob, n_rows = ctx.needs_input_grad, target.is_floating_point(), hidden.shape[0]
         need = (call.grad_enabled and needs[0], call.grad_enabled and needs[1],
                 call.grad_enabled and needs[2] and bias is not None)  # fmt: skip
-        denom = None
-        if call.reduction == "mean":
-            denom = mean_denominator(target, class_weight, call.ignore_index, weight.shape[0], acc_dtype(hidden))
-        fused = any(need) and call.reduction != "none"
+        need_target = call.grad_enabled and prob and needs[3]
+        if call.reduction == "mean" and denom is None:
+            denom = float(n_rows) if prob else mean_denominator(target, class_weight, call.ignore_index,
+                                                                 weight.shape[0], acc_dtype(hidden))  # fmt: skip
+        fused = any(need) and not need_target and call.reduction != "none"
         grad_scale = None
         if fused:
-            grad_scale = torch.reciprocal(denom) if denom is not None else torch.ones(
-                (), device=hidden.device, dtype=acc_dtype(hidden))  # fmt: skip
+            if isinstance(denom, torch.Tensor):
+                grad_scale = torch.reciprocal(denom)
+            else:  # None (sum) or a row count (0: no rows to scale)
+                grad_scale = torch.full((), 1.0 / denom if denom else 1.0, device=hidden.device, dtype=acc_dtype(hidden))
         args = (hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
                 call.z_loss, call.softcap)  # fmt: skip
-        if call.strategy == "fused":
+        if call.strategy == "fused":  # class ids, no argmax (linear_cross_entropy_args refuses the rest)
             loss, lse, coef, *grads = fused_path.linear_cross_entropy_fused_fwd(*args, call.filter_eps, *need, call.backend)
+            argmax = _argmax_out(hidden, False)
         else:
-            loss, lse, coef, *grads = _linear_cross_entropy_fwd(*args, call.chunk_size, *need, call.backend,
-                                                                call.strategy)  # fmt: skip
+            loss, lse, coef, *grads, argmax = _linear_cross_entropy_fwd(
+                *args, call.chunk_size, *need, call.want_argmax, call.sum_in_place, call.backend, call.strategy
+            )  # fmt: skip
         if fused:
             ctx.save_for_backward(*grads)
-        elif any(need):
+        elif any(need) or need_target:
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, coef)
-        ctx.fused, ctx.need, ctx.call = fused, need, call
+        ctx.fused, ctx.need, ctx.need_target, ctx.denom, ctx.call = fused, need, need_target, denom, call
         if call.extras:
-            return finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z)
+            return (*finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z), argmax)
         ctx.set_materialize_grads(False)
         return reduce_rows(loss, call.reduction, denom)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_extras):
-        if grad_out is None or not any(ctx.need):
-            return None, None, None, None, None, None
+        if grad_out is None or not (any(ctx.need) or ctx.need_target):
+            return None, None, None, None, None, None, None
         call = ctx.call
         factor = grad_out if grad_out.dtype == acc_dtype(grad_out) else grad_out.to(acc_dtype(grad_out))
         if ctx.fused:
             # Forward computed the gradients for an upstream 1; scale them in place (no work
-            # on the device where the factor is 1). Backward twice is refused by autograd.
-            grads = ctx.saved_tensors
+            # on the device where the factor is 1). Backward twice is refused by autograd, unless
+            # allow_retain_graph asked for copies to be scaled.
+            grads = [g.clone() if call.retain and need else g for g, need in zip(ctx.saved_tensors, ctx.need)]
             for grad, need in zip(grads, ctx.need):
                 if need:
                     _cross_entropy_scale_grad_(grad.view(-1, grad.shape[-1]), factor, call.backend)
+            grads.append(None)
         else:
             hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
+            if call.reduction == "mean":
+                factor = factor / ctx.denom
             args = (factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
                     call.ignore_index, call.keep, call.spread, call.softcap)  # fmt: skip
             if call.strategy == "fused":
-                grads = fused_path.linear_cross_entropy_fused_bwd(*args, call.filter_eps, *ctx.need, call.backend)
+                grads = [*fused_path.linear_cross_entropy_fused_bwd(*args, call.filter_eps, *ctx.need, call.backend),
+                         None]  # fmt: skip
             else:
-                grads = _linear_cross_entropy_bwd(*args, call.chunk_size, *ctx.need, call.backend, call.strategy)
-        return (*(g if need else None for g, need in zip(grads, ctx.need)), None, None, None)
+                grads = _linear_cross_entropy_bwd(*args, call.chunk_size, *ctx.need, ctx.need_target, call.sum_in_place,
+                                                  call.backend, call.strategy)  # fmt: skip
+        grads = [g if need else None for g, need in zip(grads, (*ctx.need, ctx.need_target))]
+        return (*grads[:3], grads[3], None, None, None)
 
 
 # ---------------------------------------------------------------------------- public function
 
 
-def _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size):
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("target", target)):
-        check_tensor(name, tensor)
-    check_floating("hidden", hidden)
-    check_int("ignore_index", ignore_index)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_same_device("hidden", hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape (..., d), got a scalar")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    n_cols = weight.shape[0]
-    if n_cols == 0:
-        raise ValueError("weight has 0 rows (classes): no class id can be valid")
-    if target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold class ids (an integer dtype), got {target.dtype}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's without d), got {tuple(target.shape)}")
-    for name, vector, dtype in (("bias", bias, hidden.dtype), ("class_weight", class_weight, None)):
-        if vector is None:
-            continue
-        check_tensor(name, vector)
-        check_floating(name, vector)
-        if vector.shape != (n_cols,):
-            raise ValueError(f"{name} must have shape ({n_cols},), one entry per class, got {tuple(vector.shape)}")
-        if dtype is not None and vector.dtype != dtype:
-            raise TypeError(f"{name} must have hidden's dtype {dtype}, got {vector.dtype}")
-    if chunk_size is not None and (check_int("chunk_size", chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-
-
 def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    ignore_index: int = -100,
+    *positional,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    class_weight: torch.Tensor | None = None,
+    options=None,
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_z_loss: bool = False,
     return_lse: bool = False,
+    return_accuracy: bool = False,
     chunk_size: int | None = None,
     strategy: str = "auto",
+    acc_dtype: torch.dtype | None = None,
+    loss_dtype: torch.dtype | None = None,
     filter_eps: float | None = None,
+    **legacy,
 ) -> torch.Tensor | CrossEntropyResult:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without the logits.
+    """Drop-in for torch's :func:`torch.nn.functional.linear_cross_entropy`, without the logits.
 
-    Same value and gradients (``hidden``, ``weight``, ``bias``) as that composition, for
-    ``hidden`` of shape ``(..., d)``, ``weight`` ``(V, d)`` (an LM head), ``bias`` ``(V,)``,
-    ``target`` ``(...)`` class ids; ``ignore_index``, ``reduction`` ("none" gives the target's
-    shape), ``label_smoothing`` and ``class_weight`` (torch's ``weight``) as in
-    :func:`fusedls.cross_entropy`, and its options ``z_loss``, ``softcap``, ``return_z_loss``,
-    ``return_lse`` with the same meaning and the same return convention (a
-    :class:`~fusedls.CrossEntropyResult` when an extra is asked for; ``lse`` in fp32, 0 on ignored
-    rows). The loss has ``hidden``'s dtype, as torch's would.
+    ``F.cross_entropy(F.linear(input, linear_weight, linear_bias).reshape(*batch, C, d_1, ...,
+    d_K), target, weight, ...)`` with torch's signature, shapes, values and gradients (``input``,
+    ``linear_weight``, ``linear_bias`` and a probability ``target``): ``input`` ``(d,)``, ``(N,
+    d)`` (or ``(..., d)`` beyond torch, for a ``(C, d)`` weight), ``linear_weight`` ``(C, d)`` (an
+    LM head) or ``(C, d_1, ..., d_K, d)`` with ``linear_bias`` ``(C, d_1, ..., d_K)``; ``target``
+    of class ids ``(*batch, d_1, ..., d_K)``, or of probabilities of the logits' shape; ``weight``
+    the class weights; ``reduction``, ``label_smoothing`` as torch; ``ignore_index`` None means
+    -100 for class ids (and must be None for probabilities); ``options`` torch's
+    ``LinearCrossEntropyOptions`` (what each field does here:
+    :func:`~fusedls.ops.linear_cross_entropy_args.read_options`). The loss has ``input``'s dtype
+    (torch's promotion for probabilities). Bad arguments raise ValueError / TypeError that are
+    also torch's RuntimeError; a 4th positional argument is refused (``linear_bias=`` is a
+    keyword, as in torch), the earlier names ``bias=`` and ``class_weight=`` still work with a
+    DeprecationWarning.
+
+    fusedls's keyword-only extras: ``z_loss``, ``softcap``, ``return_z_loss``, ``return_lse``,
+    ``return_accuracy`` as in :func:`fusedls.cross_entropy` (a
+    :class:`~fusedls.CrossEntropyResult` when one is asked for; ``lse`` fp32, 0 on ignored rows;
+    the accuracy from each token's argmax, found in the same pass as the loss through every
+    chunk); ``loss_dtype`` the dtype of the returned loss and z-loss (e.g. ``torch.float32`` for
+    a bf16 head: the fp32 value with no bf16 rounding); ``acc_dtype`` how the weight gradient is
+    summed over token chunks (None: exact fp32; the weight's dtype: in place in the gradient, no
+    fp32 ``(V, d)`` buffer, one rounding per chunk); ``chunk_size`` tokens per chunk;
+    ``strategy``; ``filter_eps`` (``strategy="fused"``, which it selects under ``"auto"``).
 
     Memory: the logits never exist whole. ``strategy="tokens"``: one chunk of ``chunk_size``
-    tokens at a time (default: about ``CHUNK_BYTES`` of logits; see the module docstring for the
-    gradient accumulation), so the peak is that chunk plus an fp32 ``(V, d)`` buffer for
-    ``grad_weight`` (for a bf16/fp16 head), instead of several ``(N, V)`` tensors.
-    ``strategy="vocab"`` holds no fp32 buffer of the weight gradient: its token chunks, then
-    most of its blocks of classes, live in that gradient's storage not yet written, and only
-    the last classes take a small own buffer, at the price of one more logits matmul
-    (``linear_cross_entropy_vocab.py``); same values and gradients. Llama-3 8B head, bf16,
-    counted with ``python -m fusedls.bench.memory_model``: ``F.linear`` + torch's cross-entropy
-    12024 MiB, ``"tokens"`` 3134 MiB, ``"vocab"`` 1163 MiB.
-    ``strategy="auto"`` (default) takes the token chunks when their working memory is no more than
-    one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`): the Llama-3
-    head gets the token chunks at 16k tokens per call and the blocks at 4k, where the chunks
-    would need more memory than torch. ``strategy="fused"`` never forms logits at all: a Triton
-    GEMM computes the loss in its epilogue, and the gradients come by blocks of classes as for
-    ``"vocab"`` (``linear_cross_entropy_fused.py``). ``filter_eps`` (``"fused"``; with ``"auto"``
-    it selects ``"fused"``): gradient tiles whose per-token softmax part is below it everywhere are
+    tokens at a time (default: about ``CHUNK_BYTES`` of logits), so the peak is that chunk plus an
+    fp32 ``(V, d)`` buffer for ``grad_weight`` (for a bf16/fp16 head, unless ``acc_dtype`` sums in
+    place). ``strategy="vocab"`` holds no fp32 buffer of the weight gradient: its token chunks,
+    then most of its blocks of classes, live in that gradient's storage not yet written, at the
+    price of one more logits matmul (``linear_cross_entropy_vocab.py``); class-id targets only.
+    ``strategy="auto"`` (default) takes the token chunks when their working memory is no more
+    than one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`).
+    ``strategy="fused"`` never forms logits at all: a Triton GEMM computes the loss in its
+    epilogue and the gradients come by blocks of classes as for ``"vocab"``
+    (``linear_cross_entropy_fused.py``; class ids and a ``(C, d)`` weight, no ``return_accuracy``).
+    ``filter_eps``: its gradient tiles whose per-token softmax part is below it everywhere are
     skipped, the smoothing term kept exact; not with ``softcap``. Works under autograd and
     ``torch.compile`` (custom ops, no graph break).
     """
-    _check_linear_args(hidden, weight, target, bias, class_weight, ignore_index, reduction, chunk_size)
-    eps = check_unit_interval("label_smoothing", label_smoothing)
-    check_choice("strategy", strategy, STRATEGIES)
-    z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
+    if positional:
+        raise TypeError(f"linear_cross_entropy() takes 3 positional arguments (input, linear_weight, target) as "
+                        f"torch's, got {3 + len(positional)}: pass the head's bias as linear_bias=")  # fmt: skip
+    if legacy:
+        linear_bias, weight = legacy_keywords(legacy, linear_bias, weight)
+    call = parse(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
+                 chunk_size, acc_dtype, loss_dtype, strategy, (z_loss, softcap, return_z_loss, return_lse,
+                 return_accuracy))  # fmt: skip
     filter_eps = fused_path.check_filter_eps(filter_eps, softcap, strategy)
     if filter_eps:
         strategy = "fused"
-    n_cols, d = weight.shape
-    rows = hidden if hidden.dim() == 2 and hidden.is_contiguous() else hidden.reshape(-1, d).contiguous()
-    target_rows = target if target.dim() == 1 else target.reshape(-1)
-    if target_rows.dtype not in (torch.int64, torch.int32):
-        target_rows = target_rows.to(torch.int64)
-    class_weight_acc = class_weight.to(acc_dtype(hidden)).contiguous() if class_weight is not None else None
-    tokens_chunk = tokens_per_chunk(rows.shape[0], n_cols, hidden.element_size(), hidden.device, chunk_size)
-    strategy = pick_strategy(strategy, rows.shape[0], weight, tokens_chunk)
+    n_rows, n_cols = call.rows.shape[0], linear_weight.shape[0]
+    tokens_chunk = tokens_per_chunk(n_rows, n_cols, input.element_size(), input.device, call.chunk_size)
+    head = call.heads[0]
+    if not call.prob:
+        strategy = pick_strategy(strategy, n_rows, head.weight, tokens_chunk, call.sum_in_place)
+    if strategy == "fused":
+        fused_path.check_call(call, return_accuracy)
     op = "linear_cross_entropy" if strategy == "fused" else "cross_entropy"
-    backend = registry.resolve(hidden.device, hidden.dtype, op, features | ({"filter"} if filter_eps else set()))
-    extras = return_z_loss or return_lse
-    call = Call(reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap, chunk_size or 0, backend, strategy,
-                torch.is_grad_enabled(), extras, return_z_loss, filter_eps)  # fmt: skip
-    out = LinearCrossEntropyFunction.apply(rows, weight, bias, target_rows, class_weight_acc, call)
-    loss = out[0] if extras else out
-    if reduction == "none" and loss.shape != target.shape:
-        loss = loss.reshape(target.shape)
-    if loss.dtype != hidden.dtype:
-        loss = loss.to(hidden.dtype)
+    backend = registry.resolve(input.device, input.dtype, op, call.features | ({"filter"} if filter_eps else set()))
+    extras = return_z_loss or return_lse or return_accuracy
+    fn_call = Call(reduction, call.ignore_index, 1.0 - call.eps, call.eps / n_cols, call.z_loss, call.softcap,
+                   call.chunk_size or 0, backend, "tokens" if call.prob else strategy, torch.is_grad_enabled(), extras,
+                   return_z_loss, return_accuracy, call.sum_in_place, call.retain, filter_eps)  # fmt: skip
+    if len(call.heads) == 1:
+        outs = [LinearCrossEntropyFunction.apply(call.rows, head.weight, head.bias, head.target, call.class_weight,
+                                                 None, fn_call)]  # fmt: skip
+    else:
+        denom = _shared_denominator(call, reduction, n_cols)
+        outs = [LinearCrossEntropyFunction.apply(call.rows, h.weight, h.bias, h.target, call.class_weight, denom,
+                                                 fn_call) for h in call.heads]  # fmt: skip
+    return _combine(outs, call, reduction, return_z_loss, return_lse, return_accuracy)
+
+
+def _shared_denominator(call: Parsed, reduction: str, n_cols: int):
+    """torch's ``"mean"`` denominator over every head's rows (several heads: a K-dimensional weight)."""
+    if reduction != "mean":
+        return None
+    if call.prob:
+        return float(call.rows.shape[0] * len(call.heads))
+    target = torch.stack([h.target for h in call.heads])
+    return mean_denominator(target, call.class_weight, call.ignore_index, n_cols, acc_dtype(call.rows))
+
+
+def _combine(outs: list, call: Parsed, reduction: str, return_z_loss: bool, return_lse: bool, return_accuracy: bool):
+    """The loss (or :class:`CrossEntropyResult`) of the heads' outputs: per-row values of every
+    head side by side in torch's ``(*batch, d_1, ..., d_K)`` layout, reduced values summed (the
+    heads share the ``"mean"`` denominator)."""
+    extras = return_z_loss or return_lse or return_accuracy
+
+    def joined(values: list, rows: bool) -> torch.Tensor:
+        if rows:
+            return (values[0] if len(values) == 1 else torch.stack(values, -1)).reshape(call.row_shape)
+        return values[0] if len(values) == 1 else torch.stack(values).sum(0)
+
+    loss = joined([o[0] if extras else o for o in outs], reduction == "none").to(call.out_dtype)
     if not extras:
         return loss
-    z = out[1].reshape(target.shape) if return_z_loss and reduction == "none" else out[1]
-    return result(loss, z.to(hidden.dtype), out[2].reshape(target.shape), return_z_loss, return_lse)
+    z = joined([o[1] for o in outs], reduction == "none").to(call.out_dtype) if return_z_loss else None
+    lse = joined([o[2] for o in outs], True) if return_lse else None
+    accuracy = None
+    if return_accuracy:
+        argmax = torch.stack([o[3] for o in outs], -1)
+        target = torch.stack([h.target for h in call.heads], -1)
+        accuracy = token_accuracy(argmax, target, call.ignore_index, reduction, acc_dtype(call.rows))
+        accuracy = accuracy.reshape(call.row_shape) if reduction == "none" else accuracy
+    return result(loss, z, lse, return_z_loss, return_lse, accuracy)

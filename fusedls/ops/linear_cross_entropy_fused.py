@@ -71,6 +71,18 @@ def check_filter_eps(filter_eps, softcap, strategy: str) -> float:
     return eps
 
 
+def check_call(call, return_accuracy: bool) -> None:
+    """The fused path takes class-id targets through one ``(C, d)`` head, without the accuracy
+    (``call``: a :class:`~fusedls.ops.linear_cross_entropy_args.Parsed`)."""
+    if call.prob:
+        raise ValueError("strategy='fused' (and filter_eps) takes class-id targets, got probabilities")
+    if len(call.heads) > 1:
+        raise ValueError("strategy='fused' (and filter_eps) takes a (C, d) linear_weight, got a K-dimensional one")
+    if return_accuracy:
+        raise ValueError("strategy='fused' (and filter_eps) does not compute return_accuracy; use strategy='tokens', "
+                         "'vocab' or 'auto' without filter_eps")  # fmt: skip
+
+
 def pick(choice: str, weight: torch.Tensor, n_rows: int, tokens_bytes: int) -> str:
     """``strategy="auto"`` among the paths by the measured model: the chunks' choice (``choice``,
     "tokens" or "vocab") unless the fused path is measured (FUSED_TIME_VS_TOKENS) and no slower

@@ -3,7 +3,9 @@ by the vocabulary-parallel linear path (fusedls/ops/vocab_parallel_cross_entropy
 
 Each token chunk adds its contribution to every gradient: ``grad_hidden[chunk] = g @ W`` is
 complete within the chunk; ``grad_weight = sum over chunks of g.T @ h_c`` and ``grad_bias = sum
-of g`` are sums over chunks, kept in fp32 (fp64 for fp64) and rounded once at the end.
+of g`` are sums over chunks, kept in fp32 (fp64 for fp64) and rounded once at the end
+(:class:`_WeightGrad`), or for the weight, with ``acc_dtype`` the weight's half-precision dtype,
+summed in place in the gradient's own storage (:class:`_InPlaceWeightGrad`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,30 @@ class _WeightGrad:
         return out
 
 
+class _InPlaceWeightGrad:
+    """``grad_weight = sum over chunks of g.T @ h_c`` summed in the gradient's own storage and
+    dtype (``acc_dtype`` = the weight's bf16/fp16), as Liger-Kernel and Cut Cross-Entropy do: the
+    first chunk's product is written (``mm``), each later one added by the matmul itself
+    (``addmm_``, beta = 1). Each product accumulates in fp32 inside the matmul and is added to the
+    running sum before one rounding to the weight dtype: k chunks round the sum k times (relative
+    error up to about k units of roundoff, against one for :class:`_WeightGrad`), and no fp32
+    ``(V, d)`` buffer exists."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.sum = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.empty = True
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        if self.empty:
+            torch.mm(g.t(), h, out=self.sum)
+        else:
+            self.sum.addmm_(g.t(), h)
+        self.empty = False
+
+    def result(self) -> torch.Tensor:
+        return self.sum
+
+
 class _Dispatch:
     # mm(out_dtype=...) and addmm(out_dtype=...) are CUDA-only in torch (meta: planning runs follow
     # the CUDA path); each remembered once it has failed.
@@ -109,9 +135,9 @@ class _Dispatch:
 class _Grads:
     """The gradient buffers of one call and the per-chunk updates that fill them."""
 
-    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias, sum_in_place=False):
         self.hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-        self.weight = _WeightGrad(weight) if need_weight else None
+        self.weight = (_InPlaceWeightGrad if sum_in_place else _WeightGrad)(weight) if need_weight else None
         self.bias = torch.zeros(bias.shape, dtype=acc_dtype(bias), device=bias.device) if need_bias else None
         self.need = (need_hidden, need_weight, need_bias)
         self.empty = hidden

@@ -53,18 +53,19 @@ def tokens_per_chunk(
     return max(1, -(-n_rows // n_chunks))
 
 
-def pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows: int) -> str:
+def pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows: int, sum_in_place: bool = False) -> str:
     """``"auto"``: the token chunks (3 matmuls) when their working memory, the fp32 ``(V, d)``
     grad-weight sum of a half-precision head plus one chunk of logits, is no more than one
     ``(N, V)`` logits tensor (torch's composition holds about three); else the vocabulary blocks
     (their buffers mostly in the weight gradient's storage, a 4th matmul). Llama-3 8B head (d =
     4096, V = 128256, bf16): tokens from about 12.4k tokens per call up, vocab below (at 4096
-    tokens the token chunks would take 3038 MiB against torch's 3006)."""
+    tokens the token chunks would take 3038 MiB against torch's 3006). A sum in place
+    (``sum_in_place``, ``acc_dtype`` the weight's dtype) has no fp32 sum: the token chunks."""
     if strategy != "auto":
         return strategy
     n_cols, d = weight.shape
     acc_bytes = acc_dtype(weight).itemsize
-    weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() else 0
+    weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() and not sum_in_place else 0
     logits_row = n_cols * weight.element_size()
     tokens_bytes = weight_sum + min(chunk_rows, n_rows) * logits_row
     choice = "tokens" if tokens_bytes <= n_rows * logits_row else "vocab"
@@ -92,24 +93,25 @@ def logits_chunks(hidden, weight, bias, chunk_rows, storage=None):
 
 
 def forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignore_index, keep, spread, opts,
-                    chunk_rows, need, backend, storage=None):  # fmt: skip
+                    chunk_rows, need, backend, storage=None, argmax=None, sum_in_place=False):  # fmt: skip
     """Forward over token chunks: (loss, lse, coef) per row and, for ``grad_scale`` given, the
-    gradients in ``need`` = (hidden, weight, bias) of ``grad_scale * loss`` (empty if not needed).
-    The chunk buffer is in ``storage`` when given and large enough (see logits_chunks), else its
-    own, which dies with this frame."""
+    gradients in ``need`` = (hidden, weight, bias) of ``grad_scale * loss`` (empty if not needed);
+    each row's argmax into ``argmax`` when given. The chunk buffer is in ``storage`` when given
+    and large enough (see logits_chunks), else its own, which dies with this frame."""
     impl, acc, n_rows = registry.implementation("cross_entropy", backend), acc_dtype(hidden), hidden.shape[0]
     write = grad_scale is not None and any(need)
     if chunk_rows >= n_rows > 0:  # one chunk: its products are the gradients (one matmul each, one rounding)
         ((_, logits),) = logits_chunks(hidden, weight, bias, chunk_rows, storage)
         out = impl.cross_entropy_forward(logits, target, class_weight, logits if write else None,
-                                         grad_scale if write else None, ignore_index, keep, spread, *opts)  # fmt: skip
+                                         grad_scale if write else None, ignore_index, keep, spread, *opts,
+                                         argmax)  # fmt: skip
         return (*out, *_one_chunk_grads(logits, hidden, weight, bias, need if write else (False,) * 3))
     loss, lse, coef = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
-    grads = _Grads(hidden, weight, bias, *need)
+    grads = _Grads(hidden, weight, bias, *need, sum_in_place)
     for rows, logits in logits_chunks(hidden, weight, bias, chunk_rows, storage):
         loss[rows], lse[rows], coef[rows] = impl.cross_entropy_forward(
             logits, target[rows], class_weight, logits if write else None, grad_scale if write else None,
-            ignore_index, keep, spread, *opts,
+            ignore_index, keep, spread, *opts, argmax[rows] if argmax is not None else None,
         )  # fmt: skip
         if write:
             grads.add(rows, logits, hidden[rows], weight)
@@ -118,22 +120,23 @@ def forward_chunks(hidden, weight, bias, target, class_weight, grad_scale, ignor
 
 
 def backward_chunks(grad_loss, hidden, weight, bias, target, class_weight, lse, coef, ignore_index, keep, spread,
-                     softcap, chunk_rows, need, backend, storage=None):  # fmt: skip
+                     softcap, chunk_rows, need, backend, storage=None, grad_target=None, sum_in_place=False):  # fmt: skip
     """Gradients in ``need`` for per-row upstream factors ``grad_loss``, recomputing each token
-    chunk's logits (empty for those not needed); ``storage`` as for forward_chunks."""
-    if not any(need):
+    chunk's logits (empty for those not needed), and the probability target's into
+    ``grad_target`` when given; ``storage`` as for forward_chunks."""
+    if not any(need) and grad_target is None:
         return _one_chunk_grads(None, hidden, weight, bias, need)
     impl = registry.implementation("cross_entropy", backend)
     if chunk_rows >= hidden.shape[0] > 0:
         ((_, logits),) = logits_chunks(hidden, weight, bias, chunk_rows, storage)
-        impl.cross_entropy_backward(grad_loss, logits, target, class_weight, lse, coef, logits, None, ignore_index, keep,
-                                    spread, softcap)  # fmt: skip
+        impl.cross_entropy_backward(grad_loss, logits, target, class_weight, lse, coef, logits, grad_target,
+                                    ignore_index, keep, spread, softcap)  # fmt: skip
         return _one_chunk_grads(logits, hidden, weight, bias, need)
-    grads = _Grads(hidden, weight, bias, *need)
+    grads = _Grads(hidden, weight, bias, *need, sum_in_place)
     for rows, logits in logits_chunks(hidden, weight, bias, chunk_rows, storage):
         impl.cross_entropy_backward(
-            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits, None, ignore_index,
-            keep, spread, softcap,
+            grad_loss[rows], logits, target[rows], class_weight, lse[rows], coef[rows], logits,
+            grad_target[rows] if grad_target is not None else None, ignore_index, keep, spread, softcap,
         )  # fmt: skip
         grads.add(rows, logits, hidden[rows], weight)
         del logits  # as in forward_chunks
@@ -152,15 +155,21 @@ def _one_chunk_grads(g, hidden, weight, bias, need):
     )
 
 
-def pass1(hidden, weight, chunk_size, strategy, need_weight):
+def pass1(hidden, weight, chunk_size, strategy, need_weight, sum_in_place=False):
     """``(chunk_rows, grad_w)`` of a call: tokens per chunk (see chunk_rows's ``room``), and for
     ``strategy="vocab"`` with a weight gradient that gradient's (uninitialised) tensor, allocated
-    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None."""
+    before pass 1 so that pass 1's chunk buffer can live in it (pass 2 writes it), else None. The
+    token chunks of a weight gradient summed in place (``sum_in_place``) hold no more logits than a
+    vocabulary block of ``"vocab"`` (VOCAB_BLOCK_BYTES: 1024 tokens of the Llama-3 8B head at 16k
+    tokens), so that the token strategy's memory is near the vocabulary blocks' (its own fp32 sum
+    gone), at one rounding of the sum per chunk."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    if sum_in_place and need_weight and strategy == "tokens":
+        return tokens_per_chunk(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, "vocab"), None
     grad_w = torch.empty_like(weight) if strategy == "vocab" and need_weight else None
     head_bytes = weight.numel() * weight.element_size()
     if grad_w is not None:
         room = head_bytes if grad_w.is_contiguous() else 0
     else:
         room = head_bytes if need_weight and acc_dtype(weight) != weight.dtype else 0
-    n_rows, n_cols = hidden.shape[0], weight.shape[0]
     return tokens_per_chunk(n_rows, n_cols, hidden.element_size(), hidden.device, chunk_size, strategy, room), grad_w

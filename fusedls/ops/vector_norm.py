@@ -52,20 +52,21 @@ def _count(rows: torch.Tensor, ord: float, acc: torch.dtype, ties: bool) -> torc
 def _vector_norm_fwd(
     rows: torch.Tensor, ord: float, out_dtype: torch.dtype, acc: torch.dtype, ties: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(norm in out_dtype, norm in acc, tie counts (ord +-inf and ``ties``; else empty)) of each row."""
+    """(norm in out_dtype, norm in acc (empty when that is out_dtype: ``out`` holds it), tie counts
+    (ord +-inf and ``ties``; else empty)) of each row."""
     out = rows.new_empty(rows.shape[0], dtype=out_dtype)
-    norm = rows.new_empty(rows.shape[0], dtype=acc)
+    norm = rows.new_empty(rows.shape[0] if acc != out_dtype else 0, dtype=acc)
     count = _count(rows, ord, acc, ties)
     if rows.shape[1] == 0:  # ord >= 0 here (the op layer raises otherwise): the norm of nothing is 0
         out.zero_(), norm.zero_()
     else:
-        _impl(backend).vector_norm_forward(rows, ord, out, norm, count)
+        _impl(backend).vector_norm_forward(rows, ord, out, out if acc == out_dtype else norm, count)
     return out, norm, count
 
 
 @_vector_norm_fwd.register_fake
 def _(rows, ord, out_dtype, acc, ties, backend):
-    norm = rows.new_empty(rows.shape[0], dtype=acc)
+    norm = rows.new_empty(rows.shape[0] if acc != out_dtype else 0, dtype=acc)
     return rows.new_empty(rows.shape[0], dtype=out_dtype), norm, _count(rows, ord, acc, ties)
 
 
@@ -94,9 +95,10 @@ class VectorNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, ord, out_dtype, backend):
         grad = ord != 0 and ctx.needs_input_grad[0]
-        out, norm, count = _vector_norm_fwd(rows, ord, out_dtype, acc_dtype(out_dtype), grad, backend)
+        acc = acc_dtype(out_dtype)
+        out, norm, count = _vector_norm_fwd(rows, ord, out_dtype, acc, grad, backend)
         if grad:
-            ctx.save_for_backward(rows, norm, count)
+            ctx.save_for_backward(rows, out if acc == out_dtype else norm, count)
         ctx.ord, ctx.backend = ord, backend
         ctx.set_materialize_grads(False)
         return out
@@ -198,21 +200,31 @@ def vector_norm(
     ord = NaN are passed to ``torch.linalg.vector_norm``.
     """
     check_tensor("x", x)
-    ord = _check_ord(ord)
-    out_dtype = _check_dtype(x, dtype)
-    if x.is_complex() or math.isnan(ord):
+    ord = float(ord) if type(ord) in (int, float) else _check_ord(ord)
+    out_dtype = x.dtype if dtype is None and x.is_floating_point() else _check_dtype(x, dtype)
+    if x.is_complex() or ord != ord:  # NaN ord
         return torch.linalg.vector_norm(x, ord, dim, keepdim, dtype=dtype)
     if not isinstance(keepdim, bool):
         raise TypeError(f"vector_norm(): keepdim must be a bool, got {type(keepdim).__name__}")
+    if dim is None and not keepdim:  # every dimension: one row, no permutation
+        if x.numel() == 0 and (ord < 0 or _is_max(ord)):
+            _empty_reduction(x, ord, list(range(x.dim())), dim)
+        rows, shape = x.reshape(1, -1) if x.dim() != 2 or x.shape[0] != 1 else x, ()
+    else:
+        rows, shape = _as_rows(x, ord, dim, keepdim)
+    if rows.stride(1) != 1 and rows.shape[1] > 1:
+        rows = rows.contiguous()
+    backend = registry.resolve(x.device, out_dtype, "vector_norm")
+    out = VectorNormFunction.apply(rows, ord, out_dtype, backend)
+    return out if out.shape == shape else out.reshape(shape)
+
+
+def _as_rows(x: torch.Tensor, ord: float, dim, keepdim: bool):
+    """(``(R, N)`` rows of the reduced dimensions, the output shape) of a reduction over ``dim``."""
     dims = _check_dims(dim, x.dim())
     _empty_reduction(x, ord, dims, dim)
     kept = [d for d in range(x.dim()) if d not in dims]
     n_cols = math.prod([x.shape[d] for d in dims])
     shape = [1 if d in dims else x.shape[d] for d in range(x.dim())] if keepdim else [x.shape[d] for d in kept]
     rows = x.permute(kept + dims) if kept and dims and kept + dims != list(range(x.dim())) else x
-    rows = rows.reshape(math.prod([x.shape[d] for d in kept]), n_cols)
-    if rows.stride(1) != 1 and n_cols > 1:
-        rows = rows.contiguous()
-    backend = registry.resolve(x.device, out_dtype, "vector_norm")
-    out = VectorNormFunction.apply(rows, ord, out_dtype, backend)
-    return out.reshape(shape)
+    return rows.reshape(math.prod([x.shape[d] for d in kept]), n_cols), torch.Size(shape)

@@ -74,10 +74,11 @@ def normalise(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
               **options) -> torch.Tensor:  # fmt: skip
     """``fusedls.linear_cross_entropy`` of ``hidden (N, d)`` through the head ``weight (V, d)`` and
-    ``bias (V,)`` (or None): the one place where the head's bias is handed to the fused op."""
-    if bias is None:
-        return linear_cross_entropy(hidden, weight, target, **options)
-    return linear_cross_entropy(hidden, weight, target, bias, **options)
+    ``bias (V,)`` (or None): the one place where the head is handed to the fused op. The loss comes
+    back in fp32 (fp64 for fp64), as transformers computes it, with no rounding to a half-precision
+    model's dtype in between (``loss_dtype``)."""
+    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return linear_cross_entropy(hidden, weight, target, linear_bias=bias, loss_dtype=loss_dtype, **options)
 
 
 def hidden_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels, *,

@@ -44,7 +44,10 @@ VARIANTS = {
 }
 # -fopenmp: at::parallel_for is OpenMP code inlined into the caller; without it, it runs on one
 # thread. The library then needs libgomp.so.1, which torch has already loaded (its own copy).
-COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+# -ffp-contract=off: no multiply-add the source does not write (at::vec::fmadd stays one), so every
+# instruction-set variant rounds alike and a difference of products such as sum_w * lse - sum_wx
+# (a probability row's loss) is not left with the rounding of one product when it cancels.
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 LINK_FLAGS = ("-fopenmp",)
 JIT_SECONDS = 60  # what a JIT build takes on 2 busy cores (told to the user beforehand)
 

@@ -37,7 +37,8 @@ def vector_norm_forward(rows: torch.Tensor, ord: float, out: torch.Tensor, norm:
     if math.isinf(ord) and count.numel() == 0:  # the tie counts are not wanted; the library writes them
         count = torch.empty_like(norm)
     LIBRARY.ops().vector_norm_forward(rows, float(ord), norm, count)
-    out.copy_(norm)
+    if out is not norm:
+        out.copy_(norm)
 
 
 def vector_norm_backward(grad: torch.Tensor, rows: torch.Tensor, norm: torch.Tensor, count: torch.Tensor,
@@ -46,5 +47,6 @@ def vector_norm_backward(grad: torch.Tensor, rows: torch.Tensor, norm: torch.Ten
     if not _native(rows, ord) or norm.dtype != torch.float32:
         _eager.vector_norm_backward(grad, rows, norm, count, ord, dx)
         return
-    grad = grad.to(torch.float32).contiguous()
-    LIBRARY.ops().vector_norm_backward(grad, rows, norm.contiguous(), count.contiguous(), float(ord), dx)
+    if grad.dtype != torch.float32 or not grad.is_contiguous():
+        grad = grad.to(torch.float32).contiguous()
+    LIBRARY.ops().vector_norm_backward(grad, rows, norm, count, float(ord), dx)

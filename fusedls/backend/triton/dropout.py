@@ -84,13 +84,14 @@ def dropout_kernel(
 ):
     # Program (i, j) owns the tile of rows i BLOCK_R.. and columns j BLOCK_N..
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile_n = tl.program_id(1).to(tl.int64)  # the column tile: int64 like every offset
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
     offsets = rows * n_cols + cols
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    counters = rows * n_groups + (tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)[None, :])
+    counters = rows * n_groups + (tile_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)[None, :])
     out = x * _dropout_factor(tl.load(seed_ptr), counters, threshold, scale)
     if HAS_RESIDUAL:
         out += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
