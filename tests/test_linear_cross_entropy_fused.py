@@ -379,3 +379,14 @@ def test_fused_refuses_what_it_does_not_compute():
         with pytest.raises(ValueError, match="return_accuracy"):
             fusedls.linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), return_accuracy=True,
                                          strategy=strategy, filter_eps=filter_eps)  # fmt: skip
+
+
+def test_modules_take_filter_eps(monkeypatch):
+    calls = []
+    fwd = lcf.linear_cross_entropy_fused_fwd
+    monkeypatch.setattr(lcf, "linear_cross_entropy_fused_fwd", lambda *a: calls.append(a[11]) or fwd(*a))
+    h, w, b = inputs(5, torch.float32, "cpu")
+    t = class_ids((5,), V, "cpu")
+    want = fusedls.linear_cross_entropy(h, w, t, linear_bias=b, label_smoothing=0.1, filter_eps=1e-3)
+    got = fusedls.nn.HeadCrossEntropyLoss(label_smoothing=0.1, filter_eps=1e-3)(h, w, t, b)
+    assert calls == [1e-3, 1e-3] and torch.equal(got, want)

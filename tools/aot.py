@@ -263,7 +263,7 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
     if module == "vector_norm":
         return _vector_norm_variants(kernel, dtype)
     if module.startswith("linear_cross_entropy"):
-        return _fused_variants(dtype)
+        return _fused_variants(kernel, dtype)
     sizes = HIDDEN if module == "dropout" else VOCABS  # cross-entropy and vocab-parallel rows
     for v in sizes:
         if kernel == "dropout":
@@ -534,9 +534,14 @@ _LCE_LOADS = ("a = tl.load(h_rows + ks", "b = tl.load(w_rows + ks", "g = tl.load
               "w = tl.load(weight_ptr")  # fmt: skip
 
 
-def _fused_variants(dtype: str) -> dict[tuple, list[str]]:
+def _fused_variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
     cfg = tuning.fused_config(DTYPES[dtype])
-    return {(cfg.block_v, cfg.num_warps, "16"): ["4096x128256"], (cfg.block_v, cfg.num_warps, "any"): ["768x50257"]}
+    warps = _fused_warps(kernel, cfg)
+    return {(cfg.block_v, warps, "16"): ["4096x128256"], (cfg.block_v, warps, "any"): ["768x50257"]}
+
+
+def _fused_warps(kernel: str, cfg) -> int:
+    return {"lce_dw": cfg.product_warps, "lce_dh": cfg.product_warps, "lce_grad": cfg.grad_warps}.get(kernel, cfg.num_warps)
 
 
 def _fused_constexprs(names: tuple[str, ...], row) -> dict:
@@ -551,8 +556,7 @@ def _fused_options(row) -> dict:
     cfg = tuning.fused_config(DTYPES[row.dtype])
     if row.kernel == "lce_target":
         return {"num_warps": cfg.num_warps}
-    return dict(num_warps=cfg.product_warps if row.kernel in ("lce_dw", "lce_dh") else cfg.num_warps,
-                num_stages=cfg.num_stages)
+    return dict(num_warps=_fused_warps(row.kernel, cfg), num_stages=cfg.num_stages)
 
 
 def _fused_kernel(module: str, function: str, flags: tuple[str, ...], letters: str, flag_sets: tuple[str, ...],

@@ -141,9 +141,9 @@ def linear_cross_entropy_stats_kernel(
     BLOCK_V: tl.constexpr,  # classes per tile
     BLOCK_K: tl.constexpr,  # hidden-size step
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every offset derived from it in int64
     split = pid % n_splits
-    rows = (pid // n_splits).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (pid // n_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -211,7 +211,7 @@ def linear_cross_entropy_grad_kernel(
 ):
     # Grouped order: GROUP row tiles sweep the class tiles together (hidden rows and head tiles
     # shared in L2).
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every offset derived from it in int64
     n_row_tiles = tl.cdiv(n_rows, BLOCK_N)
     per_group = GROUP * n_col_tiles
     first_row_tile = (pid // per_group) * GROUP
@@ -344,6 +344,7 @@ def grad_block(hidden, weight, bias, target, class_weight, lse, coef, target_coe
         out, out.stride(0), n_rows, d, start, width, n_col_tiles, spread, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None, HAS_SMOOTHING=spread != 0.0,
         HAS_SOFTCAP=softcap is not None, FILTER=keep is not None, PRECISION=_precision(hidden.dtype),
-        BLOCK_N=block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP=cfg.group, **cfg.launch_options(),
+        BLOCK_N=block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP=cfg.group, num_warps=cfg.grad_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -50,7 +50,7 @@ def linear_cross_entropy_dw_kernel(
     BLOCK_V: tl.constexpr,  # classes per tile
     BLOCK_D: tl.constexpr,  # hidden-size columns per program
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every offset derived from it in int64
     col_tile = pid // n_d_tiles
     d_tile = pid % n_d_tiles
     local = col_tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -100,7 +100,7 @@ def linear_cross_entropy_dh_kernel(
     BLOCK_V: tl.constexpr,  # classes per tile
     BLOCK_D: tl.constexpr,  # hidden-size columns per program
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every offset derived from it in int64
     row_tile = pid // n_d_tiles
     d_tile = pid % n_d_tiles
     rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

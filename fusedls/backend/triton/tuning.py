@@ -288,6 +288,8 @@ FUSED_BLOCK_K = {2: 32, 4: 16}
 FUSED_BLOCK_D = {2: 128, 4: 32}
 FUSED_WARPS = {2: 8, 4: 8}
 FUSED_PRODUCT_WARPS = {2: 8, 4: 8}
+# Warps of the gradient kernel: fp32 takes 4 (at 8 ptxas keeps 80 registers on sm_90a and spills 8 B).
+FUSED_GRAD_WARPS = {2: 8, 4: 4}
 FUSED_STAGES = {2: 3, 4: 3}
 FUSED_SOFTCAP_ROW_DIVISOR = {2: 2, 4: 1}
 # Row tiles per group of the gradient kernel's program order (consecutive programs share the
@@ -311,6 +313,7 @@ class FusedConfig:
     group: int  # row tiles per group of the gradient kernel's program order
     product_warps: int  # warps of the filtered products
     softcap_block_n: int  # rows per tile of the gradient kernel under the soft cap
+    grad_warps: int  # warps of the gradient kernel
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -326,7 +329,7 @@ def fused_config(element_size: int) -> FusedConfig:
     rows, cols = FUSED_TILE[size]
     capped_rows = max(16, rows // FUSED_SOFTCAP_ROW_DIVISOR[size])  # tl.dot takes 16 rows at least
     return FusedConfig(rows, cols, FUSED_BLOCK_K[size], FUSED_BLOCK_D[size], FUSED_WARPS[size], FUSED_STAGES[size],
-                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size], capped_rows)  # fmt: skip
+                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size], capped_rows, FUSED_GRAD_WARPS[size])  # fmt: skip
 
 
 def fused_splits(device: torch.device, n_row_tiles: int, n_col_tiles: int) -> int:
