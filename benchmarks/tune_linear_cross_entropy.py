@@ -12,7 +12,12 @@ untimed) and peak extra memory. Rows: pass-1 chunks of 256 MiB of logits and 1 G
 (full blocks only: the blocks borrowed from the weight gradient stop where a full one no longer
 fits, then one own full block) and 8 (the default: borrowed blocks shrink down to 1/8, then an own
 buffer of 1/8). Then the token chunks with the weight gradient summed in place (``acc_dtype`` the
-head's bf16, no fp32 (V, d) sum; what ``auto`` picks with it). About a minute on an H100.
+head's bf16, no fp32 (V, d) sum; what ``auto`` picks with it). Then ``strategy="fused"`` (the
+logits-free Triton GEMM), exact and with ``filter_eps`` (FILTER_EPS) on the same random head (few
+tiles skipped: its worst case) and on the trained-like peaked distribution of
+``fusedls.bench.linear_cross_entropy.peaked_inputs``, and the value ``FUSED_TIME_VS_TOKENS`` of
+``fusedls/ops/linear_cross_entropy_fused.py`` takes from this run (the fused time over the token
+chunks'). About two minutes on an H100.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedls  # noqa: E402
+from fusedls.bench.linear_cross_entropy import peaked_inputs  # noqa: E402
 from fusedls.ops import linear_cross_entropy_tokens as lct  # noqa: E402
 from fusedls.ops import linear_cross_entropy_vocab as lcv  # noqa: E402
 
 N, D, V = 16384, 4096, 128256
+FILTER_EPS = (1e-5, 1e-4)  # filter_eps of the fused rows
 # (pass-1 chunk MiB, pass-2 block MiB, tail divisor); the first is the nearest to the layout of the
 # H100 timing in benchmarks/results/nvidia-h100-80gb-hbm3/ (256 MiB chunks, full 256 MiB blocks,
 # both in own buffers there)
@@ -50,8 +57,9 @@ def main() -> None:
     def clear() -> None:
         h.grad = w.grad = None
 
-    def step(strategy: str, acc_dtype=None) -> None:
-        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy=strategy, acc_dtype=acc_dtype).backward()
+    def step(strategy: str, acc_dtype=None, filter_eps=None) -> None:
+        fusedls.linear_cross_entropy(h, w, t, label_smoothing=0.1, strategy=strategy, acc_dtype=acc_dtype,
+                                     filter_eps=filter_eps).backward()  # fmt: skip
 
     def timed(step) -> tuple[float, float]:
         """(median ms, peak extra MiB) of step()."""
@@ -95,6 +103,21 @@ def main() -> None:
         print(f"  strategy='tokens', acc_dtype=bf16 (sum in place), chunk {chunk:4d} MiB: {ms:8.2f} ms "
               f"({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
     lct.CHUNK_BYTES["cuda"] = default[0]
+    tokens_ms = timed(lambda: step("tokens"))[0]
+    ms, peak = timed(lambda: step("fused"))
+    print(f"  strategy='fused': {ms:8.2f} ms ({ms / torch_ms:.3f}x), peak {peak:7.1f} MiB ({peak / torch_peak:.3f}x); "
+          f"FUSED_TIME_VS_TOKENS = {ms / tokens_ms:.3f}", flush=True)  # fmt: skip
+    for eps in FILTER_EPS:
+        ms, peak = timed(lambda: step("fused", filter_eps=eps))
+        print(f"  strategy='fused', filter_eps={eps:g}, random head: {ms:8.2f} ms ({ms / torch_ms:.3f}x), peak "
+              f"{peak:7.1f} MiB ({peak / torch_peak:.3f}x)", flush=True)  # fmt: skip
+    ph, pw, pt = peaked_inputs(N, V, D, torch.bfloat16, "cuda")
+    h.data, w.data, t.data = ph, pw, pt  # the same tensors (and closures), peaked values
+    for eps in (None, *FILTER_EPS):
+        ms, peak = timed(lambda: step("fused", filter_eps=eps))
+        print(f"  strategy='fused', filter_eps={eps}, peaked distribution: {ms:8.2f} ms ({ms / torch_ms:.3f}x of "
+              f"torch on the random head), peak {peak:7.1f} MiB", flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

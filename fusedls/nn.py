@@ -102,7 +102,7 @@ class LinearCrossEntropyLoss(_TORCH_LINEAR_CROSS_ENTROPY_LOSS or _TorchLinearCro
     ``label_smoothing``, ``options``), parameters (``self.linear``), state dict and
     ``forward(input, target)``; fusedls's options after them, keyword-only: ``z_loss``,
     ``softcap``, ``return_z_loss``, ``return_lse``, ``return_accuracy``, ``chunk_size``,
-    ``strategy``, ``acc_dtype``, ``loss_dtype`` (see :func:`fusedls.linear_cross_entropy`). For a
+    ``strategy``, ``acc_dtype``, ``loss_dtype``, ``filter_eps`` (see :func:`fusedls.linear_cross_entropy`). For a
     head that belongs to the model (an LM head, a tied embedding): :class:`HeadCrossEntropyLoss`.
     """
 
@@ -132,7 +132,7 @@ class HeadCrossEntropyLoss(torch.nn.Module):
     target, linear_bias=None)`` is :func:`fusedls.linear_cross_entropy` with this module's options
     (every keyword of the function: ``weight`` (class weights, a buffer as torch's), ``reduction``,
     ``ignore_index``, ``label_smoothing``, ``options``, ``z_loss``, ``softcap``, ``return_z_loss``,
-    ``return_lse``, ``return_accuracy``, ``chunk_size``, ``strategy``, ``acc_dtype``,
+    ``return_lse``, ``return_accuracy``, ``chunk_size``, ``strategy``, ``acc_dtype``, ``filter_eps``,
     ``loss_dtype``). The head's weight and bias stay the model's parameters (an LM head, a tied
     embedding), unlike :class:`LinearCrossEntropyLoss`, which owns its ``Linear``."""
 
@@ -153,7 +153,7 @@ class HeadCrossEntropyLoss(torch.nn.Module):
 
 
 _EXTRAS = ("z_loss", "softcap", "return_z_loss", "return_lse", "return_accuracy", "chunk_size", "strategy", "acc_dtype",
-           "loss_dtype")  # fusedls's keyword-only options of linear_cross_entropy, taken by both modules
+           "loss_dtype", "filter_eps")  # fusedls's keyword-only options of linear_cross_entropy, taken by both modules
 
 
 def _extras(extras: dict) -> dict:

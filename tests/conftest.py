@@ -48,6 +48,36 @@ def _interpreter_rounds_fp32_to_bf16_like_a_gpu() -> None:
 
 _interpreter_rounds_fp32_to_bf16_like_a_gpu()
 
+
+def _interpreter_multiplies_bf16_like_a_gpu() -> None:
+    """Triton's interpreter hands tl.dot's bf16 operands to numpy as their raw 16-bit integers
+    (numpy has no bf16) and multiplies those; widen them to fp32 first (exactly), as the tensor
+    cores' products are."""
+    if not registry.interpreting() or registry._triton_import_error():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+    if getattr(dot, "_fusedls_bf16", False):
+        return
+
+    def widen(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        bits = np.ascontiguousarray(handle.data).astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fusedls_bf16 = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+_interpreter_multiplies_bf16_like_a_gpu()
+
 ON_GPU = torch.cuda.is_available() and not registry.interpreting()
 DEVICE = "cuda" if ON_GPU else "cpu"
 

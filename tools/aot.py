@@ -93,6 +93,9 @@ class Kernel:
     constants: tuple = ()  # (name, value) constexprs fixed for this entry
     flag_sets: tuple[str, ...] = ()  # the only flag combinations launched (default: every one)
     derived: object = None  # Row -> further constexprs (e.g. a second block size), or None
+    ptr_types: tuple = ()  # (name, triton type) of pointers to other data (int8, int16, int32)
+    sizes: frozenset[str] = frozenset()  # int arguments specialised like C (16: divisible by 16)
+    launch_options: object = None  # Row -> launch options replacing the LaunchConfig's (e.g. num_stages)
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -259,6 +262,8 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
         return {(cfg.block_c, cfg.num_warps, "16"): []}
     if module == "vector_norm":
         return _vector_norm_variants(kernel, dtype)
+    if module.startswith("linear_cross_entropy"):
+        return _fused_variants(kernel, dtype)
     sizes = HIDDEN if module == "dropout" else VOCABS  # cross-entropy and vocab-parallel rows
     for v in sizes:
         if kernel == "dropout":
@@ -328,15 +333,15 @@ def _source(row: Row) -> ASTSource:
         if name.endswith("_ptr"):
             prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
             kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
-            signature[name], aligned = "*" + kind, 1
+            signature[name], aligned = "*" + dict(k.ptr_types).get(name, kind), 1
         elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap", "max_norm"):
             signature[name], aligned = "fp32", 0
-        elif name in _ROW_SIZES or name in _CE_ROW_STRIDES:
+        elif name in _ROW_SIZES or name in _CE_ROW_STRIDES or name in k.sizes:
             signature[name], aligned = "i32", row.cspec != "any"
         elif name == "n_groups":  # ceil(N / 8): divisible by 16 when N is by 128 (every aligned size here)
             signature[name], aligned = "i32", row.cspec == "16"
-        else:  # broadcast strides (0; 1 is not specialised here), n_rows, ignore_index
-            signature[name], aligned = "i32", name.startswith("stride")
+        else:  # broadcast strides (0; 1 is not specialised here), n_rows, ignore_index, d (fused)
+            signature[name], aligned = "i32", name.startswith("stride") or (name == "d" and bool(k.sizes))
         if aligned:
             attrs[(i,)] = _DIV16
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -401,7 +406,9 @@ def _error(exc: Exception, module: str) -> str:
 def compile_row(row: Row) -> Row:
     """Compiles one specialisation and fills in its resources (or ``error``)."""
     try:
-        target, options = GPUTarget("cuda", row.arch, 32), LaunchConfig(row.block_c, row.num_warps).launch_options()
+        k = KERNELS[row.kernel]
+        options = k.launch_options(row) if k.launch_options else LaunchConfig(row.block_c, row.num_warps).launch_options()
+        target = GPUTarget("cuda", row.arch, 32)
         compiled = triton.compile(_source(row), target=target, options=options)
         row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
         wide, narrow = program_products(compiled.asm["ttir"])
@@ -506,6 +513,77 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([dict(dataclasses.asdict(r), spill=r.spill) for r in rows], f, indent=1)
     return 1 if failed or spilled or narrow else 0
+
+
+
+# linear_cross_entropy(strategy="fused"): GEMM tiles of tuning.fused_config() (BLOCK_V is the
+# "block"; BLOCK_N, BLOCK_K, BLOCK_D, GROUP, num_stages and the tl.dot precision follow the table
+# and the dtype). C = 16: the vocabulary V and the gradient block's width divisible by 16, e.g.
+# Llama-3's 4096 x 128256; any: e.g. GPT-2's 768 x 50257 (the last block ragged; its buffer's
+# rows stay 16-aligned). The hidden size d is divisible by 16 in both (every LM head's is);
+# another d runs (tests: d = 8, 24) with masked, unvectorised loads outside this table.
+# Flags: stats ``BWSCM``: HAS_BIAS, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, TILE_MAX (never with
+# the cap: the filter refuses it); grad ``BWSCF``: ..., FILTER (same); target ``B``: HAS_BIAS;
+# dw ``WB``: HAS_WEIGHT, HAS_BIAS. Launched: none, each alone, all (a GEMM kernel compiles in
+# seconds).
+_LCE_FP32 = frozenset({"class_weight_ptr", "part_ptr", "lse_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr",
+                       "grad_b_ptr", "row_sum_ptr", "grad_h_ptr"})  # fmt: skip
+_LCE_PTRS = (("tile_max_ptr", "i16"), ("kept_ptr", "i8"), ("order_ptr", "i32"), ("count_ptr", "i32"))
+_LCE_SIZES = frozenset({"width"})
+_LCE_LOADS = ("a = tl.load(h_rows + ks", "b = tl.load(w_rows + ks", "g = tl.load(g_ptr", "h = tl.load(hidden_ptr",
+              "w = tl.load(weight_ptr")  # fmt: skip
+
+
+def _fused_variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
+    cfg = tuning.fused_config(DTYPES[dtype])
+    warps = _fused_warps(kernel, cfg)
+    return {(cfg.block_v, warps, "16"): ["4096x128256"], (cfg.block_v, warps, "any"): ["768x50257"]}
+
+
+def _fused_warps(kernel: str, cfg) -> int:
+    return {"lce_dw": cfg.product_warps, "lce_dh": cfg.product_warps, "lce_grad": cfg.grad_warps}.get(kernel, cfg.num_warps)
+
+
+def _fused_constexprs(names: tuple[str, ...], row) -> dict:
+    cfg = tuning.fused_config(DTYPES[row.dtype])
+    capped = row.kernel == "lce_grad" and "C" in row.flags
+    every = dict(BLOCK_N=cfg.grad_block_n(capped), BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, GROUP=cfg.group,
+                 PRECISION="ieee" if row.dtype == "fp32" else "tf32")  # fmt: skip
+    return {name: every[name] for name in names}
+
+
+def _fused_options(row) -> dict:
+    cfg = tuning.fused_config(DTYPES[row.dtype])
+    if row.kernel == "lce_target":
+        return {"num_warps": cfg.num_warps}
+    return dict(num_warps=_fused_warps(row.kernel, cfg), num_stages=cfg.num_stages)
+
+
+def _fused_kernel(module: str, function: str, flags: tuple[str, ...], letters: str, flag_sets: tuple[str, ...],
+                  block: str = "BLOCK_V"):
+    if module != "linear_cross_entropy":  # the filtered products
+        names = ("BLOCK_N", "BLOCK_D", "PRECISION")
+    elif "target" in function:  # the row-wise dot
+        names = ("BLOCK_K",)
+    else:  # the logits GEMMs
+        names = ("BLOCK_N", "BLOCK_K", "PRECISION") + (("GROUP",) if "grad" in function else ())
+    return Kernel(module, function, flags, letters, block, _LCE_FP32, frozenset({"target_ptr"}), _LCE_LOADS,
+                  flag_sets=flag_sets, derived=functools.partial(_fused_constexprs, names), ptr_types=_LCE_PTRS,
+                  sizes=_LCE_SIZES, launch_options=_fused_options)  # fmt: skip
+
+
+_LCE_FLAGS = ("HAS_BIAS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+KERNELS.update({
+    "lce_stats": _fused_kernel("linear_cross_entropy", "linear_cross_entropy_stats_kernel", _LCE_FLAGS + ("TILE_MAX",),
+                               "BWSCM", ("-----", "B----", "-W---", "--S--", "---C-", "----M", "BWSC-", "BWS-M")),
+    "lce_grad": _fused_kernel("linear_cross_entropy", "linear_cross_entropy_grad_kernel", _LCE_FLAGS + ("FILTER",),
+                              "BWSCF", ("-----", "B----", "-W---", "--S--", "---C-", "----F", "BWSC-", "BWS-F")),
+    "lce_target": _fused_kernel("linear_cross_entropy", "linear_cross_entropy_target_kernel", ("HAS_BIAS",), "B",
+                                ("-", "B"), block="BLOCK_N"),
+    "lce_dw": _fused_kernel("linear_cross_entropy_products", "linear_cross_entropy_dw_kernel", ("HAS_WEIGHT", "HAS_BIAS"),
+                            "WB", ("--", "W-", "-B", "WB")),
+    "lce_dh": _fused_kernel("linear_cross_entropy_products", "linear_cross_entropy_dh_kernel", (), "", ("",)),
+})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -228,6 +228,63 @@ class VocabParallelCrossEntropyBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class LinearCrossEntropyBackend(Protocol):
+    """The logits-free pieces of ``linear_cross_entropy(strategy="fused")``
+    (``fusedls/ops/linear_cross_entropy_fused.py`` drives them; the math is derived in
+    ``fusedls/backend/eager/linear_cross_entropy.py``).
+
+    ``hidden`` ``(N, d)`` and ``weight`` ``(V, d)`` contiguous, ``bias`` ``(V,)`` or None,
+    ``class_weight`` fp32 ``(V,)`` or None; logits ``x = hidden @ weight.T + bias`` are formed in
+    fp32 tiles of :meth:`tile_shape` and never stored; ``z = s * tanh(x / s)`` with ``softcap``
+    ``s`` (None: ``z = x``). Per-row vectors are fp32 (fp64 for fp64 inputs).
+    """
+
+    UNSUPPORTED: frozenset[str]  # of {"z_loss", "softcap", "return_lse", "filter"}
+
+    def tile_shape(self, dtype: torch.dtype) -> tuple[int, int]:
+        """``(rows, classes)`` of one logits tile: the unit of ``tile_max`` and of the filter."""
+        ...
+
+    def row_statistics(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, class_weight: torch.Tensor | None,
+        softcap: float | None, smoothing: bool, tile_max: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(lse, sum_wz)`` per row: log-sum-exp of ``z`` and ``sum_c w_c z_c`` when ``smoothing``
+        (else 0). ``tile_max`` (int16 ``(N, ceil(V / classes))``, optional) receives each row's
+        largest ``z`` in each tile as bf16 bits rounded up (an upper bound)."""
+        ...
+
+    def target_logit(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+    ) -> torch.Tensor:
+        """``x_y`` per row: the logit at the target before the cap, 0 where the id is not in ``[0, V)``."""
+        ...
+
+    def grad_block(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+        class_weight: torch.Tensor | None, lse: torch.Tensor, coef: torch.Tensor, target_coef: torch.Tensor,
+        scale: torch.Tensor, x_y: torch.Tensor, start: int, out: torch.Tensor, keep: torch.Tensor | None,
+        spread: float, softcap: float | None,
+    ) -> None:  # fmt: skip
+        """Writes ``scale * dl/dx`` of the classes ``[start, start + out.shape[1])`` into ``out``
+        ``(N, c)`` (``start`` a multiple of the tile's classes): ``coef * p - target_coef * [c = y]
+        - spread * w_c``, through the cap's derivative (``x_y``: :meth:`target_logit`). ``keep`` (bool ``(ceil(N / rows), ceil(c /
+        classes))``): only the tiles it marks are written, without the ``spread`` term."""
+        ...
+
+    def sparse_products(
+        self, g: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, start: int,
+        grad_weight: torch.Tensor | None, grad_hidden: torch.Tensor | None, grad_bias: torch.Tensor | None,
+        row_sum: torch.Tensor, class_weight: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """The products of the tiles of ``g`` ``(N, c)`` that ``keep`` marks (others are never
+        read), for the classes from ``start``: ``grad_weight`` ``(c, d)`` ``= g.T @ hidden -
+        w_c * row_sum`` rounded once; ``grad_hidden`` fp32 ``(N, d)`` ``+= g @ weight[classes]``;
+        ``grad_bias`` fp32 ``(c,)`` ``= sum of g over rows``. Each may be None (not wanted)."""
+        ...
+
+
 # The Protocol of each op, by the op's name in registry.OPS.
 PROTOCOLS: dict[str, type] = {
     "cross_entropy": CrossEntropyBackend,
@@ -235,4 +292,5 @@ PROTOCOLS: dict[str, type] = {
     "vector_norm": VectorNormBackend,
     "foreach_norm": ForeachNormBackend,
     "vocab_parallel_cross_entropy": VocabParallelCrossEntropyBackend,
+    "linear_cross_entropy": LinearCrossEntropyBackend,
 }

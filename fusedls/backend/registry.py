@@ -36,8 +36,10 @@ BACKENDS = ("auto", "eager", "triton", "cpp", "cuda")
 NATIVE = {"cpp": cpp, "cuda": cuda}  # the backends of csrc/, each package holding its LIBRARY
 # The ops each backend implements: fusedls/backend/<backend>/<op>.py, imported by its package.
 OPS = {
-    "eager": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy"),
-    "triton": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy"),
+    "eager": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy",
+              "linear_cross_entropy"),
+    "triton": ("cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy",
+               "linear_cross_entropy"),
     "cpp": ("cross_entropy", "dropout", "foreach_norm", "vector_norm"),
     "cuda": ("cross_entropy",),
 }

@@ -39,7 +39,36 @@ SMOOTHING, IGNORE_INDEX, IGNORE_FRACTION = 0.1, -100, 0.01
 HIDDEN = {"cuda": 4096, "cpu": 256}  # d per device type
 COMPILE_BACKEND = "inductor"
 CHECKED = 64  # rows of grad_hidden and classes of grad_weight compared with float64
+FILTER_EPS = 1e-5  # filter_eps of the fusedls/<backend>+fused+filter providers
 BYTE_MODEL = "s = bytes per element; read h (N d s) and W (V d s), write their gradients: 2 (N + V) d s"
+
+
+# A trained-like, peaked distribution of logits (peaked_inputs): per token a top class at about
+# PEAK above a background of standard deviation about NOISE, RUNNERS_UP classes at RUNNER_UP;
+# the target is the top class with probability TOP_TARGET, a runner-up with RUNNER_UP_TARGET,
+# else uniform. Top classes and runners-up are drawn Zipf(ZIPF) over the class ids (id = rank:
+# frequent tokens have small ids, as BPE vocabularies roughly do), or uniformly with zipf=0.
+PEAK, RUNNER_UP, RUNNERS_UP, NOISE = 20.0, 12.0, 3, 1.0
+TOP_TARGET, RUNNER_UP_TARGET, ZIPF = 0.8, 0.15, 1.1
+
+
+def peaked_inputs(n_rows: int, n_cols: int, d: int, dtype: torch.dtype, device, zipf: float = ZIPF, seed: int = 0):
+    """``(hidden, weight, target)`` whose logits ``hidden @ weight.T`` follow the peaked
+    distribution above: ``weight`` rows of unit norm (N(0, 1/d) entries), ``hidden_n = PEAK W_top
+    + RUNNER_UP sum_j W_j + NOISE * xi`` (``xi`` N(0, 1) entries); the background logits have
+    standard deviation ``sqrt((PEAK^2 + RUNNERS_UP RUNNER_UP^2) / d + NOISE^2)``."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_cols, d, generator=gen) / d**0.5
+    ranks = torch.arange(1, n_cols + 1, dtype=torch.float64)
+    probs = ranks ** -zipf if zipf else torch.ones_like(ranks)
+    picks = torch.multinomial(probs, n_rows * (1 + RUNNERS_UP), replacement=True, generator=gen)
+    top, others = picks[:n_rows], picks[n_rows:].view(n_rows, RUNNERS_UP)
+    h = PEAK * w[top] + RUNNER_UP * w[others].sum(1) + NOISE * torch.randn(n_rows, d, generator=gen)
+    u = torch.rand(n_rows, generator=gen)
+    target = torch.where(u < TOP_TARGET, top, torch.randint(0, n_cols, (n_rows,), generator=gen))
+    runner = (u >= TOP_TARGET) & (u < TOP_TARGET + RUNNER_UP_TARGET)
+    target = torch.where(runner, others[:, 0], target)
+    return h.to(dtype).to(device), w.to(dtype).to(device), target.to(device)
 
 
 EPS0 = " (eps=0)"  # the suffix of the providers of the workload without label smoothing
@@ -73,16 +102,14 @@ def _compiled():
     return torch.compile(_torch_loss, backend=COMPILE_BACKEND, dynamic=False)
 
 
-def _fusedls(backend: str, strategy: str = "auto", smoothing: float = SMOOTHING):
+def _fusedls(backend: str, strategy: str = "auto", smoothing: float = SMOOTHING, filter_eps=None):
     def loss(h, w, t):
         with fusedls.use_backend(backend):
             return fusedls.linear_cross_entropy(
-                h, w, t, ignore_index=IGNORE_INDEX, label_smoothing=smoothing, strategy=strategy
+                h, w, t, ignore_index=IGNORE_INDEX, label_smoothing=smoothing, strategy=strategy, filter_eps=filter_eps
             )
 
     return loss
-
-
 
 
 def _liger():
@@ -191,6 +218,11 @@ class LinearCrossEntropyBench(OpBench):
                     f"fusedls/{backend}" + ("" if strategy == "auto" else f"+{strategy}"), "fusedls",
                     functools.partial(_fusedls, backend, strategy), functools.partial(backend_why_not, "cross_entropy", backend),
                 ))  # fmt: skip
+        for backend in (b.name for b in fusedls.backends()):  # the fused path with its gradient filter
+            found.append(Provider(
+                f"fusedls/{backend}+fused+filter", "fusedls", functools.partial(_fusedls, backend, "fused", SMOOTHING,
+                FILTER_EPS), functools.partial(backend_why_not, "cross_entropy", backend),
+            ))  # fmt: skip
         # without label smoothing, where torch's chunked path runs: next to torch and fusedls's default
         found += [
             Provider("torch" + EPS0, "torch", lambda: functools.partial(_torch_loss, smoothing=0.0)),

@@ -45,7 +45,8 @@ logits-sized outlives a chunk either way.
 
 Which strategy: ``strategy="auto"`` (the default) takes the token chunks above when their
 working memory (fp32 sum + one chunk) is at most one ``(N, V)`` logits tensor, else the vocabulary
-blocks (:func:`pick_strategy`); ``"tokens"`` / ``"vocab"`` force one.
+blocks (:func:`pick_strategy`); ``"tokens"`` / ``"vocab"`` force one. ``"fused"`` (never formed
+logits: a Triton GEMM with a cross-entropy epilogue) runs ``linear_cross_entropy_fused.py``.
 
 Vocabulary blocks (``strategy="vocab"``, no fp32 buffer of the weight gradient, a 4th matmul):
 the token chunks above give each row's loss, lse and coef (and, for ``mean``/``sum``,
@@ -62,6 +63,7 @@ import torch
 from ..backend import registry
 from .._tensors import acc_dtype
 from ._custom_op import custom_op
+from . import linear_cross_entropy_fused as fused_path
 from . import linear_cross_entropy_vocab as vocab
 from .cross_entropy import _argmax_out, _cross_entropy_scale_grad_
 from ._loss import (
@@ -205,13 +207,14 @@ class Call(NamedTuple):
     softcap: Optional[float]
     chunk_size: int  # 0: the default
     backend: str  # the cross-entropy backend of each chunk
-    strategy: str  # "tokens" or "vocab" (auto already decided)
+    strategy: str  # "tokens", "vocab" or "fused" (auto already decided)
     grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
     extras: bool  # return (loss, z, lse, argmax) rather than the loss alone
     want_z: bool
     want_argmax: bool
     sum_in_place: bool  # the weight gradient summed over the chunks in its own storage (acc_dtype)
     retain: bool  # backward scales copies of the forward's gradients (allow_retain_graph)
+    filter_eps: float = 0.0  # strategy="fused": skip gradient tiles below it (0: exact)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -240,11 +243,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_scale = torch.reciprocal(denom)
             else:  # None (sum) or a row count (0: no rows to scale)
                 grad_scale = torch.full((), 1.0 / denom if denom else 1.0, device=hidden.device, dtype=acc_dtype(hidden))
-        loss, lse, coef, *grads, argmax = _linear_cross_entropy_fwd(
-            hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
-            call.z_loss, call.softcap, call.chunk_size, *need, call.want_argmax, call.sum_in_place, call.backend,
-            call.strategy,
-        )  # fmt: skip
+        args = (hidden, weight, bias, target, class_weight, grad_scale, call.ignore_index, call.keep, call.spread,
+                call.z_loss, call.softcap)  # fmt: skip
+        if call.strategy == "fused":  # class ids, no argmax (linear_cross_entropy_args refuses the rest)
+            loss, lse, coef, *grads = fused_path.linear_cross_entropy_fused_fwd(*args, call.filter_eps, *need, call.backend)
+            argmax = _argmax_out(hidden, False)
+        else:
+            loss, lse, coef, *grads, argmax = _linear_cross_entropy_fwd(
+                *args, call.chunk_size, *need, call.want_argmax, call.sum_in_place, call.backend, call.strategy
+            )  # fmt: skip
         if fused:
             ctx.save_for_backward(*grads)
         elif any(need) or need_target:
@@ -275,11 +282,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, bias, target, class_weight, lse, coef = ctx.saved_tensors
             if call.reduction == "mean":
                 factor = factor / ctx.denom
-            grads = _linear_cross_entropy_bwd(
-                factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
-                call.ignore_index, call.keep, call.spread, call.softcap, call.chunk_size, *ctx.need, ctx.need_target,
-                call.sum_in_place, call.backend, call.strategy,
-            )  # fmt: skip
+            args = (factor.expand(hidden.shape[0]).contiguous(), hidden, weight, bias, target, class_weight, lse, coef,
+                    call.ignore_index, call.keep, call.spread, call.softcap)  # fmt: skip
+            if call.strategy == "fused":
+                grads = [*fused_path.linear_cross_entropy_fused_bwd(*args, call.filter_eps, *ctx.need, call.backend),
+                         None]  # fmt: skip
+            else:
+                grads = _linear_cross_entropy_bwd(*args, call.chunk_size, *ctx.need, ctx.need_target, call.sum_in_place,
+                                                  call.backend, call.strategy)  # fmt: skip
         grads = [g if need else None for g, need in zip(grads, (*ctx.need, ctx.need_target))]
         return (*grads[:3], grads[3], None, None, None)
 
@@ -307,6 +317,7 @@ def linear_cross_entropy(
     strategy: str = "auto",
     acc_dtype: torch.dtype | None = None,
     loss_dtype: torch.dtype | None = None,
+    filter_eps: float | None = None,
     **legacy,
 ) -> torch.Tensor | CrossEntropyResult:
     """Drop-in for torch's :func:`torch.nn.functional.linear_cross_entropy`, without the logits.
@@ -334,7 +345,7 @@ def linear_cross_entropy(
     a bf16 head: the fp32 value with no bf16 rounding); ``acc_dtype`` how the weight gradient is
     summed over token chunks (None: exact fp32; the weight's dtype: in place in the gradient, no
     fp32 ``(V, d)`` buffer, one rounding per chunk); ``chunk_size`` tokens per chunk;
-    ``strategy``.
+    ``strategy``; ``filter_eps`` (``strategy="fused"``, which it selects under ``"auto"``).
 
     Memory: the logits never exist whole. ``strategy="tokens"``: one chunk of ``chunk_size``
     tokens at a time (default: about ``CHUNK_BYTES`` of logits), so the peak is that chunk plus an
@@ -343,8 +354,13 @@ def linear_cross_entropy(
     then most of its blocks of classes, live in that gradient's storage not yet written, at the
     price of one more logits matmul (``linear_cross_entropy_vocab.py``); class-id targets only.
     ``strategy="auto"`` (default) takes the token chunks when their working memory is no more
-    than one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`). Works
-    under autograd and ``torch.compile`` (custom ops, no graph break).
+    than one ``(N, V)`` logits tensor, else the vocabulary blocks (:func:`pick_strategy`).
+    ``strategy="fused"`` never forms logits at all: a Triton GEMM computes the loss in its
+    epilogue and the gradients come by blocks of classes as for ``"vocab"``
+    (``linear_cross_entropy_fused.py``; class ids and a ``(C, d)`` weight, no ``return_accuracy``).
+    ``filter_eps``: its gradient tiles whose per-token softmax part is below it everywhere are
+    skipped, the smoothing term kept exact; not with ``softcap``. Works under autograd and
+    ``torch.compile`` (custom ops, no graph break).
     """
     if positional:
         raise TypeError(f"linear_cross_entropy() takes 3 positional arguments (input, linear_weight, target) as "
@@ -354,16 +370,22 @@ def linear_cross_entropy(
     call = parse(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
                  chunk_size, acc_dtype, loss_dtype, strategy, (z_loss, softcap, return_z_loss, return_lse,
                  return_accuracy))  # fmt: skip
+    filter_eps = fused_path.check_filter_eps(filter_eps, softcap, strategy)
+    if filter_eps:
+        strategy = "fused"
     n_rows, n_cols = call.rows.shape[0], linear_weight.shape[0]
-    backend = registry.resolve(input.device, input.dtype, "cross_entropy", call.features)
     tokens_chunk = tokens_per_chunk(n_rows, n_cols, input.element_size(), input.device, call.chunk_size)
     head = call.heads[0]
     if not call.prob:
         strategy = pick_strategy(strategy, n_rows, head.weight, tokens_chunk, call.sum_in_place)
+    if strategy == "fused":
+        fused_path.check_call(call, return_accuracy)
+    op = "linear_cross_entropy" if strategy == "fused" else "cross_entropy"
+    backend = registry.resolve(input.device, input.dtype, op, call.features | ({"filter"} if filter_eps else set()))
     extras = return_z_loss or return_lse or return_accuracy
     fn_call = Call(reduction, call.ignore_index, 1.0 - call.eps, call.eps / n_cols, call.z_loss, call.softcap,
                    call.chunk_size or 0, backend, "tokens" if call.prob else strategy, torch.is_grad_enabled(), extras,
-                   return_z_loss, return_accuracy, call.sum_in_place, call.retain)  # fmt: skip
+                   return_z_loss, return_accuracy, call.sum_in_place, call.retain, filter_eps)  # fmt: skip
     if len(call.heads) == 1:
         outs = [LinearCrossEntropyFunction.apply(call.rows, head.weight, head.bias, head.target, call.class_weight,
                                                  None, fn_call)]  # fmt: skip

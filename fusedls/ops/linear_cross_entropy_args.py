@@ -28,7 +28,7 @@ from .._tensors import acc_dtype as accumulation_dtype
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 from ._loss import INDEX_DTYPES, REDUCTIONS, check_loss_options, torch_compatible
 
-STRATEGIES = ("auto", "tokens", "vocab")
+STRATEGIES = ("auto", "tokens", "vocab", "fused")
 ACC_POLICIES = ("auto", "accurate", "balanced", "compact")
 # torch's options class, where torch has it (2.13 on); None where it does not (options= must be None)
 OPTIONS_CLASS = getattr(torch.nn, "LinearCrossEntropyOptions", None)
@@ -137,8 +137,8 @@ def _parse(input, linear_weight, target, linear_bias, weight, reduction, ignore_
         raise TypeError(f"loss_dtype must be None or a floating-point torch.dtype, got {loss_dtype!r}")
     if prob and extras[4]:
         raise ValueError("return_accuracy needs a target of class ids, got probabilities")
-    if prob and strategy == "vocab":
-        raise ValueError("strategy='vocab' takes class-id targets; probability targets run the token chunks "
+    if prob and strategy in ("vocab", "fused"):
+        raise ValueError(f"strategy={strategy!r} takes class-id targets; probability targets run the token chunks "
                          "(strategy='tokens' or 'auto')")  # fmt: skip
     rows = input if input.dim() == 2 and input.is_contiguous() else input.reshape(-1, d).contiguous()
     chunk_size, sum_in_place, retain = read_options(options, rows.shape[0], d, n_cols, chunk_size, acc_dtype,

@@ -14,6 +14,7 @@ import torch
 
 from ..backend import registry
 from .._tensors import acc_dtype
+from . import linear_cross_entropy_fused as fused
 from . import linear_cross_entropy_vocab as vocab
 from .linear_cross_entropy_sums import _Grads
 
@@ -66,7 +67,9 @@ def pick_strategy(strategy: str, n_rows: int, weight: torch.Tensor, chunk_rows: 
     acc_bytes = acc_dtype(weight).itemsize
     weight_sum = n_cols * d * acc_bytes if acc_bytes != weight.element_size() and not sum_in_place else 0
     logits_row = n_cols * weight.element_size()
-    return "tokens" if weight_sum + min(chunk_rows, n_rows) * logits_row <= n_rows * logits_row else "vocab"
+    tokens_bytes = weight_sum + min(chunk_rows, n_rows) * logits_row
+    choice = "tokens" if tokens_bytes <= n_rows * logits_row else "vocab"
+    return fused.pick(choice, weight, n_rows, tokens_bytes)  # "fused" only once measured
 
 
 def logits_chunks(hidden, weight, bias, chunk_rows, storage=None):

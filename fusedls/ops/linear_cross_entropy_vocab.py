@@ -68,22 +68,23 @@ def block_cols(n_rows: int, n_cols: int, element_size: int, device: torch.device
     return max(1, cols)
 
 
-def blocks(hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int):
+def blocks(hidden: torch.Tensor, grad_w: Optional[torch.Tensor], n_cols: int, align: int = 16):
     """Yields ``(blk, x)``: the vocabulary blocks of pass 2 and an ``(N, len(blk))`` buffer for
     each, in the rows of ``grad_w`` after ``blk`` (not written yet) while they hold it, then in
     one own buffer of a tail block (VOCAB_TAIL_DIVISOR); one own full-block buffer when there is
-    no weight gradient to borrow from (``grad_w`` None, or another dtype than the logits')."""
+    no weight gradient to borrow from (``grad_w`` None, or another dtype than the logits').
+    Every block but the last has a multiple of ``align`` classes (a power of two <= 128)."""
     n_rows = hidden.shape[0]
     cols = block_cols(n_rows, n_cols, hidden.element_size(), hidden.device)
     borrow = grad_w is not None and grad_w.dtype == hidden.dtype and grad_w.is_contiguous() and n_rows > 0
     flat, d = (grad_w.view(-1), grad_w.shape[1]) if borrow else (None, 0)
-    tail = min(cols, max(16, cols // VOCAB_TAIL_DIVISOR // 16 * 16))
+    tail = min(cols, max(align, cols // VOCAB_TAIL_DIVISOR // align * align))
     own = None
     start = 0
     while start < n_cols:
         c = min(cols, n_cols - start)
         if borrow:
-            fit = (n_cols - start) * d // (n_rows + d) // 16 * 16  # N c <= (n_cols - start - c) d
+            fit = (n_cols - start) * d // (n_rows + d) // align * align  # N c <= (n_cols - start - c) d
             if fit >= min(c, tail):  # a whole block, or a shrunk one no smaller than the tail
                 c = min(c, fit)
                 end = (start + c) * d
@@ -105,6 +106,22 @@ def grad_hidden_in_blocks(hidden: torch.Tensor) -> bool:
     return hidden.numel() * acc_dtype(hidden).itemsize <= budget
 
 
+def row_terms(target, class_weight, lse, scale, ignore_index: int, keep: float, n_cols: int, acc):
+    """Per-row inputs of a gradient computed from the forward's ``lse`` (blocks of classes):
+    ``(y, valid, lse, scale, target_term)`` with ``lse`` +inf on ignored rows (so ``p_c = 0``
+    whatever the logits; forward left lse = coef = 0 there), ``scale`` (0-dim or (N,)) expanded
+    to the rows, 0 on ignored rows and NaN on out-of-range targets, and ``keep * w_y``."""
+    y = target.long()
+    ignored = y == ignore_index
+    valid = ~ignored & (y >= 0) & (y < n_cols)
+    bad = ~valid & ~ignored
+    lse = lse.masked_fill(ignored, float("inf"))
+    scale = scale.to(acc).expand(y.shape[0]).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
+    y_safe = y.masked_fill(~valid, 0)
+    target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
+    return y, valid, lse, scale, target_term
+
+
 def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ignore_index, keep, spread, softcap,
                 need, backend, grad_w=None):  # fmt: skip
     """Second pass of ``strategy="vocab"``: (grad_hidden, grad_weight, grad_bias) of ``scale *
@@ -122,15 +139,7 @@ def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ig
         "vocab_parallel_cross_entropy",
         backend if registry.has_implementation("vocab_parallel_cross_entropy", backend) else "eager",
     )
-    y = target.long()
-    ignored = y == ignore_index
-    valid = ~ignored & (y >= 0) & (y < n_cols)
-    bad = ~valid & ~ignored
-    # Ignored rows: lse +inf, so p_c = 0 whatever the logits (forward left lse = coef = 0 there).
-    lse = lse.masked_fill(ignored, float("inf"))
-    scale = scale.to(acc).expand(n_rows).masked_fill(bad, float("nan")).masked_fill(ignored, 0.0)
-    y_safe = y.masked_fill(~valid, 0)
-    target_term = keep * (class_weight[y_safe] if class_weight is not None else torch.ones_like(lse))
+    y, valid, lse, scale, target_term = row_terms(target, class_weight, lse, scale, ignore_index, keep, n_cols, acc)
     for blk, x in blocks(hidden, grad_w if need[1] else None, n_cols):
         if bias is None:
             torch.mm(hidden, weight[blk].t(), out=x)
@@ -145,11 +154,18 @@ def block_grads(hidden, weight, bias, target, class_weight, lse, coef, scale, ig
                 x[rows], lse[rows], coef[rows], y_local[rows], target_coef[rows], w_blk, keep, spread, softcap,
                 scale[rows], acc, out=x[rows],
             )  # fmt: skip
-        if grad_h is not None:
-            grad_h.add(x.t(), weight[blk])
-        if need[1]:
-            torch.mm(x.t(), hidden, out=grad_w[blk])
-        if need[2]:
-            grad_b[blk] = x.sum(0, dtype=acc)
+        block_products(x, blk, hidden, weight, grad_h, grad_w if need[1] else None, grad_b if need[2] else None)
     x = None  # the last block's buffer, freed before the fp32 sum is rounded
     return (grad_h.result() if grad_h is not None else hidden.new_empty(0)), grad_w, grad_b
+
+
+def block_products(g, blk: slice, hidden, weight, grad_h, grad_w, grad_b) -> None:
+    """The products of one block's gradient ``g`` ``(N, len(blk))``: ``grad_h`` (a _WeightGrad
+    over the rows) ``+= g @ W[blk]``, ``grad_w[blk] = g.T @ H`` (one matmul over every token,
+    rounded once) and ``grad_b[blk] = g.sum(0)`` in fp32; each skipped when None."""
+    if grad_h is not None:
+        grad_h.add(g.t(), weight[blk])
+    if grad_w is not None:
+        torch.mm(g.t(), hidden, out=grad_w[blk])
+    if grad_b is not None:
+        grad_b[blk] = g.sum(0, dtype=acc_dtype(g))

@@ -5,6 +5,8 @@ backends are tested against; each module satisfies its op's Protocol in
 ``fusedls/backend/protocols.py``.
 """
 
-from . import cross_entropy, dropout, foreach_norm, vector_norm, vocab_parallel_cross_entropy
+from . import cross_entropy, dropout, foreach_norm, linear_cross_entropy, vector_norm, vocab_parallel_cross_entropy
 
-__all__ = ["cross_entropy", "dropout", "foreach_norm", "vector_norm", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "cross_entropy", "dropout", "foreach_norm", "linear_cross_entropy", "vector_norm", "vocab_parallel_cross_entropy",
+]

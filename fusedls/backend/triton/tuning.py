@@ -260,3 +260,82 @@ def vector_norm_split(device: torch.device, n_row_blocks: int, n_cols: int, bloc
     splits = min(n_cols // VECTOR_NORM_SPLIT_COLS, triton.cdiv(programs, n_row_blocks))
     per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_n) * block_n
     return triton.cdiv(n_cols, per_split), per_split
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_cross_entropy, strategy="fused" (fusedls/backend/triton/linear_cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+# Per element size of the inputs (2: bf16/fp16 through the tensor cores; 4: fp32 with
+# input_precision="ieee", an FMA-based dot whose operands take registers, hence smaller tiles):
+# - tile (rows, classes): the GEMM tile of the statistics and gradient kernels and the unit the
+#   filter skips (fusedls/backend/eager/linear_cross_entropy.py's TILE is the same). 128 x 128 fp32
+#   is 64 accumulator registers a thread on 8 warps, leaving room for the epilogue's exp and
+#   reductions without spills (python -m tools.aot --kernel lce_stats,lce_grad,lce_dw,lce_dh).
+# - block_k: the hidden-size step; 32 (64 takes up to 255 registers and spills with the epilogue).
+# - block_d: hidden-size columns per program of the filtered products (a tile x block_d accumulator).
+# - warps of the GEMMs and of the products; stages of the software pipeline of the K loops
+#   (3 x (128 + 128) x 32 bf16 = 48 KiB of shared memory). fp32: 8 warps and block_d 32 (4 warps
+#   or block_d 64: ptxas keeps 32 registers and spills kilobytes in the products on sm_80), 3
+#   stages (16 KiB; with 1 or 2 ptxas keeps 128 registers in the statistics kernel on sm_90a and
+#   spills 16-40 B with the cap or TILE_MAX).
+# - softcap_row_divisor: the gradient kernel's rows per tile are divided by it under the soft cap
+#   (tanh and sech^2 of the tile on top of the 64 accumulators take 255 registers and spill on
+#   sm_90a at 128 rows; 154 at 64). The filter, whose unit is the tile, is refused with the cap.
+# Tests lower the tiles and block_k to 16.
+FUSED_TILE = {2: (128, 128), 4: (64, 64)}
+FUSED_BLOCK_K = {2: 32, 4: 16}
+FUSED_BLOCK_D = {2: 128, 4: 32}
+FUSED_WARPS = {2: 8, 4: 8}
+FUSED_PRODUCT_WARPS = {2: 8, 4: 8}
+# Warps of the gradient kernel: fp32 takes 4 (at 8 ptxas keeps 80 registers on sm_90a and spills 8 B).
+FUSED_GRAD_WARPS = {2: 8, 4: 4}
+FUSED_STAGES = {2: 3, 4: 3}
+FUSED_SOFTCAP_ROW_DIVISOR = {2: 2, 4: 1}
+# Row tiles per group of the gradient kernel's program order (consecutive programs share the
+# hidden rows and the head's tiles in L2, as in a grouped GEMM).
+FUSED_GROUP = 8
+# Statistics kernel: each row tile's classes are split over programs (deterministic merge after):
+# enough programs for this many per SM (a few waves), at most one per class tile. Off CUDA (the
+# interpreter) FUSED_INTERPRETER_SPLITS splits, so the merge is tested.
+FUSED_PROGRAMS_PER_SM = 8
+FUSED_INTERPRETER_SPLITS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    block_n: int  # rows (tokens) per logits tile
+    block_v: int  # classes per logits tile
+    block_k: int  # hidden-size step of the logits GEMM
+    block_d: int  # hidden-size columns per program of the filtered products
+    num_warps: int
+    num_stages: int
+    group: int  # row tiles per group of the gradient kernel's program order
+    product_warps: int  # warps of the filtered products
+    softcap_block_n: int  # rows per tile of the gradient kernel under the soft cap
+    grad_warps: int  # warps of the gradient kernel
+
+    def launch_options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def grad_block_n(self, softcap: bool) -> int:
+        """Rows per tile of the gradient kernel."""
+        return self.softcap_block_n if softcap else self.block_n
+
+
+def fused_config(element_size: int) -> FusedConfig:
+    """Tiles, warps and stages of the fused linear cross-entropy kernels for inputs of ``element_size`` bytes."""
+    size = 2 if element_size <= 2 else 4
+    rows, cols = FUSED_TILE[size]
+    capped_rows = max(16, rows // FUSED_SOFTCAP_ROW_DIVISOR[size])  # tl.dot takes 16 rows at least
+    return FusedConfig(rows, cols, FUSED_BLOCK_K[size], FUSED_BLOCK_D[size], FUSED_WARPS[size], FUSED_STAGES[size],
+                       FUSED_GROUP, FUSED_PRODUCT_WARPS[size], capped_rows, FUSED_GRAD_WARPS[size])  # fmt: skip
+
+
+def fused_splits(device: torch.device, n_row_tiles: int, n_col_tiles: int) -> int:
+    """Programs per row tile of the statistics kernel: FUSED_PROGRAMS_PER_SM per SM in all, at
+    most one per class tile; off CUDA FUSED_INTERPRETER_SPLITS."""
+    if device.type != "cuda":
+        return max(1, min(n_col_tiles, FUSED_INTERPRETER_SPLITS))
+    sms, _ = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_col_tiles, -(-sms * FUSED_PROGRAMS_PER_SM // max(n_row_tiles, 1))))
