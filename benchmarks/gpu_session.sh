@@ -10,14 +10,15 @@
 #
 # Steps and budgets (seconds; about 9 minutes in all on an H100):
 #   1 env        10  device, driver, torch / triton versions, the commit
-#   2 tests     170  the test suite on CUDA (compiled Triton kernels, the cuda backend, CUDA graphs,
+#   2 tests     150  the test suite on CUDA (compiled Triton kernels, the cuda backend, CUDA graphs,
 #                    set_sync_debug_mode("error") in tests/test_cuda_graphs.py)
 #   3 overhead   45  per-call host cost, tiny inputs, fwd+bwd, each op next to torch (#15)
 #   4 ce        140  cross_entropy bf16 fwd+bwd, 8 / 4096 / 16384 rows x 32000 / 128256 / 256000: the
 #                    fusedls Triton paths, torch, liger, quack (where importable), copy (#18)
 #   5 ce_compile 60  4096 x 32000 next to torch.compile (#15: >= 2x), compiled once
 #   6 dropout    60  dropout, dropout_add, dropout_add_rms_norm at 16384 x 8192 bf16 fwd+bwd (#15, #18)
-#   7 lce        90  linear cross-entropy on the Llama-3 8B head: strategies, acc_dtype, the fused path (#17)
+#   7 lce       120  linear cross-entropy on the Llama-3 8B head: strategies, acc_dtype, the fused path exact and
+#                    filtered on peaked logits; prints the FUSED_TIME_VS_TOKENS for auto (#17)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/fusedls-gpu}}
@@ -47,7 +48,7 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 step env 10 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
 python3 -c 'import torch, triton; print(\"torch\", torch.__version__, \"| triton\", triton.__version__, \"| cuda\", torch.version.cuda)'; \
 git log --oneline -1 2>/dev/null || echo 'no .git'; date -u"
-step tests 170 python3 -m pytest -q --maxfail=20 $XDIST -p no:cacheprovider tests
+step tests 150 python3 -m pytest -q --maxfail=20 $XDIST -p no:cacheprovider tests
 step overhead 45 python3 -m fusedls.bench --op overhead --merge --no-progress
 step ce 140 python3 -m fusedls.bench --op cross_entropy --mode fwd+bwd --dtype bf16 --rows 8 4096 16384 \
     --vocab 32000 128256 256000 --providers 'fusedls/triton*' torch liger quack copy --merge --no-progress
@@ -55,7 +56,7 @@ step ce_compile 60 python3 -m fusedls.bench --op cross_entropy --mode fwd+bwd --
     --vocab 32000 --providers 'fusedls/triton*' torch torch.compile copy --merge --no-progress
 step dropout 60 python3 -m fusedls.bench --op dropout dropout_add dropout_add_rms_norm --mode fwd+bwd \
     --dtype bf16 --rows 16384 --cols 8192 --merge --no-progress
-step lce 90 python3 benchmarks/tune_linear_cross_entropy.py
+step lce 120 python3 benchmarks/tune_linear_cross_entropy.py
 
 cp "$LOG" "$RESULTS/session.log" 2>/dev/null
 tar czf "$OUT/results.tgz" "$RESULTS" 2>/dev/null
