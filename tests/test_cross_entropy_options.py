@@ -1,6 +1,7 @@
-"""fusedls.cross_entropy's own options (z_loss, softcap, return_z_loss, return_lse) against the
-float64 torch composition that defines them (fusedls.testing.reference_cross_entropy_options),
-on every backend."""
+"""fusedls.cross_entropy's own options (z_loss, softcap, return_z_loss, return_lse,
+return_accuracy) against the float64 torch composition that defines them
+(fusedls.testing.reference_cross_entropy_options; torch.argmax of the float64 logits), on every
+backend."""
 
 import pytest
 import torch
@@ -108,8 +109,8 @@ def test_plain_call_returns_a_tensor_and_options_default_off(backend, device):
     assert isinstance(plain, torch.Tensor)
     only_lse = fusedls.cross_entropy(x, t, return_lse=True)
     assert only_lse.z_loss is None and torch.equal(only_lse.loss, plain)
-    loss, z, lse = fusedls.cross_entropy(x, t, return_z_loss=True)
-    assert lse is None and z == 0 and torch.equal(loss, plain)
+    loss, z, lse, accuracy = fusedls.cross_entropy(x, t, return_z_loss=True)
+    assert lse is None and accuracy is None and z == 0 and torch.equal(loss, plain)
 
 
 def test_features_passed_to_backend_resolution(monkeypatch, device):
@@ -127,7 +128,9 @@ def test_features_passed_to_backend_resolution(monkeypatch, device):
     fusedls.cross_entropy(x, t)
     fusedls.cross_entropy(x, t, z_loss=0.1, softcap=3.0, return_lse=True)
     fusedls.cross_entropy(x, t, z_loss=0.0, return_z_loss=True)
-    assert seen == [frozenset(), frozenset({"z_loss", "softcap", "return_lse"}), frozenset()]
+    fusedls.cross_entropy(x, t, return_accuracy=True)
+    assert seen == [frozenset(), frozenset({"z_loss", "softcap", "return_lse"}), frozenset(),
+                    frozenset({"return_accuracy"})]  # fmt: skip
 
 
 BAD_OPTIONS = [
@@ -139,13 +142,16 @@ BAD_OPTIONS = [
     (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite number >= 0"),
     (dict(z_loss=None), TypeError, "z_loss must be a float"),
     (dict(return_lse=1), TypeError, "return_lse must be a bool"),
+    (dict(return_accuracy=None), TypeError, "return_accuracy must be a bool"),
+    (dict(return_accuracy=True, target=torch.rand(2, 5)), ValueError, "return_accuracy needs a target of class ids"),
 ]
 
 
 @pytest.mark.parametrize("override, error, message", BAD_OPTIONS, ids=[m for _, _, m in BAD_OPTIONS])
 def test_bad_options(override, error, message):
+    target = override.pop("target", torch.tensor([0, 1]))
     with pytest.raises(error, match=message):
-        fusedls.cross_entropy(torch.zeros(2, 5), torch.tensor([0, 1]), **override)
+        fusedls.cross_entropy(torch.zeros(2, 5), target, **override)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -155,14 +161,16 @@ def test_compile_fullgraph(backend, device, reduction):
     t = class_ids((6,), 19, device)
 
     def step(x, t):
-        loss, z, lse = fusedls.cross_entropy(
-            x, t, reduction=reduction, z_loss=0.05, softcap=4.0, return_z_loss=True, return_lse=True
-        )
-        return loss.sum(), z.sum(), lse
+        loss, z, lse, accuracy = fusedls.cross_entropy(
+            x, t, reduction=reduction, z_loss=0.05, softcap=4.0, return_z_loss=True, return_lse=True,
+            return_accuracy=True,
+        )  # fmt: skip
+        return loss.sum(), z.sum(), lse, accuracy
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     xa = x.clone().requires_grad_()
-    loss, z, lse = compiled(xa, t)
+    loss, z, lse, accuracy = compiled(xa, t)
+    torch.testing.assert_close(accuracy, reference_accuracy(x, t, reduction=reduction), rtol=0, atol=0)
     loss.backward()
     xd = x.double().requires_grad_()
     ref, ref_z, ref_lse = reference_cross_entropy_options(xd, t, z_loss=0.05, softcap=4.0, reduction=reduction)
@@ -198,3 +206,63 @@ def test_property_random_configurations(
     x, t, w, up = random_inputs(n_rows, n_cols, dtype, device, reduction, weighted, prob, ignored, seed)
     kwargs = dict(z_loss=z_loss, softcap=softcap, reduction=reduction, label_smoothing=label_smoothing)
     check_options(x, t, w, upstream=up, inplace=inplace, **kwargs)
+
+
+def reference_accuracy(x, t, *, reduction="mean", ignore_index=-100, class_dim=1):
+    """Token accuracy from torch.argmax of the float64 logits (the first of tied maxima)."""
+    valid = t != ignore_index
+    right = ((x.double().argmax(class_dim if x.dim() > 1 else 0) == t) & valid).float()
+    if reduction == "none":
+        return right
+    return right.sum() if reduction == "sum" else right.sum() / valid.sum()
+
+
+def tied_logits(n_rows, n_cols, dtype, device):
+    """Logits whose rows hold ties at the maximum: row 0 between classes 3 and 30 (other kernel
+    chunks under small_chunks), row 1 between 30 and 36 (the last, masked, chunk), row 2 a row of
+    -inf with one finite class; the targets hit and miss those maxima."""
+    x = logits((n_rows, n_cols), torch.float32, device)
+    x[0, [3, 30]] = 20.0
+    x[1, [30, 36]] = 20.0
+    x[2] = float("-inf")
+    x[2, 5] = 0.0
+    t = class_ids((n_rows,), n_cols, device, ignored=0.25)
+    t[:6] = torch.tensor([3, 36, 5, -100, 2, 7], device=device)  # first max, second max, only class, ignored
+    t[4] = x[4].argmax()
+    return x.to(dtype), t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap, inplace", [(None, False), (4.0, False), (None, True)])
+def test_accuracy(backend, small_chunks, device, reduction, dtype, softcap, inplace):
+    # The argmax comes from the kernels' first sweep (chunks of 16 classes here): ties count for
+    # the first maximum only, as torch.argmax; ignored rows count for nothing; the loss and its
+    # gradient are those of the call without return_accuracy.
+    x, t = tied_logits(13, 37, dtype, device)
+    xa = x.clone().requires_grad_()
+    out = fusedls.cross_entropy(xa, t, reduction=reduction, softcap=softcap, inplace_backward=inplace,
+                                label_smoothing=0.1, return_accuracy=True)  # fmt: skip
+    want = reference_accuracy(x, t, reduction=reduction)
+    assert out.accuracy.dtype == torch.float32 and not out.accuracy.requires_grad and out.z_loss is None
+    torch.testing.assert_close(out.accuracy, want, rtol=0, atol=0)
+    if reduction == "none":
+        assert out.accuracy[:5].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    plain = x.clone().requires_grad_()
+    loss = fusedls.cross_entropy(plain, t, reduction=reduction, softcap=softcap, label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=0)
+    (out.loss.sum() if reduction == "none" else out.loss).backward()
+    (loss.sum() if reduction == "none" else loss).backward()
+    torch.testing.assert_close(xa.grad, plain.grad, rtol=0, atol=0)
+
+
+def test_accuracy_shapes_and_ignore_index(backend, device):
+    # (N, C, d) input: per-position accuracy shaped like the target; ignore_index a real class.
+    x = logits((3, 11, 4), torch.float32, device)
+    t = class_ids((3, 4), 11, device, ignore_index=0, ignored=0.3)
+    t[0, 0] = x[0, :, 0].argmax()
+    for reduction in ("none", "mean"):
+        got = fusedls.cross_entropy(x, t, ignore_index=0, reduction=reduction, return_accuracy=True).accuracy
+        torch.testing.assert_close(got, reference_accuracy(x, t, reduction=reduction, ignore_index=0), rtol=0, atol=0)
+    every_row_ignored = fusedls.cross_entropy(x[:, :, 0], torch.full((3,), -100, device=device), return_accuracy=True)
+    assert every_row_ignored.accuracy.isnan() and every_row_ignored.loss.isnan()

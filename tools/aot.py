@@ -4,8 +4,8 @@
 bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
-dtype, the flag constexprs the launchers can pass (fwd ``WSPGZC``: HAS_WEIGHT, HAS_SMOOTHING,
-PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
+dtype, the flag constexprs the launchers can pass (fwd ``WSPGZCA``: HAS_WEIGHT, HAS_SMOOTHING,
+PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, ARGMAX; bwd ``WSPTC``: ..., TARGET_GRAD, HAS_SOFTCAP; dropout ``BR``: HAS_BIAS, HAS_RESIDUAL;
 norm_fwd ``MRWBD``: IS_RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, HAS_DROPOUT; norm_bwd ``MNRWBD``:
 IS_RMS, HAS_DH_NEXT, ...; vocab-parallel vp_stats / vp_grad ``WSC``: HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 and each distinct (block, num_warps) that the tuning table picks for the sizes
@@ -104,8 +104,9 @@ _SEED = frozenset({"seed_ptr"})
 _VP = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 _VP_FP32 = frozenset({"weight_ptr", "lse_ptr", "stats_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr"})
 KERNELS = {  # short name -> Kernel
-    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel", _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP"),
-                  "WSPGZC", "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=2),
+    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel",
+                  _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
+                  frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3),
     "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),

@@ -142,10 +142,10 @@ def cross_entropy_functions(library: NativeLibrary, block_c: Callable[[], int]):
     on ``library``'s ops; ``block_c()`` gives the classes per chunk of a row sweep (0: default)."""
 
     def cross_entropy_forward(logits, target, weight, grad, grad_scale, ignore_index, keep, spread, z_loss=0.0,
-                              softcap=None):  # fmt: skip
+                              softcap=None, argmax=None):  # fmt: skip
         """``CrossEntropyBackend.cross_entropy_forward`` (fusedls/backend/protocols.py), without
-        z_loss and softcap (the module's UNSUPPORTED: the registry never sends them here)."""
-        _refuse(z_loss != 0.0, softcap)
+        z_loss, softcap and argmax (the module's UNSUPPORTED: the registry never sends them here)."""
+        _refuse(z_loss != 0.0, softcap, argmax)
         loss, lse, coef = library.ops().cross_entropy_forward(
             logits, target, weight, grad, grad_scale, ignore_index, keep, spread, block_c()
         )
@@ -154,7 +154,7 @@ def cross_entropy_functions(library: NativeLibrary, block_c: Callable[[], int]):
     def cross_entropy_backward(grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep,
                                spread, softcap=None):  # fmt: skip
         """``CrossEntropyBackend.cross_entropy_backward``, without softcap."""
-        _refuse(False, softcap)
+        _refuse(False, softcap, None)
         library.ops().cross_entropy_backward(
             grad_loss, logits, target, weight, lse, coef, grad, grad_target, ignore_index, keep, spread, block_c()
         )
@@ -166,8 +166,8 @@ def cross_entropy_functions(library: NativeLibrary, block_c: Callable[[], int]):
             return  # loss.backward() on CPU: nothing to do (reading a CPU scalar costs nothing)
         library.ops().cross_entropy_scale_grad_(grad, factor)
 
-    def _refuse(z_loss: bool, softcap) -> None:
-        if z_loss or softcap is not None:
-            raise ValueError(f"the {library.backend} backend implements neither z_loss nor softcap")
+    def _refuse(z_loss: bool, softcap, argmax) -> None:
+        if z_loss or softcap is not None or argmax is not None:
+            raise ValueError(f"the {library.backend} backend implements neither z_loss, softcap nor the argmax")
 
     return cross_entropy_forward, cross_entropy_backward, cross_entropy_scale_grad_

@@ -17,10 +17,15 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
-def bad_target_error(value: int, n_cols: int, ignore_index: int) -> ValueError:
+class TargetError(ValueError, IndexError):
+    """A class id outside ``[0, C)`` that is not ``ignore_index``: a ValueError (fusedls's
+    convention) and an IndexError (what torch raises for it)."""
+
+
+def bad_target_error(value: int, n_cols: int, ignore_index: int) -> TargetError:
     """The error a backend raises for a class id outside ``[0, n_cols)`` that is not
     ``ignore_index``, where checking costs no synchronisation (CPU tensors)."""
-    return ValueError(f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}")
+    return TargetError(f"target contains class id {value}, outside [0, {n_cols}) and not ignore_index={ignore_index}")
 
 
 def dropout_threshold(p: float) -> int:
@@ -49,17 +54,20 @@ class CrossEntropyBackend(Protocol):
     host synchronisation and never a read outside the row.
     """
 
-    UNSUPPORTED: frozenset[str]  # of {"z_loss", "softcap", "return_lse"}
+    UNSUPPORTED: frozenset[str]  # of {"z_loss", "softcap", "return_lse", "return_accuracy"}
 
     def cross_entropy_forward(
         self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor | None,
         grad_scale: torch.Tensor | None, ignore_index: int, keep: float, spread: float, z_loss: float = 0.0,
-        softcap: float | None = None,
+        softcap: float | None = None, argmax: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """``(loss, lse, coef)`` per row; writes ``grad_scale * dloss/dlogits`` into ``grad`` when
         given (``grad`` may be ``logits`` itself: each element is read before it is overwritten;
         ``grad_scale`` a 0-dim fp32 tensor). ``lse`` is that of the capped logits; ``loss`` and
-        ``coef`` (the factor of ``p_c`` in the gradient) include the z-loss."""
+        ``coef`` (the factor of ``p_c`` in the gradient) include the z-loss. ``argmax`` (int64
+        ``(R,)``, class-id targets; feature ``"return_accuracy"``), when given, receives each row's
+        argmax of the (capped) logits found in the same sweep, the first of tied maxima (as
+        ``torch.argmax``), -1 on ignored rows."""
         ...
 
     def cross_entropy_backward(

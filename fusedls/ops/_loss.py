@@ -17,25 +17,42 @@ INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) 
 
 
 class CrossEntropyResult(NamedTuple):
-    """What the losses return when ``return_z_loss`` or ``return_lse`` is set; the fields not
-    asked for are None."""
+    """What the losses return when ``return_z_loss``, ``return_lse`` or ``return_accuracy`` is
+    set; the fields not asked for are None."""
 
     loss: torch.Tensor  # the loss, z-loss included (differentiable)
     z_loss: Optional[torch.Tensor]  # the z-loss part of ``loss``, reduced like it (no gradient)
     lse: Optional[torch.Tensor]  # per-row log-sum-exp of the (capped) logits, 0 on ignored rows
+    accuracy: Optional[torch.Tensor] = None  # argmax == target over the rows not ignored (see token_accuracy)
 
 
-def check_loss_options(z_loss, softcap, return_z_loss, return_lse) -> tuple[float, Optional[float], frozenset]:
+def check_loss_options(z_loss, softcap, return_z_loss, return_lse, return_accuracy=False):
     """Validates the options fusedls adds to cross-entropy; returns ``(z_loss, softcap,
     features)``, ``features`` naming those in use for :func:`fusedls.backend.registry.resolve`."""
     z_loss = check_float_at_least("z_loss", z_loss, 0.0)
     if softcap is not None:
         softcap = check_float_at_least("softcap", softcap, 0.0, strict=True)
-    for name, flag in (("return_z_loss", return_z_loss), ("return_lse", return_lse)):
+    flags = (("return_z_loss", return_z_loss), ("return_lse", return_lse), ("return_accuracy", return_accuracy))
+    for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    used = {"z_loss": z_loss != 0.0, "softcap": softcap is not None, "return_lse": return_lse}
+    used = {"z_loss": z_loss != 0.0, "softcap": softcap is not None, "return_lse": return_lse,
+            "return_accuracy": return_accuracy}  # fmt: skip
     return z_loss, softcap, frozenset(name for name, on in used.items() if on)
+
+
+def token_accuracy(argmax: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, dtype) -> torch.Tensor:
+    """Token accuracy from each row's argmax (class-id targets), ignored rows excluded: per row
+    (``"none"``) 1 where the argmax is the target, else 0 (0 on ignored rows); summed
+    (``"sum"``: the number of rows right); or that count over the rows not ignored (``"mean"``;
+    NaN when every row is ignored, as the loss). Unweighted by class weights; ``dtype`` (the
+    accumulation dtype). Device ops only: no host synchronisation."""
+    valid = target != ignore_index
+    right = (argmax == target) & valid
+    if reduction == "none":
+        return right.to(dtype)
+    total = right.sum(dtype=dtype)
+    return total if reduction == "sum" else total / valid.sum(dtype=dtype)
 
 
 def check_target_values(target: torch.Tensor, n_cols: int, ignore_index: int, always: bool = False) -> None:
@@ -80,8 +97,9 @@ def finish_forward(ctx, loss, lse, reduction: str, denom, z_loss: float, want_z:
     return reduce_rows(loss, reduction, denom), z, lse
 
 
-def result(loss, z, lse, return_z_loss: bool, return_lse: bool):
-    """The loss alone, or the :class:`CrossEntropyResult` the flags ask for."""
-    if not (return_z_loss or return_lse):
+def result(loss, z, lse, return_z_loss: bool, return_lse: bool, accuracy=None):
+    """The loss alone, or the :class:`CrossEntropyResult` the flags (and an ``accuracy`` given)
+    ask for."""
+    if not (return_z_loss or return_lse or accuracy is not None):
         return loss
-    return CrossEntropyResult(loss, z if return_z_loss else None, lse if return_lse else None)
+    return CrossEntropyResult(loss, z if return_z_loss else None, lse if return_lse else None, accuracy)

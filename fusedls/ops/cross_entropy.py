@@ -33,7 +33,7 @@ from .._tensors import acc_dtype
 from ._custom_op import custom_op
 from ._loss import (
     INDEX_DTYPES, REDUCTIONS, CrossEntropyResult, check_loss_options, check_target_values, finish_forward,
-    mean_denominator, reduce_rows, result,
+    mean_denominator, reduce_rows, result, token_accuracy,
 )  # fmt: skip
 from ._checks import check_choice, check_floating, check_int, check_same_device, check_tensor, check_unit_interval
 
@@ -58,23 +58,31 @@ def _cross_entropy_fwd(
     spread: float,
     z_loss: float,
     softcap: Optional[float],
+    want_argmax: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, coef, grad) per row; grad is empty unless grad_scale is given."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef, grad, argmax) per row; grad is empty unless grad_scale is given, argmax
+    (int64, -1 on ignored rows) unless want_argmax."""
     check_target_values(target, logits.shape[1], ignore_index)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
+    argmax = _argmax_out(logits, want_argmax)
     out = _impl(backend).cross_entropy_forward(
         logits, target, weight, grad if grad_scale is not None else None, grad_scale, ignore_index, keep, spread,
-        z_loss, softcap,
+        z_loss, softcap, argmax if want_argmax else None,
     )  # fmt: skip
-    return (*out, grad)
+    return (*out, grad, argmax)
+
+
+def _argmax_out(logits: torch.Tensor, want: bool) -> torch.Tensor:
+    """The argmax output of the forward ops: one int64 per row, or empty."""
+    return logits.new_empty(logits.shape[0] if want else 0, dtype=torch.int64)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, backend):
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, want_argmax, backend):
     row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_scale is not None else logits.new_empty(0)
-    return row, torch.empty_like(row), torch.empty_like(row), grad
+    return row, torch.empty_like(row), torch.empty_like(row), grad, _argmax_out(logits, want_argmax)
 
 
 @custom_op("fusedls::cross_entropy_fwd_inplace", mutates_args=("logits",))
@@ -88,19 +96,24 @@ def _cross_entropy_fwd_inplace(
     spread: float,
     z_loss: float,
     softcap: Optional[float],
+    want_argmax: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, coef) per row; overwrites logits with grad_scale * dl/dlogits."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, coef, argmax) per row; overwrites logits with grad_scale * dl/dlogits (the
+    argmax is found before, in the same sweep as the statistics)."""
     check_target_values(target, logits.shape[1], ignore_index)
-    return _impl(backend).cross_entropy_forward(
-        logits, target, weight, logits, grad_scale, ignore_index, keep, spread, z_loss, softcap
-    )
+    argmax = _argmax_out(logits, want_argmax)
+    out = _impl(backend).cross_entropy_forward(
+        logits, target, weight, logits, grad_scale, ignore_index, keep, spread, z_loss, softcap,
+        argmax if want_argmax else None,
+    )  # fmt: skip
+    return (*out, argmax)
 
 
 @_cross_entropy_fwd_inplace.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, backend):
+def _(logits, target, weight, grad_scale, ignore_index, keep, spread, z_loss, softcap, want_argmax, backend):
     row = logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
-    return row, torch.empty_like(row), torch.empty_like(row)
+    return row, torch.empty_like(row), torch.empty_like(row), _argmax_out(logits, want_argmax)
 
 
 @custom_op("fusedls::cross_entropy_bwd", mutates_args=())
@@ -160,8 +173,9 @@ class Call(NamedTuple):
     inplace: bool
     backend: str
     grad_enabled: bool  # the caller's grad mode (forward runs under no_grad)
-    extras: bool  # return (loss, z, lse) rather than the loss alone
+    extras: bool  # return (loss, z, lse, argmax) rather than the loss alone
     want_z: bool  # compute the reduced z-loss term (extras only)
+    want_argmax: bool  # find each row's argmax (extras only)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -169,8 +183,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     ``forward(logits, target, weight, call)``: ``weight`` fp32 (fp64 for fp64 logits) or None,
     ``call`` a :class:`Call`. Returns the fp32 loss (0-dim, or ``(R,)`` for ``reduction="none"``;
-    the z-loss included), or with ``call.extras`` ``(loss, z, lse)``: the z-loss alone reduced the
-    same way (empty unless ``call.want_z``) and the per-row lse, both without gradient.
+    the z-loss included), or with ``call.extras`` ``(loss, z, lse, argmax)``: the z-loss alone
+    reduced the same way (empty unless ``call.want_z``), the per-row lse and the per-row argmax
+    (empty unless ``call.want_argmax``), without gradient.
     """
 
     @staticmethod
@@ -186,7 +201,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             denom = mean_denominator(target, weight, call.ignore_index, logits.shape[1], acc_dtype(logits))
         fused = need_grad and not need_target_grad and (call.reduction != "none" or call.inplace)
-        opts = (call.ignore_index, call.keep, call.spread, call.z_loss, call.softcap, call.backend)
+        opts = (call.ignore_index, call.keep, call.spread, call.z_loss, call.softcap, call.want_argmax, call.backend)
         if fused:
             # One launch: every small op here costs host time comparable to the kernel itself
             # on a GPU (benchmarks/profile_host.py).
@@ -196,18 +211,18 @@ class CrossEntropyFunction(torch.autograd.Function):
                 scale = 1.0 if not denom else 1.0 / denom
                 grad_scale = torch.full((), scale, device=logits.device, dtype=acc_dtype(logits))
             if call.inplace:
-                loss, lse, coef = _cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *opts)
+                loss, lse, coef, argmax = _cross_entropy_fwd_inplace(logits, target, weight, grad_scale, *opts)
                 grad = logits
             else:
-                loss, lse, coef, grad = _cross_entropy_fwd(logits, target, weight, grad_scale, *opts)
+                loss, lse, coef, grad, argmax = _cross_entropy_fwd(logits, target, weight, grad_scale, *opts)
             ctx.save_for_backward(grad)
         else:
-            loss, lse, coef, _ = _cross_entropy_fwd(logits, target, weight, None, *opts)
+            loss, lse, coef, _, argmax = _cross_entropy_fwd(logits, target, weight, None, *opts)
             if need_grad or need_target_grad:
                 ctx.save_for_backward(logits, target, weight, lse, coef)
         ctx.fused, ctx.denom, ctx.need_grad, ctx.need_target_grad, ctx.call = fused, denom, need_grad, need_target_grad, call
         if call.extras:
-            return finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z)
+            return (*finish_forward(ctx, loss, lse, call.reduction, denom, call.z_loss, call.want_z), argmax)
         ctx.set_materialize_grads(False)
         return reduce_rows(loss, call.reduction, denom)
 
@@ -303,6 +318,7 @@ def cross_entropy(
     softcap: float | None = None,
     return_z_loss: bool = False,
     return_lse: bool = False,
+    return_accuracy: bool = False,
 ) -> torch.Tensor | CrossEntropyResult:
     """Drop-in for :func:`torch.nn.functional.cross_entropy`, with fused kernels.
 
@@ -336,10 +352,15 @@ def cross_entropy(
     return_lse: also return each row's log-sum-exp of the (capped) logits: accumulation dtype
         (fp32; fp64 for fp64 input), shaped like the per-row loss (``reduction="none"``), 0 on
         ignored rows, no gradient.
+    return_accuracy: also return the token accuracy (class-id targets), from each row's argmax
+        found in the same sweep as the loss: ``"mean"`` the fraction of the rows not ignored whose
+        argmax (of the capped logits; the first of tied maxima, as ``torch.argmax``) is the
+        target (NaN if every row is ignored), ``"sum"`` their number, ``"none"`` 1 or 0 per row
+        (0 on ignored rows); unweighted, accumulation dtype, no gradient.
 
-    Returns the loss tensor, or, when ``return_z_loss`` or ``return_lse`` is set, a
-    :class:`CrossEntropyResult` ``(loss, z_loss, lse)`` NamedTuple whose fields not asked for
-    are None (``loss, z, _ = cross_entropy(..., return_z_loss=True)``).
+    Returns the loss tensor, or, when ``return_z_loss``, ``return_lse`` or ``return_accuracy``
+    is set, a :class:`CrossEntropyResult` ``(loss, z_loss, lse, accuracy)`` NamedTuple whose
+    fields not asked for are None (``out = cross_entropy(..., return_z_loss=True); out.z_loss``).
 
     Out-of-range class ids raise ValueError on CPU; on GPU they give a NaN loss and NaN
     gradient rows without synchronising (``FUSEDLS_CHECK_TARGETS=1`` raises instead).
@@ -349,8 +370,10 @@ def cross_entropy(
     class_dim, n_cols, eps = _check_cross_entropy_args(
         input, target, weight, ignore_index, reduction, label_smoothing, smoothing_convention
     )
-    z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse)
+    z_loss, softcap, features = check_loss_options(z_loss, softcap, return_z_loss, return_lse, return_accuracy)
     prob = target.is_floating_point()
+    if prob and return_accuracy:
+        raise ValueError("return_accuracy needs a target of class ids, got probabilities")
     if prob and n_cols == 0:  # nothing to compute; torch's own answer for the degenerate case
         loss = torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=eps)
         zeros = input.new_zeros(target.shape[:class_dim] + target.shape[class_dim + 1 :], dtype=acc_dtype(input))
@@ -366,9 +389,9 @@ def cross_entropy(
         if target_rows.dtype not in (torch.int64, torch.int32):
             target_rows = target_rows.to(torch.int64)
     weight_acc = weight.to(acc_dtype(input)).contiguous() if weight is not None else None
-    extras = return_z_loss or return_lse
+    extras = return_z_loss or return_lse or return_accuracy
     call = Call(reduction, ignore_index, 1.0 - eps, eps / n_cols, z_loss, softcap, bool(inplace_backward), backend,
-                torch.is_grad_enabled(), extras, return_z_loss)  # fmt: skip
+                torch.is_grad_enabled(), extras, return_z_loss, return_accuracy)  # fmt: skip
     out = CrossEntropyFunction.apply(logits, target_rows, weight_acc, call)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
     loss = out[0] if extras else out
@@ -380,4 +403,8 @@ def cross_entropy(
         return loss
     row_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :] if prob else target.shape
     z = out[1].reshape(row_shape) if return_z_loss and reduction == "none" else out[1]
-    return result(loss, z.to(out_dtype), out[2].reshape(row_shape), return_z_loss, return_lse)
+    accuracy = None
+    if return_accuracy:
+        accuracy = token_accuracy(out[3], target_rows, ignore_index, reduction, acc_dtype(input))
+        accuracy = accuracy.reshape(row_shape) if reduction == "none" else accuracy
+    return result(loss, z.to(out_dtype), out[2].reshape(row_shape), return_z_loss, return_lse, accuracy)

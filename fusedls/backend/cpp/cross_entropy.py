@@ -12,7 +12,7 @@ from __future__ import annotations
 from .. import _native
 from ._library import LIBRARY
 
-UNSUPPORTED = frozenset({"z_loss", "softcap", "return_lse"})
+UNSUPPORTED = frozenset({"z_loss", "softcap", "return_lse", "return_accuracy"})
 
 # Tuning: classes per block of a row sweep (rounded down to whole vector steps); 0 is the
 # kernels' default (4096: 16 KB of fp32 per block, which stays in L1 between a block's two

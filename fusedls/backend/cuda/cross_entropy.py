@@ -11,7 +11,7 @@ from __future__ import annotations
 from .. import _native
 from ._library import LIBRARY
 
-UNSUPPORTED = frozenset({"z_loss", "softcap", "return_lse"})
+UNSUPPORTED = frozenset({"z_loss", "softcap", "return_lse", "return_accuracy"})
 
 # The CUDA kernels sweep rows in 16-byte packs spread over the thread block; they take no
 # chunk size (the argument is passed as 0).

@@ -90,11 +90,14 @@ def cross_entropy_forward(
     spread: float,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    argmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(loss, lse, coef)`` per row (fp32, fp64 for fp64 logits); writes ``grad_scale * dl/dlogits`` into
     ``grad`` when it is given (``grad`` may be ``logits`` itself: each block is read before it
     is overwritten). Ignored rows: loss, lse, coef and gradient 0. ``lse`` is that of the capped
-    logits; ``loss`` and ``coef`` include the z-loss ``z * lse^2`` and its ``2 z lse``."""
+    logits; ``loss`` and ``coef`` include the z-loss ``z * lse^2`` and its ``2 z lse``.
+    ``argmax``: each row's ``torch.argmax`` of the capped logits (first of tied maxima), -1 on
+    ignored rows."""
     n_rows, n_cols = logits.shape
     dev = logits.device
     acc = acc_dtype(logits)
@@ -134,6 +137,9 @@ def cross_entropy_forward(
             blk_lse = blk_lse.masked_fill(ignored, 0.0)
             blk_coef = blk_coef.masked_fill(ignored, 0.0)
         loss[rows], lse[rows], coef[rows] = blk_loss, blk_lse, blk_coef
+        if argmax is not None:
+            arg = x.argmax(1)
+            argmax[rows] = arg if prob else arg.masked_fill_(ignored, -1)
         if grad is not None:
             scale = grad_scale.to(acc).expand(x.shape[0]).clone()
             if not prob:

@@ -185,6 +185,7 @@ def cross_entropy_fwd_kernel(
     grad_ptr,  # *T (R, C) out when WRITE_GRAD: dl/dlogits times grad_scale; may alias logits
     stride_grad,  # elements between rows of grad
     grad_scale_ptr,  # *fp32 () factor of every gradient row: 1/D for mean, 1 otherwise
+    argmax_ptr,  # *int64 (R,) out when ARGMAX: each row's argmax (first of tied maxima), -1 if ignored
     n_rows,  # R, the number of rows; program p handles rows p, p + P, ... (P programs)
     n_cols,  # C, the number of classes
     ignore_index,  # class id whose rows give no loss and no gradient
@@ -198,6 +199,7 @@ def cross_entropy_fwd_kernel(
     WRITE_GRAD: tl.constexpr,  # sweep the row a second time to write the gradient
     HAS_Z_LOSS: tl.constexpr,  # add z * lse^2 to every row not ignored
     HAS_SOFTCAP: tl.constexpr,  # cap the logits before everything
+    ARGMAX: tl.constexpr,  # also find each row's argmax in sweep 1 (class ids; token accuracy)
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     # With WRITE_GRAD the launcher caps the programs so the rows in flight fit in L2 (see
@@ -205,9 +207,9 @@ def cross_entropy_fwd_kernel(
     for row32 in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         _cross_entropy_fwd_row(
             tl.cast(row32, tl.int64), logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr,
-            loss_ptr, lse_ptr, coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, n_cols,
+            loss_ptr, lse_ptr, coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, argmax_ptr, n_cols,
             ignore_index, keep, spread, z_loss, softcap,
-            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_C,
+            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, ARGMAX, BLOCK_C,
         )  # fmt: skip
 
 
@@ -215,9 +217,10 @@ def cross_entropy_fwd_kernel(
 def _cross_entropy_fwd_row(
     row,  # int64 index of the row
     logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr, loss_ptr, lse_ptr,
-    coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, n_cols, ignore_index, keep, spread, z_loss, softcap,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
+    coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, argmax_ptr, n_cols, ignore_index, keep, spread, z_loss,
+    softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ARGMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One row of cross_entropy_fwd_kernel, whose docstring lists the arguments.
     logits_row = logits_ptr + row * stride_logits
@@ -230,12 +233,15 @@ def _cross_entropy_fwd_row(
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
         tl.store(coef_ptr + row, 0.0)
+        if ARGMAX:
+            tl.store(argmax_ptr + row, -1)
         if WRITE_GRAD:
             _cross_entropy_zero_row(grad_row, n_cols, BLOCK_C)
     else:
         # Sweep 1: online max m and sum-exp s (relative to m), and the linear sums.
         m = float("-inf")
         s = 0.0
+        arg = 0  # ARGMAX: the column of m, the first of tied maxima (torch.argmax's rule)
         sum_wx = 0.0  # class ids: sum_c w_c x_c; probabilities: sum_c w_c t'_c x_c
         sum_w = 0.0  # class ids: W = sum_c w_c; probabilities: sum_c w_c t'_c
         for start in range(0, n_cols, BLOCK_C):
@@ -245,6 +251,9 @@ def _cross_entropy_fwd_row(
             if HAS_SOFTCAP:  # the cap maps the padding's -inf to -s: put it back
                 x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 0))
+            if ARGMAX:  # the chunk's first maximum replaces the row's only if strictly larger
+                chunk_max, chunk_arg = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+                arg = tl.where(chunk_max > m, start + chunk_arg, arg)
             # A row (so far) of -inf: shift by 0 instead of -inf so exp() gives 0, not NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
@@ -287,6 +296,8 @@ def _cross_entropy_fwd_row(
         tl.store(loss_ptr + row, loss + poison)
         tl.store(lse_ptr + row, lse)
         tl.store(coef_ptr + row, coef)
+        if ARGMAX:
+            tl.store(argmax_ptr + row, arg.to(tl.int64))
         if WRITE_GRAD:
             # Sweep 2: the row is still in L2.
             scale = tl.load(grad_scale_ptr) + poison
@@ -389,8 +400,10 @@ def cross_entropy_forward(
     spread: float,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    argmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row losses, lse and gradient coefficients; writes the gradient into ``grad`` if given.
+    """Row losses, lse and gradient coefficients; writes the gradient into ``grad`` if given,
+    each row's argmax into ``argmax`` if given.
 
     See :func:`fusedls.backend.eager.cross_entropy.cross_entropy_forward` for the contract.
     """
@@ -410,8 +423,9 @@ def cross_entropy_forward(
         loss, lse, coef,
         grad if write_grad else logits, grad.stride(0) if write_grad else 0,
         grad_scale if write_grad else loss,
+        argmax if argmax is not None else loss,
         n_rows, n_cols, ignore_index, keep, spread, z_loss, softcap or 1.0,
-        WRITE_GRAD=write_grad, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=write_grad, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None, ARGMAX=argmax is not None,
         BLOCK_C=cfg.block_c, **cfg.launch_options(), **_flags(target, weight, keep),
     )  # fmt: skip
     return loss, lse, coef
