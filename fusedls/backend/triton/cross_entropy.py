@@ -9,6 +9,8 @@ One program owns one row of the (R, C) logits and sweeps its classes in chunks o
   just touched, so it comes from L2, and writes the gradient, formed in fp32 and rounded once.
 
 Forward + backward therefore costs one HBM read of the logits and one write of the gradient.
+A row short enough for registers (RESIDENT, ``tuning.cross_entropy_resident_config``) is one
+chunk, loaded once: the gradient is formed from the registers, with no second read at all.
 
 Gradient of one row (the derivation the code follows; ``p = softmax(x)``, ``lse = log sum exp x``,
 ``eps`` = label smoothing, ``keep = 1 - eps``, ``spread = eps / C``, ``w`` class weights, all 1
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .tuning import cross_entropy_config, cross_entropy_programs
+from .tuning import cross_entropy_config, cross_entropy_programs, cross_entropy_resident_config
 
 UNSUPPORTED: frozenset[str] = frozenset()  # every feature of the op
 
@@ -72,13 +74,14 @@ def _sech2(u):
 
 
 @triton.jit
-def _cross_entropy_grad_sweep(
-    logits_row,  # pointer to the row's first logit
+def _cross_entropy_grad_chunk(
+    x,  # fp32 raw logits of the chunk (before any cap); lanes outside the row hold any finite value
+    cols,  # the chunk's column indices
+    mask,  # cols < C
     target_row,  # pointer to the row's first target probability (PROB_TARGET only)
     weight_ptr,  # *fp32 (C,) class weights (HAS_WEIGHT only)
     grad_row,  # pointer to the row's first gradient element (out)
     grad_target_row,  # pointer to the row's first target-gradient element (TARGET_GRAD only, out)
-    n_cols,  # C
     y,  # the row's class id (class-id targets)
     lse,  # fp32 log-sum-exp of the row
     coef,  # fp32 coefficient of p_c in the gradient (see the module docstring)
@@ -92,8 +95,48 @@ def _cross_entropy_grad_sweep(
     PROB_TARGET: tl.constexpr,  # targets are probabilities, not class ids
     TARGET_GRAD: tl.constexpr,  # also write dl/dt (probability targets that require grad)
     HAS_SOFTCAP: tl.constexpr,  # cap the logits (see the module docstring)
-    BLOCK_C: tl.constexpr,  # classes per chunk
 ):
+    # Writes the gradient of one chunk of a row from its logits x (see the module docstring).
+    if HAS_SOFTCAP:
+        u = x / softcap
+        x = softcap * _tanh(u)
+    g = coef * tl.exp(x - lse)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    if PROB_TARGET:
+        t = keep * tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32) + spread
+        if HAS_WEIGHT:
+            t = t * w
+        g = g - t
+        if TARGET_GRAD:
+            dt = lse - x
+            if HAS_WEIGHT:
+                dt = dt * w
+            dt = dt * (keep * scale)
+            tl.store(grad_target_row + cols, dt.to(grad_target_row.dtype.element_ty), mask=mask)
+    else:
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                g = g - spread * w
+            else:
+                g = g - spread
+        g = tl.where(cols == y, g - target_term, g)
+    if HAS_SOFTCAP:
+        g = g * _sech2(u)  # chain rule through the cap
+    tl.store(grad_row + cols, (g * scale).to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_grad_sweep(
+    logits_row,  # pointer to the row's first logit
+    target_row, weight_ptr, grad_row, grad_target_row,
+    n_cols,  # C
+    y, lse, coef, target_term, keep, spread, scale, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr, TARGET_GRAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # classes per chunk
+):  # fmt: skip
+    # The gradient of a row, chunk by chunk; the other arguments are _cross_entropy_grad_chunk's.
     # Last chunk first: right after sweep 1 the end of the row is the likeliest still in L2
     # (least recently used goes first), so a row too long for its share of L2 loses its head,
     # not all of it.
@@ -102,33 +145,10 @@ def _cross_entropy_grad_sweep(
         cols = (last - i) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = cols < n_cols
         x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            u = x / softcap
-            x = softcap * _tanh(u)
-        g = coef * tl.exp(x - lse)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-        if PROB_TARGET:
-            t = keep * tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32) + spread
-            if HAS_WEIGHT:
-                t = t * w
-            g = g - t
-            if TARGET_GRAD:
-                dt = lse - x
-                if HAS_WEIGHT:
-                    dt = dt * w
-                dt = dt * (keep * scale)
-                tl.store(grad_target_row + cols, dt.to(grad_target_row.dtype.element_ty), mask=mask)
-        else:
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    g = g - spread * w
-                else:
-                    g = g - spread
-            g = tl.where(cols == y, g - target_term, g)
-        if HAS_SOFTCAP:
-            g = g * _sech2(u)  # chain rule through the cap
-        tl.store(grad_row + cols, (g * scale).to(grad_row.dtype.element_ty), mask=mask)
+        _cross_entropy_grad_chunk(
+            x, cols, mask, target_row, weight_ptr, grad_row, grad_target_row, y, lse, coef, target_term, keep,
+            spread, scale, softcap, HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, TARGET_GRAD, HAS_SOFTCAP,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -142,6 +162,58 @@ def _cross_entropy_zero_row(
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         tl.store(grad_row + cols, zeros, mask=cols < n_cols)
+
+
+@triton.jit
+def _cross_entropy_stats_chunk(
+    raw,  # fp32 logits of the chunk as loaded, -inf outside the row
+    start,  # the chunk's first column
+    cols,  # the chunk's column indices (start + arange)
+    mask,  # cols < C
+    target_row,  # pointer to the row's first target probability (PROB_TARGET only)
+    weight_ptr,  # *fp32 (C,) class weights (HAS_WEIGHT only)
+    m,  # fp32 running maximum of the row's logits (after the cap)
+    s,  # fp32 running sum of exp(x - m)
+    arg,  # running argmax (ARGMAX only)
+    sum_wx,  # fp32 running linear sum (class ids: sum w_c x_c; probabilities: sum w_c t'_c x_c)
+    sum_w,  # fp32 running weight sum (class ids with weights: sum w_c; probabilities: sum w_c t'_c)
+    keep,  # 1 - eps
+    spread,  # eps / C
+    softcap,  # s of the logit cap s * tanh(x / s) (HAS_SOFTCAP only)
+    HAS_WEIGHT: tl.constexpr,  # class weights given
+    HAS_SMOOTHING: tl.constexpr,  # eps > 0 (class ids: needs sum_c w_c x_c)
+    PROB_TARGET: tl.constexpr,  # targets are probabilities, not class ids
+    HAS_SOFTCAP: tl.constexpr,  # cap the logits before everything
+    ARGMAX: tl.constexpr,  # track the row's argmax
+):
+    # One chunk of sweep 1: returns the chunk's (capped) logits and the updated running values.
+    x = raw
+    if HAS_SOFTCAP:  # the cap maps the padding's -inf to -s: put it back
+        x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, 0))
+    if ARGMAX:  # the chunk's first maximum replaces the row's only if strictly larger
+        chunk_max, chunk_arg = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+        arg = tl.where(chunk_max > m, start + chunk_arg, arg)
+    # A row (so far) of -inf: shift by 0 instead of -inf so exp() gives 0, not NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
+    if PROB_TARGET:
+        t = keep * tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32) + spread
+        if HAS_WEIGHT:
+            t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        t = tl.where(mask, t, 0.0)
+        sum_w += tl.sum(t, 0)
+        # t * x with the padding lanes' x (-inf) zeroed first; a real -inf logit with
+        # t = 0 still gives NaN, as torch's -(t * log_softmax(x)).sum() does.
+        sum_wx += tl.sum(t * tl.where(mask, x, 0.0), 0)
+    elif HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+            sum_w += tl.sum(w, 0)
+            sum_wx += tl.sum(w * tl.where(mask, x, 0.0), 0)
+        else:
+            sum_wx += tl.sum(tl.where(mask, x, 0.0), 0)
+    return x, m_new, s, arg, sum_wx, sum_w
 
 
 @triton.jit
@@ -200,7 +272,8 @@ def cross_entropy_fwd_kernel(
     HAS_Z_LOSS: tl.constexpr,  # add z * lse^2 to every row not ignored
     HAS_SOFTCAP: tl.constexpr,  # cap the logits before everything
     ARGMAX: tl.constexpr,  # also find each row's argmax in sweep 1 (class ids; token accuracy)
-    BLOCK_C: tl.constexpr,  # classes per chunk
+    RESIDENT: tl.constexpr,  # BLOCK_C >= C: the row is read once and kept in registers
+    BLOCK_C: tl.constexpr,  # classes per chunk (the whole row, padded, when RESIDENT)
 ):
     # With WRITE_GRAD the launcher caps the programs so the rows in flight fit in L2 (see
     # tuning.cross_entropy_programs); otherwise there is one program per row.
@@ -209,7 +282,7 @@ def cross_entropy_fwd_kernel(
             tl.cast(row32, tl.int64), logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr,
             loss_ptr, lse_ptr, coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, argmax_ptr, n_cols,
             ignore_index, keep, spread, z_loss, softcap,
-            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, ARGMAX, BLOCK_C,
+            HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, WRITE_GRAD, HAS_Z_LOSS, HAS_SOFTCAP, ARGMAX, RESIDENT, BLOCK_C,
         )  # fmt: skip
 
 
@@ -220,7 +293,7 @@ def _cross_entropy_fwd_row(
     coef_ptr, grad_ptr, stride_grad, grad_scale_ptr, argmax_ptr, n_cols, ignore_index, keep, spread, z_loss,
     softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ARGMAX: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One row of cross_entropy_fwd_kernel, whose docstring lists the arguments.
     logits_row = logits_ptr + row * stride_logits
@@ -244,44 +317,35 @@ def _cross_entropy_fwd_row(
         arg = 0  # ARGMAX: the column of m, the first of tied maxima (torch.argmax's rule)
         sum_wx = 0.0  # class ids: sum_c w_c x_c; probabilities: sum_c w_c t'_c x_c
         sum_w = 0.0  # class ids: W = sum_c w_c; probabilities: sum_c w_c t'_c
-        for start in range(0, n_cols, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
+        if RESIDENT:  # the whole row in one chunk, kept in registers for the gradient
+            cols = tl.arange(0, BLOCK_C)
             mask = cols < n_cols
-            x = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            if HAS_SOFTCAP:  # the cap maps the padding's -inf to -s: put it back
-                x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, 0))
-            if ARGMAX:  # the chunk's first maximum replaces the row's only if strictly larger
-                chunk_max, chunk_arg = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-                arg = tl.where(chunk_max > m, start + chunk_arg, arg)
-            # A row (so far) of -inf: shift by 0 instead of -inf so exp() gives 0, not NaN.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
-            m = m_new
-            if PROB_TARGET:
-                t = keep * tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32) + spread
-                if HAS_WEIGHT:
-                    t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
-                t = tl.where(mask, t, 0.0)
-                sum_w += tl.sum(t, 0)
-                # t * x with the padding lanes' x (-inf) zeroed first; a real -inf logit with
-                # t = 0 still gives NaN, as torch's -(t * log_softmax(x)).sum() does.
-                sum_wx += tl.sum(t * tl.where(mask, x, 0.0), 0)
-            elif HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-                    sum_w += tl.sum(w, 0)
-                    sum_wx += tl.sum(w * tl.where(mask, x, 0.0), 0)
-                else:
-                    sum_wx += tl.sum(tl.where(mask, x, 0.0), 0)
+            # kept in the logits' dtype (half the registers of fp32 for 16-bit logits), widened at each use
+            raw = tl.load(logits_row + cols, mask=mask, other=float("-inf"))
+            x, m, s, arg, sum_wx, sum_w = _cross_entropy_stats_chunk(
+                raw.to(tl.float32), 0, cols, mask, target_row, weight_ptr, m, s, arg, sum_wx, sum_w, keep, spread, softcap,
+                HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, HAS_SOFTCAP, ARGMAX,
+            )  # fmt: skip
+        else:
+            for start in range(0, n_cols, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                mask = cols < n_cols
+                raw = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x, m, s, arg, sum_wx, sum_w = _cross_entropy_stats_chunk(
+                    raw, start, cols, mask, target_row, weight_ptr, m, s, arg, sum_wx, sum_w, keep, spread, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, HAS_SOFTCAP, ARGMAX,
+                )  # fmt: skip
         lse = m + tl.log(s)
         if PROB_TARGET:
             loss = sum_w * lse - sum_wx
             coef = sum_w
         else:
-            x_y = tl.load(logits_row + y).to(tl.float32)
-            if HAS_SOFTCAP:
-                x_y = softcap * _tanh(x_y / softcap)
+            if RESIDENT:  # from the registers: no load of the logits but the row's one
+                x_y = tl.sum(tl.where(cols == y, x, 0.0), 0)
+            else:
+                x_y = tl.load(logits_row + y).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x_y = softcap * _tanh(x_y / softcap)
             loss = target_term * (lse - x_y)
             coef = target_term
             if HAS_SMOOTHING:
@@ -299,13 +363,19 @@ def _cross_entropy_fwd_row(
         if ARGMAX:
             tl.store(argmax_ptr + row, arg.to(tl.int64))
         if WRITE_GRAD:
-            # Sweep 2: the row is still in L2.
             scale = tl.load(grad_scale_ptr) + poison
-            _cross_entropy_grad_sweep(
-                logits_row, target_row, weight_ptr, grad_row, grad_row, n_cols, y, lse, coef,
-                target_term, keep, spread, scale, softcap,
-                HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, False, HAS_SOFTCAP, BLOCK_C,
-            )  # fmt: skip
+            if RESIDENT:  # the gradient from the registers
+                _cross_entropy_grad_chunk(
+                    tl.where(mask, raw, 0.0).to(tl.float32), cols, mask, target_row, weight_ptr, grad_row, grad_row,
+                    y, lse, coef, target_term, keep, spread, scale, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, False, HAS_SOFTCAP,
+                )  # fmt: skip
+            else:  # sweep 2: the row is still in L2
+                _cross_entropy_grad_sweep(
+                    logits_row, target_row, weight_ptr, grad_row, grad_row, n_cols, y, lse, coef,
+                    target_term, keep, spread, scale, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, False, HAS_SOFTCAP, BLOCK_C,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -413,9 +483,13 @@ def cross_entropy_forward(
     coef = torch.empty_like(loss)
     if n_rows == 0:
         return loss, lse, coef
-    cfg = cross_entropy_config(n_cols, logits.element_size())
+    extras = weight is not None or target.is_floating_point() or softcap is not None
+    resident = cross_entropy_resident_config(n_cols, logits.element_size(), extras)
+    cfg = resident or cross_entropy_config(n_cols, logits.element_size())
     write_grad = grad is not None
-    programs = cross_entropy_programs(logits.device, n_cols * logits.element_size(), n_rows) if write_grad else n_rows
+    # Rows in flight that must stay in L2 for the second sweep (none on the resident path).
+    row_bytes = 0 if resident else n_cols * logits.element_size()
+    programs = cross_entropy_programs(logits.device, row_bytes, n_rows) if write_grad else n_rows
     launch(cross_entropy_fwd_kernel, (programs,),
         logits, logits.stride(0),
         target, target.stride(0),
@@ -426,7 +500,7 @@ def cross_entropy_forward(
         argmax if argmax is not None else loss,
         n_rows, n_cols, ignore_index, keep, spread, z_loss, softcap or 1.0,
         WRITE_GRAD=write_grad, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None, ARGMAX=argmax is not None,
-        BLOCK_C=cfg.block_c, **cfg.launch_options(), **_flags(target, weight, keep),
+        RESIDENT=resident is not None, BLOCK_C=cfg.block_c, **cfg.launch_options(), **_flags(target, weight, keep),
     )  # fmt: skip
     return loss, lse, coef
 

@@ -48,6 +48,33 @@ def cross_entropy_config(n_cols: int, element_size: int) -> LaunchConfig:
     return LaunchConfig(block_c=block, num_warps=warps)
 
 
+# Register-resident rows: the forward kernel (RESIDENT) loads a row of at most this many classes
+# (per element size in bytes) as one chunk, keeps it in registers and writes the gradient from
+# them: one read of the logits, no second sweep. 16384 classes on 16 warps are 32 logits a thread
+# within the 128 registers a thread gets at one 512-thread program per SM. `python -m tools.aot
+# --kernel row` (sm_80, sm_90a, triton 3.9): no spills there; at 32768 every flag combination
+# spills, on 16 warps (64 logits a thread) and on 32 (64 registers). 0 turns the path off.
+CROSS_ENTROPY_RESIDENT_MAX = {2: 16384, 4: 16384}
+# With class weights, probability targets (a second per-class input, loaded in both phases) or
+# softcap (tanh and its derivative per logit) at most this many: each spills at 16384 in some
+# combination with the gradient (sm_90a: softcap with smoothing and z-loss; fp32 with weights).
+CROSS_ENTROPY_RESIDENT_MAX_EXTRAS = 8192
+# (largest row block, warps) of the resident path: at most 16, 32, 32 logits a thread.
+_CROSS_ENTROPY_RESIDENT_WARPS = ((2048, 4), (8192, 8), (16384, 16))
+
+
+def cross_entropy_resident_config(n_cols: int, element_size: int, extras: bool = False) -> LaunchConfig | None:
+    """The whole-row block and warps of the register-resident forward for ``n_cols`` classes of
+    ``element_size``-byte logits (``extras``: with class weights, probability targets or softcap),
+    or None when the row is longer than the table allows."""
+    limit = CROSS_ENTROPY_RESIDENT_MAX.get(element_size, CROSS_ENTROPY_RESIDENT_MAX[4])
+    if n_cols > (min(limit, CROSS_ENTROPY_RESIDENT_MAX_EXTRAS) if extras else limit):
+        return None
+    block = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    warps = next((w for limit, w in _CROSS_ENTROPY_RESIDENT_WARPS if block <= limit), _CROSS_ENTROPY_RESIDENT_WARPS[-1][1])
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
 # The forward kernel that also writes the gradient sweeps each row twice; the second sweep
 # must find the row in L2. Its programs loop over rows, and their number is capped so that the
 # rows in flight (one per program) take at most this fraction of L2: an H100 (50 MB L2, 132
@@ -67,7 +94,8 @@ def _sm_count_and_l2_bytes(device_index: int) -> tuple[int, int]:
 
 def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) -> int:
     """Programs for the forward kernel with the gradient: rows in flight that fit in L2, at
-    least one per SM, at most n_rows. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
+    least one per SM, at most n_rows; ``row_bytes`` 0 (rows read once, from registers) asks for
+    MAX_PROGRAMS_PER_SM per SM. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
     if device.type != "cuda":
         return min(n_rows, INTERPRETER_PROGRAMS or n_rows)
     sms, l2_bytes = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
