@@ -86,9 +86,10 @@ def fresh_backend_selection(monkeypatch):
 
 
 # The triton cross-entropy forward's paths (fusedls/backend/triton/tuning.py picks one per row):
-# rows swept in chunks, or held whole in registers. The cross-entropy tests (test_cross_entropy*.py)
-# that take small_chunks run once per path; the others take the first.
-CROSS_ENTROPY_PATHS = ("chunks", "resident")
+# rows swept in chunks, held whole in registers, or split into slices of 16 that exchange their
+# partials (the interpreter runs the two-phase variant). The cross-entropy tests
+# (test_cross_entropy*.py) that take small_chunks run once per path; the others take the first.
+CROSS_ENTROPY_PATHS = ("chunks", "resident", "split")
 
 
 def pytest_generate_tests(metafunc):
@@ -115,6 +116,9 @@ def small_chunks(request, monkeypatch):
         resident_max = 1 << 20 if path == "resident" else 0
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_RESIDENT_MAX", {2: resident_max, 4: resident_max})
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_RESIDENT_MAX_EXTRAS", resident_max)
+        split = {2: 16, 4: 16} if path == "split" else {2: 0, 4: 0}
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_BLOCK", split)
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_MIN_COLS", {2: 0, 4: 0})
     monkeypatch.setattr("fusedls.backend.eager.cross_entropy._BLOCK_ELEMENTS", 64)
     monkeypatch.setattr("fusedls.backend.eager.cross_entropy._DEVICE_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr("fusedls.backend.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps

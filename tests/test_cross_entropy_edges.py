@@ -214,3 +214,12 @@ def test_no_host_synchronisation_on_gpu(backend, device, reduction):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_split_row_grid_runs_whole_rows_within_what_the_device_holds():
+    tuning = pytest.importorskip("fusedls.backend.triton.tuning")
+    # 396 programs resident, 16 slices a row: 24 rows a round, never more than the device holds
+    assert tuning.cross_entropy_split_programs(396, 16, 4096 * 16) == 384
+    assert tuning.cross_entropy_split_programs(396, 32, 8 * 32) == 256  # 8 x 256000: one round
+    assert tuning.cross_entropy_split_programs(396, 32, 12 * 32) == 384
+    assert tuning.cross_entropy_split_programs(20, 32, 4096 * 32) is None  # not one row at once: two-phase

@@ -2,7 +2,8 @@
 
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd:
 the chunked forward, row: the same kernel on the register-resident path (RESIDENT; no class
-weights, probability targets or softcap above CROSS_ENTROPY_RESIDENT_MAX_EXTRAS), bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
+weights, probability targets or softcap above CROSS_ENTROPY_RESIDENT_MAX_EXTRAS), split: the
+split-row forward's cooperative variant, bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
 dtype, the flag constexprs the launchers can pass (fwd ``WSPGZCA``: HAS_WEIGHT, HAS_SMOOTHING,
@@ -38,7 +39,7 @@ the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representati
 each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
 with every other flag only under ``--all``; by default each option combination is compiled with
 the other flags all off and all on. ``--all``: every combination everywhere.
-``--quick``: bf16, largest block, C = 16, none and all flags (65 compiles per arch).
+``--quick``: bf16, largest block, C = 16, none and all flags (67 compiles per arch).
 
   python -m tools.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
@@ -97,6 +98,7 @@ class Kernel:
     constants: tuple = ()  # (name, value) constexprs fixed for this entry
     flag_sets: tuple[str, ...] = ()  # the only flag combinations launched (default: every one)
     derived: object = None  # Row -> further constexprs (e.g. a second block size), or None
+    i32_ptrs: frozenset[str] = frozenset()  # pointers to int32 data
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -108,16 +110,21 @@ _SEED = frozenset({"seed_ptr"})
 _VP = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 _VP_FP32 = frozenset({"weight_ptr", "lse_ptr", "stats_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr"})
 KERNELS = {  # short name -> Kernel
-    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel",
+    "fwd": Kernel("cross_entropy_kernels", "cross_entropy_fwd_kernel",
                   _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
                   frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3, constants=(("RESIDENT", False),)),
     # the forward kernel on the register-resident path (rows the tuning table holds whole)
-    "row": Kernel("cross_entropy", "cross_entropy_fwd_kernel",
+    "row": Kernel("cross_entropy_kernels", "cross_entropy_fwd_kernel",
                   _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
                   frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3, constants=(("RESIDENT", True),)),
-    "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
+    # the split-row forward, cooperative variant (PHASE 0: the handshake); MAX_SPLITS for V up to 262144
+    "split": Kernel("cross_entropy_split", "cross_entropy_split_kernel",
+                    _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C",
+                    _CE_FP32 | {"partials_ptr"}, frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3,
+                    constants=(("PHASE", 0), ("MAX_SPLITS", 32)), i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"})),
+    "bwd": Kernel("cross_entropy_kernels", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
-    "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
+    "scale": Kernel("cross_entropy_kernels", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
                     ("tl.load(grad_row + cols",)),
     "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK_N", frozenset(), _SEED,
                       ("tl.load(x_ptr + offsets",), derived=lambda row: {"BLOCK_R": dropout_config(row.block_c).block_r}),
@@ -276,6 +283,11 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
             if v > dropout_norm_max_n(DTYPES[dtype]):
                 continue
             cfg = dropout_norm_config(v)
+        elif kernel == "split":  # rows longer than a slice (the launcher's other conditions need a device)
+            block = tuning.CROSS_ENTROPY_SPLIT_BLOCK[DTYPES[dtype]]
+            if v <= block:
+                continue
+            cfg = LaunchConfig(block, tuning.CROSS_ENTROPY_SPLIT_WARPS)
         else:
             resident = cross_entropy_resident_config(v, DTYPES[dtype]) if kernel in ("fwd", "row") else None
             if (kernel == "row") != (resident is not None):  # the forward takes one path per size
@@ -342,6 +354,7 @@ def _source(row: Row) -> ASTSource:
         if name.endswith("_ptr"):
             prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
             kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
+            kind = "i32" if name in k.i32_ptrs else kind
             signature[name], aligned = "*" + kind, 1
         elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap", "max_norm"):
             signature[name], aligned = "fp32", 0
@@ -471,7 +484,7 @@ def row_loads_per_element(r: Row) -> float | None:
     thread holds in a chunk, over the loads that read it. 1 is one read of the logits (the
     register-resident forward, backward); 2 the forward with the gradient that sweeps its rows
     twice. None where the data rows are not found."""
-    if KERNELS[r.kernel].module != "cross_entropy" or not r.row_ld or r.row_ldgs <= 0:
+    if not KERNELS[r.kernel].module.startswith("cross_entropy") or not r.row_ld or r.row_ldgs <= 0:
         return None
     per_thread = max(1.0, r.block_c / (32 * r.num_warps))
     return r.row_ldgs * (r.row_ld // (8 * DTYPES[r.dtype])) / per_thread
@@ -507,7 +520,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (65 compiles per arch)")
+    p.add_argument("--quick", action="store_true", help="a small subset (67 compiles per arch)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")

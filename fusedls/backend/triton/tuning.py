@@ -103,6 +103,46 @@ def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) ->
     return max(1, min(n_rows, sms * max(1, min(per_sm, MAX_PROGRAMS_PER_SM))))
 
 
+# Split-row path (cross_entropy_split.py): a row cut into slices of CROSS_ENTROPY_SPLIT_BLOCK
+# classes, one program per slice holding it in registers (32 logits a thread on
+# CROSS_ENTROPY_SPLIT_WARPS warps, as the resident path at 8192), the slices of a row exchanging
+# partial statistics (docs/cross_entropy.md has the model). 0 turns the path off for that size.
+CROSS_ENTROPY_SPLIT_BLOCK = {2: 8192, 4: 8192}
+CROSS_ENTROPY_SPLIT_WARPS = 8
+# Rows at least this long take it: the chunked forward's second sweep stops finding its row in
+# L2 around 128k bf16 classes (41 % of copy at 4096 x 128256 on an H100).
+CROSS_ENTROPY_SPLIT_MIN_COLS = {2: 65536, 4: 32768}
+# Fewer rows than this many per SM take it at any length above the resident limit, so a few long
+# rows still occupy every SM (8 x 256000 bf16: 8 programs chunked, 256 slices split).
+CROSS_ENTROPY_SPLIT_FEW_ROWS_PER_SM = 1
+# SM count assumed off CUDA (the interpreter); tests lower the tables above instead.
+CROSS_ENTROPY_INTERPRETER_SMS = 2
+
+
+def cross_entropy_split_config(device: torch.device, n_rows: int, n_cols: int, element_size: int
+                               ) -> tuple[LaunchConfig, int] | None:  # fmt: skip
+    """(slice block and warps, slices per row) of the split-row forward, or None where the
+    table keeps the row whole (long enough rows, or few rows; at least two slices)."""
+    block = CROSS_ENTROPY_SPLIT_BLOCK.get(element_size, CROSS_ENTROPY_SPLIT_BLOCK[4])
+    if block <= 0 or n_cols <= block:
+        return None
+    sms = CROSS_ENTROPY_INTERPRETER_SMS if device.type != "cuda" else _sm_count_and_l2_bytes(
+        device.index if device.index is not None else torch.cuda.current_device())[0]  # fmt: skip
+    long_rows = n_cols >= CROSS_ENTROPY_SPLIT_MIN_COLS.get(element_size, CROSS_ENTROPY_SPLIT_MIN_COLS[4])
+    if not long_rows and n_rows >= sms * CROSS_ENTROPY_SPLIT_FEW_ROWS_PER_SM:
+        return None
+    return LaunchConfig(block_c=block, num_warps=CROSS_ENTROPY_SPLIT_WARPS), triton.cdiv(n_cols, block)
+
+
+def cross_entropy_split_programs(resident: int, n_splits: int, n_items: int) -> int | None:
+    """Programs of the cooperative split-row launch: a multiple of the slices per row (the
+    slices of a row run in the same round), at most ``resident`` (what the device holds at once,
+    so every program a row waits on is running) and the work items; None if not even one row's
+    slices fit at once (the launcher then takes the two-phase variant)."""
+    rows_at_once = min(resident, n_items) // n_splits
+    return rows_at_once * n_splits if rows_at_once else None
+
+
 # ----------------------------------------------------------------------------------------------
 # vocab_parallel_cross_entropy (fusedls/backend/triton/vocab_parallel_cross_entropy.py)
 # ----------------------------------------------------------------------------------------------
