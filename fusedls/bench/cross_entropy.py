@@ -72,14 +72,19 @@ def _backend_why_not(backend: str, inplace: bool, case: Case, device: torch.devi
 
 
 @functools.lru_cache(maxsize=None)
-def _liger_import_error() -> str:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "Liger-Kernel is not installed (optional; pip install liger-kernel)"
+def _import_error(module: str, name: str, package: str) -> str:
+    """Why the optional ``module`` (of pip's ``package``) cannot be used here, or ""."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return f"{name} is not installed (optional; pip install {package})"
     try:
-        importlib.import_module("liger_kernel.transformers")
+        importlib.import_module(module)
     except Exception as exc:  # a broken optional install must not stop the run
-        return f"Liger-Kernel failed to import: {type(exc).__name__}: {exc}"
+        return f"{name} failed to import: {type(exc).__name__}: {exc}"
     return ""
+
+
+def _liger_import_error() -> str:
+    return _import_error("liger_kernel.transformers", "Liger-Kernel", "liger-kernel")
 
 
 def _liger_why_not(case: Case, device: torch.device) -> str:
@@ -92,23 +97,12 @@ def _liger():
     return _loss_module(LigerCrossEntropyLoss)
 
 
-@functools.lru_cache(maxsize=None)
-def _quack_import_error() -> str:
-    if importlib.util.find_spec("quack") is None:
-        return "quack is not installed (optional; pip install quack-kernels)"
-    try:
-        importlib.import_module("quack.cross_entropy")
-    except Exception as exc:  # a broken optional install must not stop the run
-        return f"quack failed to import: {type(exc).__name__}: {exc}"
-    return ""
-
-
 def _quack_why_not(case: Case, device: torch.device) -> str:
     if device.type != "cuda":
         return "quack runs on CUDA only"
     if torch.cuda.get_device_capability(device)[0] < 9:
         return "quack's kernels need sm_90 or newer"
-    return _quack_import_error()
+    return _import_error("quack.cross_entropy", "quack", "quack-kernels")
 
 
 def _quack():
