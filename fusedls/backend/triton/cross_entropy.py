@@ -10,6 +10,7 @@ import triton
 
 from .cross_entropy_kernels import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel, cross_entropy_scale_grad_kernel
 from .cross_entropy_split import N_PARTIALS, cross_entropy_split_kernel
+from . import tuning
 from .launch import launch, resident_programs
 from .tuning import (
     cross_entropy_config, cross_entropy_programs, cross_entropy_resident_config, cross_entropy_split_config,
@@ -96,7 +97,8 @@ def _forward_split(cfg, n_splits: int, rows: tuple, scalars: tuple, flags: dict,
     n_items = n_rows * n_splits
     options = dict(MAX_SPLITS=triton.next_power_of_2(n_splits), BLOCK_C=cfg.block_c, **cfg.launch_options(), **flags)
     args = (*rows, partials, partial_args, counts, n_rows, n_cols, n_splits, *scalars)
-    cooperative = isinstance(cross_entropy_split_kernel, triton.runtime.JITFunction) and logits.is_cuda
+    cooperative = (tuning.CROSS_ENTROPY_SPLIT_COOPERATIVE and logits.is_cuda
+                   and isinstance(cross_entropy_split_kernel, triton.runtime.JITFunction))  # fmt: skip
     programs = None
     if cooperative:
         resident = resident_programs(cross_entropy_split_kernel, *args, PHASE=0, **options)
