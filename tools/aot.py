@@ -3,7 +3,8 @@
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd:
 the chunked forward, row: the same kernel on the register-resident path (RESIDENT; no class
 weights, probability targets or softcap above CROSS_ENTROPY_RESIDENT_MAX_EXTRAS), split: the
-split-row forward's cooperative variant, bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
+split-row forward's cooperative variant, bwd, scale),
+dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
 dtype, the flag constexprs the launchers can pass (fwd ``WSPGZCA``: HAS_WEIGHT, HAS_SMOOTHING,
@@ -28,7 +29,8 @@ that wide), ``vec`` their elements. From the TTIR, the integer multiplies fed by
 elements. ``ld/el`` (cross-entropy kernels) counts the SASS LDGs of the data rows (the LDGs
 of their width, less the IR's other loads of that width) times the elements each reads, per
 element a thread holds in a chunk: 1.00 is one read of the logits (the register-resident path,
-backward), 2.00 the chunked forward with the gradient. For the kernels that draw a dropout mask, ``inst/el`` is the SASS instruction count per
+backward), 2.00 the chunked forward with the gradient. For the kernels that draw a dropout mask,
+``inst/el`` is the SASS instruction count per
 element a thread handles (straight-line code: each thread runs it once per pass) and ``philox/el``
 the Philox-4x32-10 calls per element (32 x 32 -> high multiplies / 20: a call per element is 1.0,
 the kernels' layout 0.125, plus the odd multiply of an address). Exits 1 on any failed compile,
@@ -69,7 +71,8 @@ from triton.compiler import ASTSource
 
 from fusedls.backend.triton import tuning
 from fusedls.backend.triton.tuning import (
-    LaunchConfig, cross_entropy_config, cross_entropy_resident_config, dropout_config, dropout_norm_config, foreach_norm_config, foreach_norm_merge_config,
+    LaunchConfig, cross_entropy_config, cross_entropy_resident_config, dropout_config, dropout_norm_config,
+    foreach_norm_config, foreach_norm_merge_config,
 )  # fmt: skip
 
 from .ttir import program_products
@@ -121,7 +124,8 @@ KERNELS = {  # short name -> Kernel
     "split": Kernel("cross_entropy_split", "cross_entropy_split_kernel",
                     _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C",
                     _CE_FP32 | {"partials_ptr"}, frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3,
-                    constants=(("PHASE", 0), ("MAX_SPLITS", 32)), i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"})),
+                    constants=(("PHASE", 0), ("MAX_SPLITS", 32)),
+                    i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"})),
     "bwd": Kernel("cross_entropy_kernels", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy_kernels", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),

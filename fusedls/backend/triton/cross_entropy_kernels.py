@@ -1,4 +1,5 @@
-"""Triton kernels of ``cross_entropy`` (launched by cross_entropy.py): forward (optionally with the gradient), backward, and
+"""Triton kernels of ``cross_entropy`` (launched by cross_entropy.py): forward (optionally with
+the gradient), backward, and
 the in-place rescale of a gradient computed during forward.
 
 One program owns one row of the (R, C) logits and sweeps its classes in chunks of BLOCK_C:
@@ -375,7 +376,8 @@ def _cross_entropy_fwd_row(
             # kept in the logits' dtype (half the registers of fp32 for 16-bit logits), widened at each use
             raw = tl.load(logits_row + cols, mask=mask, other=float("-inf"))
             x, m, s, arg, sum_wx, sum_w = _cross_entropy_stats_chunk(
-                raw.to(tl.float32), 0, cols, mask, target_row, weight_ptr, m, s, arg, sum_wx, sum_w, keep, spread, softcap,
+                raw.to(tl.float32), 0, cols, mask, target_row, weight_ptr, m, s, arg, sum_wx, sum_w, keep, spread,
+                softcap,
                 HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, HAS_SOFTCAP, ARGMAX,
             )  # fmt: skip
         else:

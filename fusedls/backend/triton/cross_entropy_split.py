@@ -103,13 +103,14 @@ def cross_entropy_split_kernel(
                 j = tl.arange(0, MAX_SPLITS)
                 jm = j < n_splits
                 theirs = partials_ptr + (row * n_splits + j) * _N_PARTIALS
-                m_j = tl.load(theirs, mask=jm, other=float("-inf"))
-                s_j = tl.load(theirs + 1, mask=jm, other=0.0)
+                # .cg: from L2, never from a line this SM's L1 took before the other slices wrote
+                m_j = tl.load(theirs, mask=jm, other=float("-inf"), cache_modifier=".cg")
+                s_j = tl.load(theirs + 1, mask=jm, other=0.0, cache_modifier=".cg")
                 m = tl.max(m_j, 0)
                 m_ref = tl.where(m == float("-inf"), 0.0, m)  # a row of -inf: exp() gives 0, not NaN
                 lse = m + tl.log(tl.sum(s_j * tl.exp(m_j - m_ref), 0))
-                sum_wx = tl.sum(tl.load(theirs + 2, mask=jm, other=0.0), 0)
-                sum_w = tl.sum(tl.load(theirs + 3, mask=jm, other=0.0), 0)
+                sum_wx = tl.sum(tl.load(theirs + 2, mask=jm, other=0.0, cache_modifier=".cg"), 0)
+                sum_w = tl.sum(tl.load(theirs + 3, mask=jm, other=0.0, cache_modifier=".cg"), 0)
                 x_y = 0.0  # the target's logit (class ids): one more element of the row
                 if not PROB_TARGET:
                     x_y = _cross_entropy_target_logit(logits_row, y, softcap, HAS_SOFTCAP)
@@ -122,7 +123,7 @@ def cross_entropy_split_kernel(
                     row_arg = 0
                     if ARGMAX:  # the first slice holding the maximum, and its first maximum
                         _, first = tl.max(m_j, 0, return_indices=True, return_indices_tie_break_left=True)
-                        arg_j = tl.load(partial_args_ptr + row * n_splits + j, mask=jm, other=0)
+                        arg_j = tl.load(partial_args_ptr + row * n_splits + j, mask=jm, other=0, cache_modifier=".cg")
                         row_arg = tl.sum(tl.where(j == first, arg_j, 0), 0)
                     _cross_entropy_store_row(loss_ptr, lse_ptr, coef_ptr, argmax_ptr, row, loss + poison, lse, coef,
                                              row_arg, ARGMAX)  # fmt: skip

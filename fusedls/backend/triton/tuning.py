@@ -71,7 +71,8 @@ def cross_entropy_resident_config(n_cols: int, element_size: int, extras: bool =
     if n_cols > (min(limit, CROSS_ENTROPY_RESIDENT_MAX_EXTRAS) if extras else limit):
         return None
     block = max(16, triton.next_power_of_2(max(n_cols, 1)))
-    warps = next((w for limit, w in _CROSS_ENTROPY_RESIDENT_WARPS if block <= limit), _CROSS_ENTROPY_RESIDENT_WARPS[-1][1])
+    most_warps = _CROSS_ENTROPY_RESIDENT_WARPS[-1][1]
+    warps = next((w for limit, w in _CROSS_ENTROPY_RESIDENT_WARPS if block <= limit), most_warps)
     return LaunchConfig(block_c=block, num_warps=warps)
 
 
