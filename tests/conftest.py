@@ -115,15 +115,40 @@ def fresh_backend_selection(monkeypatch):
     monkeypatch.setattr(registry, "_RESOLVED", {})
 
 
+# The triton cross-entropy forward's paths (fusedls/backend/triton/tuning.py picks one per row):
+# rows swept in chunks, held whole in registers, or split into slices of 16 that exchange their
+# partials (the interpreter runs the two-phase variant). The cross-entropy tests
+# (test_cross_entropy*.py) that take small_chunks run once per path; the others take the first.
+CROSS_ENTROPY_PATHS = ("chunks", "resident", "split")
+
+
+def pytest_generate_tests(metafunc):
+    if "small_chunks" in metafunc.fixturenames and metafunc.module.__name__.startswith("test_cross_entropy"):
+        metafunc.parametrize("small_chunks", CROSS_ENTROPY_PATHS, indirect=True)
+
+
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks(request, monkeypatch):
     """Chunks of 16 classes, so small vocabularies run the kernels' chunk loop many times, and
-    3 programs, so each program of a persistent kernel loops over several rows."""
+    3 programs, so each program of a persistent kernel loops over several rows; in the
+    cross-entropy tests, once per path of the triton forward (the other backends: once)."""
+    path = getattr(request, "param", CROSS_ENTROPY_PATHS[0])
+    if path != CROSS_ENTROPY_PATHS[0]:
+        if "triton" not in AVAILABLE:
+            pytest.skip(f"the triton path {path}: triton unavailable")
+        if "backend" in request.fixturenames and request.getfixturevalue("backend") != "triton":
+            pytest.skip(f"{path} is a path of the triton backend")
     if "triton" in AVAILABLE:
         from fusedls.backend.triton import tuning
 
         monkeypatch.setattr(tuning, "CROSS_ENTROPY_MAX_BLOCK", {2: 16, 4: 16})
         monkeypatch.setattr(tuning, "INTERPRETER_PROGRAMS", 3)
+        resident_max = 1 << 20 if path == "resident" else 0
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_RESIDENT_MAX", {2: resident_max, 4: resident_max})
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_RESIDENT_MAX_EXTRAS", resident_max)
+        split = {2: 16, 4: 16} if path == "split" else {2: 0, 4: 0}
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_BLOCK", split)
+        monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_MIN_COLS", {2: 0, 4: 0})
     monkeypatch.setattr("fusedls.backend.eager.cross_entropy._BLOCK_ELEMENTS", 64)
     monkeypatch.setattr("fusedls.backend.eager.cross_entropy._DEVICE_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr("fusedls.backend.cpp.cross_entropy.BLOCK_C", 32)  # several blocks of 2 vector steps

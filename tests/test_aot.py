@@ -1,6 +1,6 @@
 """``python -m tools.aot``: every kernel specialisation compiles for sm_80 / sm_90a, no GPU needed.
 
-Only the ``--quick`` subset runs here (126 compiles); the full table is run by hand.
+Only the ``--quick`` subset runs here (134 compiles); the full table is run by hand.
 """
 
 import json
@@ -24,17 +24,21 @@ def quick_rows():
 
 def test_plan_covers_the_launchers_flags_and_vocabularies():
     rows = aot.plan()
-    # fwd: 16 combinations of WSPG, and the 7 of Z/C/A with those all off and all on; bwd: 12 and C likewise
-    for kernel, n_flags in (("fwd", 16 + 7 * 2), ("bwd", 12 + 2), ("scale", 1)):
+    # fwd: 16 combinations of WSPG, and the 7 of Z/C/A with those all off and all on; bwd: 12 and C likewise;
+    # row (the register-resident forward): at its largest block, no weights, probability targets or softcap
+    for kernel, n_flags in (("fwd", 16 + 7 * 2), ("row", 4 + 3 * 2), ("bwd", 12 + 2), ("scale", 1)):
         for dtype, size in aot.DTYPES.items():
             mine = [r for r in rows if (r.kernel, r.dtype, r.arch) == (kernel, dtype, 80)]
-            # every flag combination at the largest block, for aligned and unaligned rows
+            # every flag combination at the largest block, for aligned (and unaligned) rows
             largest = max(r.block_c for r in mine)
-            for spec in ("16", "any"):
+            for spec in ("16", "any") if kernel != "row" else ("16",):
                 assert len({r.flags for r in mine if (r.block_c, r.cspec) == (largest, spec)}) == n_flags
             # every config the launcher picks for VOCABS, with the specialisation its C gets
             for v in aot.VOCABS:
-                cfg = aot.cross_entropy_config(v, size)
+                resident = aot.cross_entropy_resident_config(v, size) if kernel in ("fwd", "row") else None
+                if kernel in ("fwd", "row") and (kernel == "row") != (resident is not None):
+                    continue  # the forward runs the other path at this size
+                cfg = resident or aot.cross_entropy_config(v, size)
                 spec = "1" if v == 1 else "16" if v % 16 == 0 else "any"
                 assert any((r.block_c, r.num_warps, r.cspec) == (cfg.block_c, cfg.num_warps, spec)
                            and str(v) in r.vocab.split(",") for r in mine), (kernel, dtype, v)  # fmt: skip

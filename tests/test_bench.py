@@ -37,7 +37,7 @@ def test_run_writes_metadata_and_a_row_for_every_provider(tmp_path, cheap_compil
     assert (tmp_path / "cross_entropy.csv").read_text().count("\n") == len(saved["rows"]) + 1
     rows = {r["provider"]: r for r in saved["rows"]}
     names = [p.name for p in ce.BENCH.providers()]
-    assert set(rows) == {"copy", *names} and {"torch", "torch.compile", "liger", "fusedls/eager"} <= set(names)
+    assert set(rows) == {"copy", *names} and {"torch", "torch.compile", "liger", "quack", "fusedls/eager"} <= set(names)
     for name in names:  # every provider has numbers, or says why not
         r = rows[name]
         if r["status"].startswith("skipped: "):
@@ -49,6 +49,7 @@ def test_run_writes_metadata_and_a_row_for_every_provider(tmp_path, cheap_compil
             assert r["copy_fraction"] == pytest.approx(r["gb_s"] / r["copy_gb_s"])
             assert r["speedup_vs_torch"] == pytest.approx(rows["torch"]["median_ms"] / r["median_ms"])
     assert rows["liger"]["status"].startswith("skipped: ")  # CUDA only
+    assert rows["quack"]["status"] == "skipped: quack runs on CUDA only"
     assert rows["fusedls/eager"]["status"] == rows["torch.compile"]["status"] == "ok"
 
 
@@ -175,3 +176,17 @@ def test_overhead_times_every_op_against_torch_interleaved(tmp_path, monkeypatch
         assert ours["status"] == "ok" and ours["error_ratio"] <= 1 and ours["n"] == 3
         assert ours["speedup_vs_torch"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
     assert "overhead" not in bench.load_ops()  # only when asked for
+
+
+def test_providers_without_label_smoothing_are_checked_against_it_off():
+    # quack has no label smoothing: its rows run and are checked at label_smoothing=0
+    case = Case("fwd+bwd", "fp32", 8, 40)
+    data = ce.BENCH.prepare(case, torch.device("cpu"))
+    quack = next(p for p in ce.BENCH.providers() if p.name == "quack")
+    plain = lambda x, t: torch.nn.functional.cross_entropy(x, t, ignore_index=ce.IGNORE_INDEX)  # noqa: E731
+    smoothed = lambda x, t: torch.nn.functional.cross_entropy(  # noqa: E731
+        x, t, ignore_index=ce.IGNORE_INDEX, label_smoothing=ce.SMOOTHING)
+    assert ce.BENCH.check(plain, quack, case, data) <= 1
+    assert ce.BENCH.check(smoothed, quack, case, data) > 1
+    torch_provider = next(p for p in ce.BENCH.providers() if p.name == "torch")
+    assert ce.BENCH.check(smoothed, torch_provider, case, data) <= 1

@@ -214,3 +214,37 @@ def test_no_host_synchronisation_on_gpu(backend, device, reduction):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_split_row_grid_runs_whole_rows_within_what_the_device_holds():
+    tuning = pytest.importorskip("fusedls.backend.triton.tuning")
+    # 396 programs resident, 16 slices a row: 24 rows a round, never more than the device holds
+    assert tuning.cross_entropy_split_programs(396, 16, 4096 * 16) == 384
+    assert tuning.cross_entropy_split_programs(396, 32, 8 * 32) == 256  # 8 x 256000: one round
+    assert tuning.cross_entropy_split_programs(396, 32, 12 * 32) == 384
+    assert tuning.cross_entropy_split_programs(20, 32, 4096 * 32) is None  # not one row at once: two-phase
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cooperative split-row variant runs on a GPU only")
+@pytest.mark.parametrize("shape", [(8, 256000), (64, 131072), (3, 20000)])
+def test_split_rows_cooperative_and_two_phase_agree_on_gpu(monkeypatch, shape):
+    # The same math through the device-scope handshake and through two launches: the same
+    # merge order, so the same bits; and both against the float64 reference.
+    from fusedls.backend.triton import tuning
+
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, shape[1], (shape[0],), device="cuda")
+    t[0] = -100
+    results = []
+    with fusedls.use_backend("triton"):
+        for cooperative in (True, False):
+            monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_COOPERATIVE", cooperative)
+            xi = x.clone().requires_grad_()
+            out = fusedls.cross_entropy(xi, t, label_smoothing=0.1, return_accuracy=True)
+            out.loss.backward()
+            results.append((out.loss, out.accuracy, xi.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(tuning, "CROSS_ENTROPY_SPLIT_COOPERATIVE", True)
+    with fusedls.use_backend("triton"):
+        check(x, t, label_smoothing=0.1)  # the cooperative variant against the float64 reference

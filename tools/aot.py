@@ -1,7 +1,10 @@
 """Ahead-of-time compile check of every Triton kernel specialisation; no GPU needed.
 
-``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd,
-bwd, scale), dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
+``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd:
+the chunked forward, row: the same kernel on the register-resident path (RESIDENT; no class
+weights, probability targets or softcap above CROSS_ENTROPY_RESIDENT_MAX_EXTRAS), split: the
+split-row forward's cooperative variant, bwd, scale),
+dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
 dtype, the flag constexprs the launchers can pass (fwd ``WSPGZCA``: HAS_WEIGHT, HAS_SMOOTHING,
@@ -23,7 +26,11 @@ the widest LDG of the SASS in bits (``LDG``). ``rowld`` is the width of the load
 rows themselves (from the LLVM IR, whose debug lines name each load; ptxas makes each one LDG
 that wide), ``vec`` their elements. From the TTIR, the integer multiplies fed by the program id
 (row index times stride: ``tools/ttir.py``) must be 64-bit, or the offsets wrap past 2^31
-elements. For the kernels that draw a dropout mask, ``inst/el`` is the SASS instruction count per
+elements. ``ld/el`` (cross-entropy kernels) counts the SASS LDGs of the data rows (the LDGs
+of their width, less the IR's other loads of that width) times the elements each reads, per
+element a thread holds in a chunk: 1.00 is one read of the logits (the register-resident path,
+backward), 2.00 the chunked forward with the gradient. For the kernels that draw a dropout mask,
+``inst/el`` is the SASS instruction count per
 element a thread handles (straight-line code: each thread runs it once per pass) and ``philox/el``
 the Philox-4x32-10 calls per element (32 x 32 -> high multiplies / 20: a call per element is 1.0,
 the kernels' layout 0.125, plus the odd multiply of an address). Exits 1 on any failed compile,
@@ -34,7 +41,7 @@ the LLM vocabularies / hidden sizes, C = 16 and any); elsewhere the representati
 each alone, all), but none and all for C = any. Option flags (the cross-entropy's Z, C) are combined
 with every other flag only under ``--all``; by default each option combination is compiled with
 the other flags all off and all on. ``--all``: every combination everywhere.
-``--quick``: bf16, largest block, C = 16, none and all flags (63 compiles per arch).
+``--quick``: bf16, largest block, C = 16, none and all flags (67 compiles per arch).
 
   python -m tools.aot [--quick | --all] [--arch 80,90] [--kernel fwd,dropout,...] [--json PATH]
 """
@@ -64,12 +71,13 @@ from triton.compiler import ASTSource
 
 from fusedls.backend.triton import tuning
 from fusedls.backend.triton.tuning import (
-    LaunchConfig, cross_entropy_config, dropout_config, dropout_norm_config, foreach_norm_config, foreach_norm_merge_config,
+    LaunchConfig, cross_entropy_config, cross_entropy_resident_config, dropout_config, dropout_norm_config,
+    foreach_norm_config, foreach_norm_merge_config,
 )  # fmt: skip
 
 from .ttir import program_products
 
-VOCABS = (1, 7, 1000, 32000, 50257, 128256, 262144)  # cross-entropy rows
+VOCABS = (1, 7, 1000, 8000, 16000, 32000, 50257, 128256, 262144)  # cross-entropy rows
 HIDDEN = (768, 1000, 2048, 4096, 8192)  # dropout + add + norm rows (1000: not a multiple of 16)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # triton type -> bytes
 ARCHS = {80: "sm_80", 90: "sm_90a"}
@@ -96,6 +104,7 @@ class Kernel:
     ptr_types: tuple = ()  # (name, triton type) of pointers to other data (int8, int16, int32)
     sizes: frozenset[str] = frozenset()  # int arguments specialised like C (16: divisible by 16)
     launch_options: object = None  # Row -> launch options replacing the LaunchConfig's (e.g. num_stages)
+    i32_ptrs: frozenset[str] = frozenset()  # pointers to int32 data
 
 
 _CE = ("HAS_WEIGHT", "HAS_SMOOTHING", "PROB_TARGET")
@@ -107,12 +116,22 @@ _SEED = frozenset({"seed_ptr"})
 _VP = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 _VP_FP32 = frozenset({"weight_ptr", "lse_ptr", "stats_ptr", "coef_ptr", "target_coef_ptr", "scale_ptr"})
 KERNELS = {  # short name -> Kernel
-    "fwd": Kernel("cross_entropy", "cross_entropy_fwd_kernel",
+    "fwd": Kernel("cross_entropy_kernels", "cross_entropy_fwd_kernel",
                   _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
-                  frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3),
-    "bwd": Kernel("cross_entropy", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
+                  frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3, constants=(("RESIDENT", False),)),
+    # the forward kernel on the register-resident path (rows the tuning table holds whole)
+    "row": Kernel("cross_entropy_kernels", "cross_entropy_fwd_kernel",
+                  _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
+                  frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3, constants=(("RESIDENT", True),)),
+    # the split-row forward, cooperative variant (PHASE 0: the handshake); MAX_SPLITS for V up to 262144
+    "split": Kernel("cross_entropy_split", "cross_entropy_split_kernel",
+                    _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C",
+                    _CE_FP32 | {"partials_ptr"}, frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3,
+                    constants=(("PHASE", 0), ("MAX_SPLITS", 32)),
+                    i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"})),
+    "bwd": Kernel("cross_entropy_kernels", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
-    "scale": Kernel("cross_entropy", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
+    "scale": Kernel("cross_entropy_kernels", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
                     ("tl.load(grad_row + cols",)),
     "dropout": Kernel("dropout", "dropout_kernel", ("HAS_BIAS", "HAS_RESIDUAL"), "BR", "BLOCK_N", frozenset(), _SEED,
                       ("tl.load(x_ptr + offsets",), derived=lambda row: {"BLOCK_R": dropout_config(row.block_c).block_r}),
@@ -214,6 +233,7 @@ class Row:
     row_ld: int = 0  # bits per load of the logits row
     ldg: int = 0  # widest LDG in the SASS, bits
     sass_ops: int = 0  # SASS instructions of the kernel (straight-line kernels: what each thread runs)
+    row_ldgs: int = 0  # SASS LDGs of the data rows (LDGs of their width less the other loads that wide)
     mulhi: int = 0  # 32 x 32 -> high multiplies (IMAD.HI / IMAD.WIDE.U32): Philox takes 20 per call
     offsets64: int = 0  # integer multiplies fed by the program id, done in 64 bits (TTIR)
     offsets32: str = ""  # those done in fewer bits (TTIR lines): offsets that wrap past 2^31
@@ -272,8 +292,16 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
             if v > dropout_norm_max_n(DTYPES[dtype]):
                 continue
             cfg = dropout_norm_config(v)
+        elif kernel == "split":  # rows longer than a slice (the launcher's other conditions need a device)
+            block = tuning.CROSS_ENTROPY_SPLIT_BLOCK[DTYPES[dtype]]
+            if v <= block:
+                continue
+            cfg = LaunchConfig(block, tuning.CROSS_ENTROPY_SPLIT_WARPS)
         else:
-            cfg = cross_entropy_config(v, DTYPES[dtype])
+            resident = cross_entropy_resident_config(v, DTYPES[dtype]) if kernel in ("fwd", "row") else None
+            if (kernel == "row") != (resident is not None):  # the forward takes one path per size
+                continue
+            cfg = resident or cross_entropy_config(v, DTYPES[dtype])
         variants.setdefault((cfg.block_c, cfg.num_warps, "16"), [])
         spec = "1" if v == 1 else "16" if v % 16 == 0 else "any"
         variants.setdefault((cfg.block_c, cfg.num_warps, spec), []).append(str(v))
@@ -294,6 +322,8 @@ def plan(archs=(80, 90), quick=False, kernels=None, every=False) -> list[Row]:
             flags = _flag_sets(kernel, every or (block == largest and spec != "1"), every)
             if quick or (spec == "any" and block != largest and not every):
                 flags = sorted({flags[0], flags[-1]})
+            if kernel == "row" and block > tuning.CROSS_ENTROPY_RESIDENT_MAX_EXTRAS:  # those go chunked
+                flags = list(dict.fromkeys(re.sub("[WPC]", "-", f) for f in flags))
             vs = ",".join(variants[block, warps, spec]) or "-"
             rows += [Row(arch, kernel, dtype, f, spec, vs, block, warps) for f in flags]
     return rows
@@ -333,6 +363,7 @@ def _source(row: Row) -> ASTSource:
         if name.endswith("_ptr"):
             prob = name == "target_ptr" and constexprs.get("PROB_TARGET")
             kind = "fp32" if name in k.fp32_ptrs else "i64" if name in k.i64_ptrs and not prob else row.dtype
+            kind = "i32" if name in k.i32_ptrs else kind
             signature[name], aligned = "*" + dict(k.ptr_types).get(name, kind), 1
         elif name in ("keep", "spread", "p", "scale", "eps", "z_loss", "softcap", "max_norm"):
             signature[name], aligned = "fp32", 0
@@ -384,6 +415,11 @@ def _inspect(row: Row, cubin: bytes, llir: str) -> None:
     loads = re.findall(r"(ld\.global[\w.:]*)\s[^\n]*!dbg !(\d+)", llir)
     row_lines = {str(n) for n in _row_load_lines(row.kernel)}
     row.row_ld = max((_bits(op) for op, d in loads if lines.get(d) in row_lines), default=0)
+    # ptxas makes each ld.global one LDG: the row loads are the SASS LDGs of their width but
+    # the IR's other loads of that width.
+    others = len([op for op, d in loads if lines.get(d) not in row_lines and _bits(op) == row.row_ld])
+    widths = [_bits(op) for op in ops if re.fullmatch(r"LDG(\.[\w.]+)?", op)]
+    row.row_ldgs = widths.count(row.row_ld) - others if row.row_ld else 0
 
 
 def _error(exc: Exception, module: str) -> str:
@@ -441,7 +477,7 @@ def compile_table(archs=(80, 90), quick=False, kernels=None, every=False, jobs=0
 
 
 HEADER = ("arch", "kernel", "dtype", "flags", "C", "V", "BLOCK_C", "warps",
-          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG", "inst/el", "philox/el")  # fmt: skip
+          "regs", "spill", "smem", "+static", "rowld", "vec", "LDG", "ld/el", "inst/el", "philox/el")  # fmt: skip
 PHILOX_MULHI = 20  # high multiplies per Philox-4x32-10 call (2 a round)
 
 
@@ -454,6 +490,17 @@ def elements_per_thread(r: Row) -> float | None:
     return rows * r.block_c / (32 * r.num_warps)
 
 
+def row_loads_per_element(r: Row) -> float | None:
+    """SASS loads of the data rows per element of a row (cross-entropy kernels): each element a
+    thread holds in a chunk, over the loads that read it. 1 is one read of the logits (the
+    register-resident forward, backward); 2 the forward with the gradient that sweeps its rows
+    twice. None where the data rows are not found."""
+    if not KERNELS[r.kernel].module.startswith("cross_entropy") or not r.row_ld or r.row_ldgs <= 0:
+        return None
+    per_thread = max(1.0, r.block_c / (32 * r.num_warps))
+    return r.row_ldgs * (r.row_ld // (8 * DTYPES[r.dtype])) / per_thread
+
+
 def format_table(rows: list[Row]) -> str:
     cells = [HEADER]
     for r in rows:
@@ -462,8 +509,10 @@ def format_table(rows: list[Row]) -> str:
         inst = f"{r.sass_ops / per:.1f}" if per else "-"
         draws = per and (r.kernel == "dropout" or "D" in r.flags)  # the kernels that draw a mask
         philox = f"{r.mulhi / PHILOX_MULHI / per:.3f}" if draws else "-"
-        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg, inst, philox)
-        res = ("FAILED",) + ("",) * 8 if r.error else res
+        ld = row_loads_per_element(r)
+        res = (r.regs, r.spill, r.shared, r.shared_static, r.row_ld, vec, r.ldg, f"{ld:.2f}" if ld else "-", inst,
+               philox)  # fmt: skip
+        res = ("FAILED",) + ("",) * 9 if r.error else res
         cells.append((_arch(r.arch), r.kernel, r.dtype, r.flags or "-", r.cspec, r.vocab,
                       r.block_c, r.num_warps, *res))  # fmt: skip
     widths = [max(len(str(c[i])) for c in cells) for i in range(len(HEADER))]
@@ -482,7 +531,7 @@ def _describe(r: Row) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a small subset (63 compiles per arch)")
+    p.add_argument("--quick", action="store_true", help="a small subset (67 compiles per arch)")
     p.add_argument("--all", action="store_true", help="every flag combination for every config")
     p.add_argument("--arch", default="80,90", help="compute capabilities (90 is sm_90a)")
     p.add_argument("--kernel", default="", help=f"comma-separated subset of {','.join(KERNELS)}")

@@ -4,7 +4,10 @@ Workload: ``(R, V)`` logits, class-id targets with ~1 % ignored (-100), ``label_
 ``reduction="mean"``. Providers: torch eager ``nn.CrossEntropyLoss(label_smoothing=0.1)``,
 ``torch.compile`` of that same module (compiled per case for its static shape, on the first,
 untimed call), Liger-Kernel's ``LigerCrossEntropyLoss(label_smoothing=0.1)`` when it imports
-(CUDA only; it writes the gradient into the logits), and ``fusedls.cross_entropy`` on every
+(CUDA only; it writes the gradient into the logits), quack's ``quack.cross_entropy.cross_entropy``
+(``quack-kernels``, CuTe DSL; CUDA sm_90+, with ``inplace_backward=True``) when it imports: it has
+no label smoothing, so it runs (and is checked) at ``label_smoothing=0`` on the same bytes, and
+``fusedls.cross_entropy`` on every
 fusedls backend, with and without ``inplace_backward``. Backends that cannot run here are
 reported with fusedls's own reason.
 
@@ -30,6 +33,7 @@ from .core import Case, OpBench, Provider, Slice, backend_why_not
 
 SMOOTHING, IGNORE_INDEX, IGNORE_FRACTION = 0.1, -100, 0.01
 VOCABS = (32000, 50257, 128256, 152064, 256000)  # Llama-2, GPT-2, Llama-3, Qwen2.5, Gemma-2
+UNSMOOTHED = ("quack",)  # providers without label smoothing: they run, and are checked, at 0
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in a cheaper one
 # The timed call's least traffic in units of R*V*s (s = bytes per logits element).
 TRAFFIC = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
@@ -68,14 +72,19 @@ def _backend_why_not(backend: str, inplace: bool, case: Case, device: torch.devi
 
 
 @functools.lru_cache(maxsize=None)
-def _liger_import_error() -> str:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "Liger-Kernel is not installed (optional; pip install liger-kernel)"
+def _import_error(module: str, name: str, package: str) -> str:
+    """Why the optional ``module`` (of pip's ``package``) cannot be used here, or ""."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return f"{name} is not installed (optional; pip install {package})"
     try:
-        importlib.import_module("liger_kernel.transformers")
+        importlib.import_module(module)
     except Exception as exc:  # a broken optional install must not stop the run
-        return f"Liger-Kernel failed to import: {type(exc).__name__}: {exc}"
+        return f"{name} failed to import: {type(exc).__name__}: {exc}"
     return ""
+
+
+def _liger_import_error() -> str:
+    return _import_error("liger_kernel.transformers", "Liger-Kernel", "liger-kernel")
 
 
 def _liger_why_not(case: Case, device: torch.device) -> str:
@@ -86,6 +95,23 @@ def _liger():
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
     return _loss_module(LigerCrossEntropyLoss)
+
+
+def _quack_why_not(case: Case, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "quack runs on CUDA only"
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return "quack's kernels need sm_90 or newer"
+    return _import_error("quack.cross_entropy", "quack", "quack-kernels")
+
+
+def _quack():
+    from quack.cross_entropy import cross_entropy
+
+    def loss(x, target):  # no label smoothing in quack: checked against label_smoothing=0
+        return cross_entropy(x, target, ignore_index=IGNORE_INDEX, reduction="mean", inplace_backward=True)
+
+    return loss
 
 
 class _Inputs:
@@ -101,6 +127,11 @@ class _Inputs:
         self.ref = _reference(self.x0, self.target)
         self._scratch: torch.Tensor | None = None
 
+    @functools.cached_property
+    def ref_unsmoothed(self):
+        """The reference at label_smoothing=0 (providers without smoothing)."""
+        return _reference(self.x0, self.target, smoothing=0.0)
+
     def scratch(self, requires_grad: bool) -> torch.Tensor:
         """The working copy calls that need a fresh input get; restore() refills it."""
         if self._scratch is None or self._scratch.requires_grad != requires_grad:
@@ -113,10 +144,11 @@ class _Inputs:
         self._scratch.detach().copy_(self.x0)
 
 
-def _reference(x0: torch.Tensor, target: torch.Tensor, max_rows: int = 128, chunk: int = 256):
+def _reference(x0: torch.Tensor, target: torch.Tensor, max_rows: int = 128, chunk: int = 256,
+               smoothing: float = SMOOTHING):  # fmt: skip
     """(float64 loss over every row, checked rows, their float64 gradient); chunked to bound memory."""
     n_valid = (target != IGNORE_INDEX).sum().double()
-    args = dict(ignore_index=IGNORE_INDEX, label_smoothing=SMOOTHING, reduction="sum")
+    args = dict(ignore_index=IGNORE_INDEX, label_smoothing=smoothing, reduction="sum")
     total = sum(
         reference_cross_entropy(x0[i : i + chunk], target[i : i + chunk], **args)[0]
         for i in range(0, x0.shape[0], chunk)
@@ -169,6 +201,7 @@ class CrossEntropyBench(OpBench):
             Provider("torch", "torch", lambda: _loss_module(torch.nn.CrossEntropyLoss)),
             Provider("torch.compile", "compile", _compiled),
             Provider("liger", "external", _liger, _liger_why_not, mutates_input=True),
+            Provider("quack", "external", _quack, _quack_why_not, mutates_input=True),
         ]
         for backend in (b.name for b in fusedls.backends()):
             for inplace in (False, True):
@@ -186,7 +219,7 @@ class CrossEntropyBench(OpBench):
         return data.x0
 
     def check(self, fn, provider: Provider, case: Case, data: _Inputs) -> float:
-        ref_loss, rows, ref_grad = data.ref
+        ref_loss, rows, ref_grad = data.ref_unsmoothed if provider.name in UNSMOOTHED else data.ref
         rtol, atol = (tolerance(case.torch_dtype)[k] for k in ("rtol", "atol"))  # the tests' table
         if case.mode == "fwd":  # what is timed: the loss of logits that do not require grad
             if provider.mutates_input:

@@ -105,3 +105,34 @@ def launch(fn, grid: tuple, *args, **kwargs) -> None:
     grid_z = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], grid_y, grid_z, torch._C._cuda_getCurrentRawStream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *kernel.values(args, kwargs))  # fmt: skip
+
+
+_RESIDENT: dict[tuple, int] = {}
+REGISTERS_PER_SM = 65536  # every CUDA device from sm_50 on
+BLOCKS_PER_SM = 32  # the most programs an SM holds (sm_80, sm_90)
+
+
+def resident_programs(fn, *args, **kwargs) -> int:
+    """How many programs of ``fn`` (the specialisation ``launch(fn, grid, *args, **kwargs)``
+    would run) the current device holds at once: its SMs times the programs one SM holds by
+    registers (allocated 8 a thread at a time), shared memory, threads and its block limit.
+    Compiles the kernel without launching it (triton's warmup) the first time; cached."""
+    device = torch.cuda.current_device()
+    key = (fn, device, *map(specialisation, args), *kwargs.items())
+    programs = _RESIDENT.get(key)
+    if programs is None:
+        compiled = fn.warmup(*args, grid=(1,), **kwargs)
+        if getattr(compiled, "n_regs", None) is None or compiled.module is None:
+            compiled._init_handles()  # loads the binary: ptxas's register count
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * compiled.metadata.num_warps
+        regs = -(-max(compiled.n_regs, 1) // 8) * 8
+        shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        per_sm = min(
+            REGISTERS_PER_SM // (regs * threads),
+            props.max_threads_per_multi_processor // threads,
+            props.shared_memory_per_multiprocessor // (shared + 1024) if shared else BLOCKS_PER_SM,
+            BLOCKS_PER_SM,
+        )  # fmt: skip
+        programs = _RESIDENT[key] = props.multi_processor_count * per_sm
+    return programs

@@ -48,6 +48,34 @@ def cross_entropy_config(n_cols: int, element_size: int) -> LaunchConfig:
     return LaunchConfig(block_c=block, num_warps=warps)
 
 
+# Register-resident rows: the forward kernel (RESIDENT) loads a row of at most this many classes
+# (per element size in bytes) as one chunk, keeps it in registers and writes the gradient from
+# them: one read of the logits, no second sweep. 16384 classes on 16 warps are 32 logits a thread
+# within the 128 registers a thread gets at one 512-thread program per SM. `python -m tools.aot
+# --kernel row` (sm_80, sm_90a, triton 3.9): no spills there; at 32768 every flag combination
+# spills, on 16 warps (64 logits a thread) and on 32 (64 registers). 0 turns the path off.
+CROSS_ENTROPY_RESIDENT_MAX = {2: 16384, 4: 16384}
+# With class weights, probability targets (a second per-class input, loaded in both phases) or
+# softcap (tanh and its derivative per logit) at most this many: each spills at 16384 in some
+# combination with the gradient (sm_90a: softcap with smoothing and z-loss; fp32 with weights).
+CROSS_ENTROPY_RESIDENT_MAX_EXTRAS = 8192
+# (largest row block, warps) of the resident path: at most 16, 32, 32 logits a thread.
+_CROSS_ENTROPY_RESIDENT_WARPS = ((2048, 4), (8192, 8), (16384, 16))
+
+
+def cross_entropy_resident_config(n_cols: int, element_size: int, extras: bool = False) -> LaunchConfig | None:
+    """The whole-row block and warps of the register-resident forward for ``n_cols`` classes of
+    ``element_size``-byte logits (``extras``: with class weights, probability targets or softcap),
+    or None when the row is longer than the table allows."""
+    limit = CROSS_ENTROPY_RESIDENT_MAX.get(element_size, CROSS_ENTROPY_RESIDENT_MAX[4])
+    if n_cols > (min(limit, CROSS_ENTROPY_RESIDENT_MAX_EXTRAS) if extras else limit):
+        return None
+    block = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    most_warps = _CROSS_ENTROPY_RESIDENT_WARPS[-1][1]
+    warps = next((w for limit, w in _CROSS_ENTROPY_RESIDENT_WARPS if block <= limit), most_warps)
+    return LaunchConfig(block_c=block, num_warps=warps)
+
+
 # The forward kernel that also writes the gradient sweeps each row twice; the second sweep
 # must find the row in L2. Its programs loop over rows, and their number is capped so that the
 # rows in flight (one per program) take at most this fraction of L2: an H100 (50 MB L2, 132
@@ -67,12 +95,55 @@ def _sm_count_and_l2_bytes(device_index: int) -> tuple[int, int]:
 
 def cross_entropy_programs(device: torch.device, row_bytes: int, n_rows: int) -> int:
     """Programs for the forward kernel with the gradient: rows in flight that fit in L2, at
-    least one per SM, at most n_rows. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
+    least one per SM, at most n_rows; ``row_bytes`` 0 (rows read once, from registers) asks for
+    MAX_PROGRAMS_PER_SM per SM. Off CUDA (the interpreter) see INTERPRETER_PROGRAMS."""
     if device.type != "cuda":
         return min(n_rows, INTERPRETER_PROGRAMS or n_rows)
     sms, l2_bytes = _sm_count_and_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
     per_sm = int(L2_FRACTION * l2_bytes) // (sms * max(row_bytes, 1))
     return max(1, min(n_rows, sms * max(1, min(per_sm, MAX_PROGRAMS_PER_SM))))
+
+
+# Split-row path (cross_entropy_split.py): a row cut into slices of CROSS_ENTROPY_SPLIT_BLOCK
+# classes, one program per slice holding it in registers (32 logits a thread on
+# CROSS_ENTROPY_SPLIT_WARPS warps, as the resident path at 8192), the slices of a row exchanging
+# partial statistics (docs/cross_entropy.md has the model). 0 turns the path off for that size.
+CROSS_ENTROPY_SPLIT_BLOCK = {2: 8192, 4: 8192}
+CROSS_ENTROPY_SPLIT_WARPS = 8
+# Rows at least this long take it: the chunked forward's second sweep stops finding its row in
+# L2 around 128k bf16 classes (41 % of copy at 4096 x 128256 on an H100).
+CROSS_ENTROPY_SPLIT_MIN_COLS = {2: 65536, 4: 32768}
+# Fewer rows than this many per SM take it at any length above the resident limit, so a few long
+# rows still occupy every SM (8 x 256000 bf16: 8 programs chunked, 256 slices split).
+CROSS_ENTROPY_SPLIT_FEW_ROWS_PER_SM = 1
+# False: the two-phase variant on GPUs too (the GPU tests compare both variants).
+CROSS_ENTROPY_SPLIT_COOPERATIVE = True
+# SM count assumed off CUDA (the interpreter); tests lower the tables above instead.
+CROSS_ENTROPY_INTERPRETER_SMS = 2
+
+
+def cross_entropy_split_config(device: torch.device, n_rows: int, n_cols: int, element_size: int
+                               ) -> tuple[LaunchConfig, int] | None:  # fmt: skip
+    """(slice block and warps, slices per row) of the split-row forward, or None where the
+    table keeps the row whole (long enough rows, or few rows; at least two slices)."""
+    block = CROSS_ENTROPY_SPLIT_BLOCK.get(element_size, CROSS_ENTROPY_SPLIT_BLOCK[4])
+    if block <= 0 or n_cols <= block:
+        return None
+    sms = CROSS_ENTROPY_INTERPRETER_SMS if device.type != "cuda" else _sm_count_and_l2_bytes(
+        device.index if device.index is not None else torch.cuda.current_device())[0]  # fmt: skip
+    long_rows = n_cols >= CROSS_ENTROPY_SPLIT_MIN_COLS.get(element_size, CROSS_ENTROPY_SPLIT_MIN_COLS[4])
+    if not long_rows and n_rows >= sms * CROSS_ENTROPY_SPLIT_FEW_ROWS_PER_SM:
+        return None
+    return LaunchConfig(block_c=block, num_warps=CROSS_ENTROPY_SPLIT_WARPS), triton.cdiv(n_cols, block)
+
+
+def cross_entropy_split_programs(resident: int, n_splits: int, n_items: int) -> int | None:
+    """Programs of the cooperative split-row launch: a multiple of the slices per row (the
+    slices of a row run in the same round), at most ``resident`` (what the device holds at once,
+    so every program a row waits on is running) and the work items; None if not even one row's
+    slices fit at once (the launcher then takes the two-phase variant)."""
+    rows_at_once = min(resident, n_items) // n_splits
+    return rows_at_once * n_splits if rows_at_once else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ..eager.vocab_parallel_cross_entropy import init_statistics
 from ..protocols import N_STATS, TARGET_LOGIT, WEIGHTED_SUM
 from .launch import launch
 from . import tuning
-from .cross_entropy import _sech2, _tanh
+from .cross_entropy_kernels import _sech2, _tanh
 from .tuning import vocab_parallel_config
 
 UNSUPPORTED = frozenset({"prob_target"})
