@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _sech2, _tanh
+from .cross_entropy_kernels import _sech2, _tanh
 from .launch import launch
 from .linear_cross_entropy_products import sparse_products
 from .tuning import fused_config, fused_splits
