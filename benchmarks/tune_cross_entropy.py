@@ -42,7 +42,8 @@ PATHS = {
     "chunked": _OFF,
     "resident": dict(CROSS_ENTROPY_SPLIT_BLOCK={2: 0, 4: 0}),
     **{f"split{b}": dict(CROSS_ENTROPY_RESIDENT_MAX={2: 0, 4: 0}, CROSS_ENTROPY_SPLIT_BLOCK={2: b, 4: b},
-                         CROSS_ENTROPY_SPLIT_WARPS=b // 256, CROSS_ENTROPY_SPLIT_MIN_COLS={2: 0, 4: 0})
+                         CROSS_ENTROPY_SPLIT_WARPS=b // 256, CROSS_ENTROPY_SPLIT_MIN_COLS={2: 0, 4: 0},
+                         CROSS_ENTROPY_SPLIT_COOPERATIVE=True)
        for b in (4096, 8192, 16384)},
     "split8192-two-phase": dict(CROSS_ENTROPY_RESIDENT_MAX={2: 0, 4: 0}, CROSS_ENTROPY_SPLIT_MIN_COLS={2: 0, 4: 0},
                                 CROSS_ENTROPY_SPLIT_COOPERATIVE=False),
