@@ -3,7 +3,7 @@
 ``triton.compile`` for sm_80 and sm_90a of every kernel in ``KERNELS`` — cross-entropy (fwd:
 the chunked forward, row: the same kernel on the register-resident path (RESIDENT; no class
 weights, probability targets or softcap above CROSS_ENTROPY_RESIDENT_MAX_EXTRAS), split: the
-split-row forward's cooperative variant, bwd, scale),
+split-row forward's cooperative variant, split1 and split2: its two-phase variant's launches, bwd, scale),
 dropout and dropout + add + norm (dropout, norm_fwd, norm_bwd), vector_norm
 (vnorm_fwd, vnorm_merge, vnorm_bwd; flags next to its table entries), the multi-tensor norms
 (fn_*) — for each data
@@ -123,12 +123,15 @@ KERNELS = {  # short name -> Kernel
     "row": Kernel("cross_entropy_kernels", "cross_entropy_fwd_kernel",
                   _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C", _CE_FP32,
                   frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3, constants=(("RESIDENT", True),)),
-    # the split-row forward, cooperative variant (PHASE 0: the handshake); MAX_SPLITS for V up to 262144
-    "split": Kernel("cross_entropy_split", "cross_entropy_split_kernel",
+    # the split-row forward: split is the cooperative variant (PHASE 0: the handshake), split1 and
+    # split2 the two-phase variant's launches (partials; merge and gradient); MAX_SPLITS for V up
+    # to 262144
+    **{name: Kernel("cross_entropy_split", "cross_entropy_split_kernel",
                     _CE + ("WRITE_GRAD", "HAS_Z_LOSS", "HAS_SOFTCAP", "ARGMAX"), "WSPGZCA", "BLOCK_C",
                     _CE_FP32 | {"partials_ptr"}, frozenset({"target_ptr", "argmax_ptr"}), _CE_LOADS, options=3,
-                    constants=(("PHASE", 0), ("MAX_SPLITS", 32)),
-                    i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"})),
+                    constants=(("PHASE", phase), ("MAX_SPLITS", 32)),
+                    i32_ptrs=frozenset({"partial_args_ptr", "count_ptr"}))
+       for name, phase in (("split", 0), ("split1", 1), ("split2", 2))},
     "bwd": Kernel("cross_entropy_kernels", "cross_entropy_bwd_kernel", _CE + ("TARGET_GRAD", "HAS_SOFTCAP"), "WSPTC",
                   "BLOCK_C", _CE_FP32, frozenset({"target_ptr"}), _CE_LOADS, options=1),
     "scale": Kernel("cross_entropy_kernels", "cross_entropy_scale_grad_kernel", (), "", "BLOCK_C", _CE_FP32, frozenset(),
@@ -292,7 +295,7 @@ def _variants(kernel: str, dtype: str) -> dict[tuple, list[str]]:
             if v > dropout_norm_max_n(DTYPES[dtype]):
                 continue
             cfg = dropout_norm_config(v)
-        elif kernel == "split":  # rows longer than a slice (the launcher's other conditions need a device)
+        elif kernel.startswith("split"):  # rows longer than a slice (the launcher's other conditions need a device)
             block = tuning.CROSS_ENTROPY_SPLIT_BLOCK[DTYPES[dtype]]
             if v <= block:
                 continue

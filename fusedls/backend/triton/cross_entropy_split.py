@@ -2,7 +2,8 @@
 classes, one program per slice, the slices of a row exchanging their partial statistics.
 
 A program loads its slice once and keeps it in registers, writes the slice's partials (max m_j,
-sum-exp s_j relative to m_j, the linear sums, the slice's argmax) to a small fp32 buffer, and,
+sum-exp s_j relative to m_j, the linear sums, the target's logit if the slice holds it, the
+slice's argmax) to a small buffer, and,
 once every slice of the row has written its partials, merges them (in slice order, the same in
 every program of the row: deterministic) into the row's lse and gradient coefficient and writes
 its slice of the gradient from the registers. One HBM read of the logits, one write of the
@@ -32,10 +33,10 @@ import triton.language as tl
 
 from .cross_entropy_kernels import (
     _cross_entropy_grad_chunk, _cross_entropy_row_loss, _cross_entropy_row_target, _cross_entropy_stats_chunk,
-    _cross_entropy_store_row, _cross_entropy_target_logit,
+    _cross_entropy_store_row,
 )  # fmt: skip
 
-N_PARTIALS = 4  # fp32 partials of a slice: m, s, sum_wx, sum_w
+N_PARTIALS = 5  # fp32 partials of a slice: m, s, sum_wx, sum_w, x_y (the target's logit where the slice holds it, else 0)
 _N_PARTIALS = tl.constexpr(N_PARTIALS)
 
 
@@ -44,7 +45,7 @@ def cross_entropy_split_kernel(
     # the rows, their outputs and the options: as cross_entropy_fwd_kernel (cross_entropy_kernels.py)
     logits_ptr, stride_logits, target_ptr, stride_target, weight_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
     stride_grad, grad_scale_ptr, argmax_ptr,
-    partials_ptr,  # *fp32 (R, n_splits, N_PARTIALS) scratch: each slice's m, s, sum_wx, sum_w
+    partials_ptr,  # *fp32 (R, n_splits, N_PARTIALS) scratch: each slice's m, s, sum_wx, sum_w, x_y
     partial_args_ptr,  # *int32 (R, n_splits) scratch: each slice's argmax (ARGMAX only)
     count_ptr,  # *int32 (R,) slices of each row whose partials are written, zero at launch (PHASE 0)
     n_rows,  # R
@@ -89,6 +90,12 @@ def cross_entropy_split_kernel(
                 tl.store(mine + 1, s)
                 tl.store(mine + 2, sum_wx)
                 tl.store(mine + 3, sum_w)
+                # The target's (capped) logit, from the registers of the slice that holds it: read
+                # here, before any slice of the row can write its gradient over the logits in place.
+                x_y = 0.0
+                if not PROB_TARGET:
+                    x_y = tl.sum(tl.where(cols == y, x, 0.0), 0)
+                tl.store(mine + 4, x_y)
                 if ARGMAX:
                     tl.store(partial_args_ptr + item, arg.to(tl.int32))
             if PHASE == 0:
@@ -111,9 +118,8 @@ def cross_entropy_split_kernel(
                 lse = m + tl.log(tl.sum(s_j * tl.exp(m_j - m_ref), 0))
                 sum_wx = tl.sum(tl.load(theirs + 2, mask=jm, other=0.0, cache_modifier=".cg"), 0)
                 sum_w = tl.sum(tl.load(theirs + 3, mask=jm, other=0.0, cache_modifier=".cg"), 0)
-                x_y = 0.0  # the target's logit (class ids): one more element of the row
-                if not PROB_TARGET:
-                    x_y = _cross_entropy_target_logit(logits_row, y, softcap, HAS_SOFTCAP)
+                # the target's logit (class ids): from the one slice that holds it, the others add 0
+                x_y = tl.sum(tl.load(theirs + 4, mask=jm, other=0.0, cache_modifier=".cg"), 0)
                 loss, coef = _cross_entropy_row_loss(
                     lse, x_y, sum_wx, sum_w, target_term, spread, z_loss, n_cols,
                     HAS_WEIGHT, HAS_SMOOTHING, PROB_TARGET, HAS_Z_LOSS,
